@@ -1,0 +1,136 @@
+"""On-disk artifacts (clip/, prior/, avatar/): format versions, atomic writes, safe loading.
+
+Every artifact is a folder with a `meta.yaml` naming its kind and format version. Folders are
+built under a temporary sibling and renamed into place, so a crash never leaves half an artifact
+at the target path. Loading never executes code: YAML through `safe_load`, weights through
+safetensors, and every path named inside an artifact must stay inside it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from .errors import Exit, GGError
+
+FORMAT_VERSIONS = {"clip": 1, "prior": 1, "avatar": 1}
+META = "meta.yaml"
+
+
+def check_output_dir(path: Path, force: bool) -> None:
+    """Refuse an existing target unless --force, and an unwritable parent, before any work."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise GGError(f"{path}: output already exists; pass --force to replace it or choose another -o", Exit.OUTPUT)
+    parent = path.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GGError(f"{parent}: cannot create output folder ({e.strerror}); choose a writable -o", Exit.OUTPUT) from e
+    if not os.access(parent, os.W_OK):
+        raise GGError(f"{parent}: folder is not writable; choose a writable -o", Exit.OUTPUT)
+
+
+def check_disk_space(path: Path, need_bytes: int) -> None:
+    """Fail before a large write rather than halfway through it."""
+    free = shutil.disk_usage(Path(path).resolve().parent).free
+    if free < need_bytes:
+        raise GGError(
+            f"{path}: only {free / 2**30:.2f} GiB free, about {need_bytes / 2**30:.2f} GiB needed; free disk space or choose another -o",
+            Exit.OUTPUT,
+        )
+
+
+@contextmanager
+def atomic_dir(target: Path, force: bool = False, work: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success rename it to `target`.
+
+    `work` lets a resumable stage keep its partial folder between runs: the same folder is
+    reused (not deleted on failure) so `--resume` can skip finished steps. Without it the
+    temporary folder is removed on any failure.
+    """
+    target = Path(target)
+    check_output_dir(target, force)
+    if work is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.resolve().parent))
+    else:
+        tmp = work
+        tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        if work is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+
+
+def work_dir_for(target: Path) -> Path:
+    """The fixed partial folder a resumable stage uses for `target` (hidden sibling)."""
+    target = Path(target)
+    return target.resolve().parent / f".{target.name}.partial"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write a file via temp + fsync + rename, so readers never see a torn file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_meta(folder: Path, kind: str, data: dict[str, Any]) -> None:
+    """Write `meta.yaml` with the kind and its current format version first."""
+    body = {"format": f"ggtalker-{kind}", "version": FORMAT_VERSIONS[kind], **data}
+    atomic_write_bytes(Path(folder) / META, yaml.safe_dump(body, sort_keys=False).encode())
+
+
+def read_meta(folder: Path, kind: str) -> dict[str, Any]:
+    """Load and validate `meta.yaml`: right kind, right version, parsed without running code."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise GGError(f"{folder}: no such {kind} folder; check the path", Exit.INPUT_MISSING)
+    path = folder / META
+    if not path.is_file():
+        raise GGError(f"{folder}: not a ggtalker {kind} (no {META}); create it with the matching ggtalker command", Exit.ARTIFACT)
+    try:
+        meta = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise GGError(f"{path}: unreadable YAML ({e.__class__.__name__}); re-create the {kind}", Exit.ARTIFACT) from e
+    if not isinstance(meta, dict) or meta.get("format") != f"ggtalker-{kind}":
+        raise GGError(f"{path}: not a ggtalker {kind} (format {meta.get('format') if isinstance(meta, dict) else None!r})", Exit.ARTIFACT)
+    if meta.get("version") != FORMAT_VERSIONS[kind]:
+        raise GGError(
+            f"{path}: {kind} format version {meta.get('version')} but this ggtalker reads version {FORMAT_VERSIONS[kind]}; re-create it with this version",
+            Exit.ARTIFACT,
+        )
+    return meta
+
+
+def inside(folder: Path, relative: str) -> Path:
+    """Resolve a path named inside an artifact, refusing anything that escapes the folder."""
+    folder = Path(folder).resolve()
+    path = (folder / relative).resolve()
+    if path != folder and folder not in path.parents:
+        raise GGError(f"{folder / META}: path {relative!r} points outside the artifact; refusing to load it", Exit.ARTIFACT)
+    return path

@@ -1,0 +1,86 @@
+"""The `ggtalker` command: a thin Typer layer over ggtalker_cli.stages.
+
+Each verb parses flags into a Config (preset + overrides) and calls its stage's `run()`, which
+returns a JSON-able summary. Expected failures are GGError: one line on stderr, a documented
+exit code (errors.Exit). Stages are imported lazily so `ggtalker --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from . import __version__, console
+from .config import load_config
+from .errors import Exit, GGError
+
+app = typer.Typer(
+    name="ggtalker",
+    help="Audio-driven 3D Gaussian talking heads: preprocess → fit-prior → adapt → synth → eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PresetOpt = typer.Option(None, "--preset", help="Preset name (fast, balanced, quality) or a YAML file.")
+ForceOpt = typer.Option(False, "--force", help="Replace an existing output folder.")
+
+
+@app.callback()
+def _global(
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or info on stderr (errors still print)."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+    console.configure(quiet=quiet, json_mode=json_out)
+
+
+def _run(stage: Callable[[], dict[str, Any]]) -> None:
+    """Call a stage, print its summary, map failures to one line and an exit code."""
+    try:
+        summary = stage()
+    except GGError as e:
+        console.err.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
+        raise typer.Exit(int(e.code))
+    except KeyboardInterrupt:
+        console.err.print("[red]interrupted[/red]: partial work kept; re-run with --resume to continue")
+        raise typer.Exit(int(Exit.INTERRUPTED))
+    console.emit(summary)
+
+
+@app.command()
+def preprocess(
+    video: Path = typer.Argument(..., help="Talking-head video (any container, frame rate, size)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Clip folder to create."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Output frame rate (default 25)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Square crop side in pixels (default 512)."),
+    preset: Optional[str] = PresetOpt,
+    allow_no_audio: bool = typer.Option(False, "--allow-no-audio", help="Accept a video without audio (no audio features)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run, skipping finished steps."),
+    force: bool = ForceOpt,
+) -> None:
+    """Track a talking-head video into a clip folder (frames, landmarks, pose, masks, audio)."""
+    from .stages import preprocess as stage
+
+    overrides = {"preprocess": {k: v for k, v in {"fps": fps, "size": size}.items() if v is not None}}
+    _run(
+        lambda: stage.run(video, out, load_config(preset, overrides), allow_no_audio=allow_no_audio, resume=resume, force=force)
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except GGError as e:  # raised while parsing config before a stage starts
+        console.err.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
+        sys.exit(int(e.code))
+
+
+if __name__ == "__main__":
+    main()
