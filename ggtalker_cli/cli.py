@@ -74,6 +74,14 @@ def preprocess(
     )
 
 
+@app.command()
+def doctor() -> None:
+    """Report versions, devices, ffmpeg and where each model file resolves from."""
+    from .stages import doctor as stage
+
+    _run(stage.run)
+
+
 def main() -> None:
     try:
         app()
