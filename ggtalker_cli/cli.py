@@ -82,6 +82,50 @@ def doctor() -> None:
     _run(stage.run)
 
 
+@app.command()
+def adapt(
+    clip: Path = typer.Argument(..., help="Clip folder made by `ggtalker preprocess`."),
+    out: Path = typer.Option(..., "-o", "--out", help="Avatar folder to create."),
+    prior: Optional[Path] = typer.Option(None, "--prior", help="Prior folder with an e2v part to start from."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (preset default otherwise)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Training/render resolution in pixels (square)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same result)."),
+    preset: Optional[str] = PresetOpt,
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    force: bool = ForceOpt,
+) -> None:
+    """Fit a Gaussian head avatar to one clip (held-out metrics, previews, PLY export)."""
+    from .stages import adapt as stage
+
+    overrides = {"adapt": {k: v for k, v in {"steps": steps, "size": size, "seed": seed}.items() if v is not None}}
+    _run(lambda: stage.run(clip, out, load_config(preset, overrides), prior=prior, device=device, resume=resume, force=force))
+
+
+@app.command("fit-prior")
+def fit_prior(
+    clips: list[Path] = typer.Argument(..., help="Clip folders made by `ggtalker preprocess` (one identity each)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Prior folder to create."),
+    parts: str = typer.Option("a2e", "--parts", help="Comma-separated parts to train: a2e, e2v."),
+    holdout: Optional[str] = typer.Option(None, "--holdout", help="Comma-separated clip names held out for validation (default: every k-th clip)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per part (preset default otherwise)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same result)."),
+    preset: Optional[str] = PresetOpt,
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    force: bool = ForceOpt,
+) -> None:
+    """Train the cross-identity priors (audio→expression; expression→visual) on many clips."""
+    from .stages import fit_prior as stage
+
+    overrides = {"a2e": {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}}
+    names = [h.strip() for h in holdout.split(",") if h.strip()] if holdout else None
+    _run(
+        lambda: stage.run(clips, out, load_config(preset, overrides), parts=parts, holdout=names, resume=resume, force=force,
+                          device=None if device == "auto" else device)  # fmt: skip
+    )
+
+
 def main() -> None:
     try:
         app()

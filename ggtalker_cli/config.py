@@ -32,21 +32,96 @@ class PreprocessConfig:
     min_tracked_fraction: float = 0.5  # below this the video is refused as "no face"
     vfr_tolerance: float = 0.02  # relative frame-interval spread that counts as variable frame rate
     test_fraction: float = 0.1  # last 10% of frames are test frames (DESIGN.md section 5)
-    pose_smoothing: float = 1.0  # one-euro filter: min cutoff (Hz); lower = smoother
-    pose_smoothing_beta: float = 0.5  # one-euro filter: speed coefficient (removes lag)
-    head_dilate: float = 0.04  # head mask dilation (fraction of crop side)
+    max_faces: int = 2  # faces the landmarker looks for (to notice and skip other people)
+    ambiguous_face_ratio: float = 0.5  # a second face this large/persistent (vs the first) is refused
+    track_max_side: int = 960  # frames are tracked at most this large (landmarks are resolution-free)
+    pose_cutoff_hz: float = 6.0  # zero-phase low-pass on the head pose (offline, so no lag)
+    seg_size: int = 128  # segmentation works at this size and is upsampled (keeps it cheap)
+    background_samples: int = 64  # frames whose background pixels vote for the clean plate
 
 
 @dataclass
 class AdaptConfig:
     steps: int = 3000
     size: int = 512  # training render size (frames are resized from the clip's size)
-    batch: int = 1
-    lr: float = 5e-3
-    uv_res: int = 128  # UV Gaussian map resolution (one Gaussian per valid texel)
+    batch: int = 1  # frames per step
+    uv_res: int = 128  # UV Gaussian map resolution (one Gaussian per covered texel)
+    upsample_at: float = 0.0  # fraction of steps at which the UV map doubles its resolution (0: never)
+    feature_dim: int = 16  # per-Gaussian feature fed to the colour MLP
+    hidden: int = 64  # colour MLP width
+    basis_ridge: float = 1.0  # ridge of the per-identity expression basis fit (in frames)
+    # learning rates (Adam), decayed exponentially to lr_final × themselves at the last step
+    lr_position: float = 2e-3  # offsets, in units of triangle size
+    lr_rotation: float = 1e-3
+    lr_scale: float = 5e-3
+    lr_opacity: float = 2.5e-2
+    lr_color: float = 1e-2
+    lr_feature: float = 5e-3
+    lr_mlp: float = 1e-3
+    lr_refine: float = 5e-4  # per-frame pose/expression corrections
+    lr_final: float = 0.1
+    # loss weights
     ssim_weight: float = 0.2
+    alpha_weight: float = 0.1  # rendered alpha vs the head mask (silhouette)
+    offset_weight: float = 0.01  # Gaussians further than offset_margin triangle sizes from their triangle
+    offset_margin: float = 1.0
+    scale_weight: float = 0.01  # Gaussians larger than scale_max triangle sizes
+    scale_max: float = 1.0
+    refine_after: float = 0.3  # fraction of steps before per-frame corrections start
+    refine_weight: float = 1e-3  # L2 pull of the corrections, each term in units of:
+    refine_rot: float = 0.02  # rad
+    refine_trans: float = 0.2  # cm
+    refine_expr: float = 0.1  # blendshape weight
+    prune_every: int = 500  # steps between pruning Gaussians below prune_opacity (0: never)
+    prune_opacity: float = 0.01
     checkpoint_every: int = 500
-    preview_every: int = 500
+    log_every: int = 10
+    eval_frames: int = 0  # held-out frames evaluated (evenly spaced; 0: all)
+    seed: int = 0
+
+
+@dataclass
+class InpainterConfig:
+    channels: tuple[int, ...] = (16, 32, 64, 128)  # U-Net widths per level (4 levels: 3 downsamplings)
+    steps: int = 2000
+    lr: float = 2e-3
+    ssim_weight: float = 0.2
+    seam_weight: float = 2.0  # extra L1 weight on the head-mask border band
+    seam_radius: float = 0.02  # seam band half-width, fraction of the frame side (metrics.psnr_seam's)
+    dilate_min: float = 0.01  # training blank-mask dilation drawn per sample in [min, max] (fraction of side)
+    dilate_max: float = 0.06
+    dilate: float = 0.03  # dilation used at synthesis (inside the training range)
+    log_every: int = 50
+    seed: int = 0
+
+
+@dataclass
+class A2EConfig:
+    """Audio→expression prior (`fit-prior --parts a2e`) and its per-identity adaptation."""
+
+    fps: float = 25.0  # the model's frame rate; clips and synthesis at other rates are resampled
+    window: int = 64  # frames per training window (2.56 s at 25 fps)
+    d_model: int = 192
+    layers: int = 4
+    heads: int = 4
+    style_dim: int = 64  # per-identity style embedding (the paper's size)
+    lip_components: int = 16  # PCA components of the mouth-region vertex offsets
+    dropout: float = 0.1
+    style_dropout: float = 0.2  # share of windows trained with the null ("any speaker") style
+    feature_noise: float = 0.1  # Gaussian noise on normalised whisper features (robustness)
+    steps: int = 4000
+    batch: int = 32
+    lr: float = 3e-4
+    lip_weight: float = 1.0  # lip-vertex L2 (mm²) against the expression L2 (standardised)
+    temporal_weight: float = 0.5  # Huber on frame-to-frame differences
+    val_every: int = 100
+    checkpoint_every: int = 500
+    holdout_fraction: float = 0.2  # identities held out for validation when none are named
+    adapt_steps: int = 800
+    adapt_lr: float = 1e-4
+    adapt_style_lr: float = 1e-2  # the new identity's style vector starts from the null style
+    adapt_patience: int = 4  # validations without improvement before adaptation stops
+    adapt_val_fraction: float = 0.1  # last share of the training frames used for early stopping
     seed: int = 0
 
 
@@ -54,6 +129,8 @@ class AdaptConfig:
 class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    inpainter: InpainterConfig = field(default_factory=InpainterConfig)
+    a2e: A2EConfig = field(default_factory=A2EConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,133 @@
+"""Render speed of `kernels.render` on synthetic head-like scenes.
+
+CUDA (gsplat):  python bench/bench_render.py --out out/bench_render_cuda.json
+CPU reference:  python bench/bench_render.py --cpu --out out/bench_render_cpu.json
+
+Scenes: N Gaussians in a 10 cm ball 50 cm in front of the camera, scales 0.05-0.5 cm, focal
+1.2 · size (kernels/synthetic.py); B cameras spread over ±20° of yaw. Times are medians over
+repeats after warm-up (CUDA events on GPU); "fwd+bwd" includes the backward of a loss over
+rgb, alpha and depth into every Gaussian parameter. FPS counts images (B per call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import kernels
+from kernels import render
+from kernels.synthetic import front_cameras, head_scene
+
+
+def time_call(fn, device: str, warmup: int, repeats: int) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def bench_case(n: int, size: int, batch: int, device: str, backend: str, warmup: int, repeats: int) -> dict:
+    g = head_scene(n, seed=0, device=device)
+    params = [g.means, g.quats, g.scales, g.opacities, g.colors]
+    for p in params:
+        p.requires_grad_()
+    yaws = torch.linspace(-20, 20, batch).tolist() if batch > 1 else [0.0]
+    cam = front_cameras(size, yaws_deg=yaws, device=device)
+
+    def forward():
+        with torch.no_grad():
+            return render(g, cam, backend=backend)
+
+    def forward_backward():
+        out = render(g, cam, backend=backend)
+        loss = out.rgb.sum() + out.alpha.sum() + 0.01 * out.depth.sum()
+        torch.autograd.grad(loss, params)
+
+    out = forward()
+    fwd = time_call(forward, device, warmup, repeats)
+    fwd_bwd = time_call(forward_backward, device, warmup, repeats)
+    return {
+        "gaussians": n, "size": size, "batch": batch, "backend": backend,
+        "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+        "fwd_fps": 1e3 * batch / fwd, "fwd_bwd_fps": 1e3 * batch / fwd_bwd,
+        "coverage": out.alpha.mean().item(),  # sanity: the head fills part of the frame
+        "visible": (out.aux["radii"][..., 0] > 0).float().mean().item(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="time the pure-PyTorch reference on CPU")
+    ap.add_argument("--counts", type=int, nargs="+", help="Gaussian counts (default 10k 50k 100k; CPU 10k 30k)")
+    ap.add_argument("--sizes", type=int, nargs="+", help="image sizes (default 512; CPU 128 256)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="cameras per call (default 1 8; CPU 1)")
+    ap.add_argument("--backend", default=None, help="kernels backend (default gsplat on CUDA, torch on CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 20 CUDA, 5 CPU)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args()
+
+    device = "cpu" if args.cpu else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --cpu for the reference backend")
+    cpu = device == "cpu"
+    counts = args.counts or ([10_000, 30_000] if cpu else [10_000, 50_000, 100_000])
+    sizes = args.sizes or ([128, 256] if cpu else [512])
+    batches = args.batches or ([1] if cpu else [1, 8])
+    backend = args.backend or ("torch" if cpu else "gsplat")
+    repeats = args.repeats or (5 if cpu else 20)
+    warmup = 1 if cpu else 5
+
+    if cpu:
+        device_name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    else:
+        device_name = torch.cuda.get_device_name()
+    try:
+        import gsplat
+
+        gsplat_version = gsplat.__version__
+    except ImportError:
+        gsplat_version = None
+    env = {"device": device_name, "torch": torch.__version__, "gsplat": gsplat_version, "backend": backend}
+
+    rows = []
+    for size in sizes:
+        for n in counts:
+            for batch in batches:
+                rows.append(bench_case(n, size, batch, device, backend, warmup, repeats))
+                r = rows[-1]
+                print(f"  {n} Gaussians {size}² x{batch}: fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd_bwd_ms']:.2f} ms", flush=True)
+
+    print(f"\n{env['device']} · torch {env['torch']} · gsplat {env['gsplat']} · backend {backend} · median of {repeats}\n")
+    print("| Gaussians | size | batch | fwd ms | fwd FPS | fwd+bwd ms | fwd+bwd FPS |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['gaussians']:,} | {r['size']}² | {r['batch']} | {r['fwd_ms']:.2f} | {r['fwd_fps']:.0f} "
+            f"| {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_fps']:.0f} |"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"env": env, "repeats": repeats, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Audio in, whisper encoder features out: one feature row per video frame.
+
+Why whisper: its encoder was trained on 680k hours of many languages and noisy recordings, so
+its features carry phonetic content that survives another speaker, language or a phone mic
+(the out-of-distribution audio GGTalker is about). Whisper's encoder sees exactly 30 s at a
+time; long audio is cut into 30 s windows every 20 s and each output frame is taken from the
+window whose centre is nearest, so every feature has at least 5 s of context on both sides
+(except at the ends of the audio) and memory stays bounded by one window whatever the length.
+The 50 Hz encoder output is averaged over each video frame's time span (overlap-weighted), which
+gives exactly `n_frames` rows at any frame rate.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pickle
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import ffmpeg
+import numpy as np
+import torch
+
+from . import assets, console
+from .errors import Exit, GGError
+
+SAMPLE_RATE = 16000
+FEATURE_HZ = 50  # whisper encoder output rate (two mel frames of 10 ms per row)
+WINDOW = 30 * SAMPLE_RATE  # whisper's fixed input length
+HOP = 20 * SAMPLE_RATE
+MIN_SECONDS = 0.3  # shorter than one syllable: nothing to lip-sync to (a 0.2 s file is refused)
+DEFAULT_MODEL = "base"
+
+
+def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode the first audio stream of any file ffmpeg reads into float32 mono at `sr`.
+
+    ffmpeg resamples and downmixes; the samples are read from its pipe in chunks, so a long
+    file costs only its decoded size (4 bytes a sample: 77 MB for 20 minutes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GGError(f"{path}: no such audio file; check the path", Exit.INPUT_MISSING)
+    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
+        raise GGError("ffmpeg/ffprobe not found on PATH; install ffmpeg (apt-get install ffmpeg) to read audio", Exit.RESOURCE)
+    try:
+        probe = ffmpeg.probe(str(path))
+    except ffmpeg.Error as e:
+        raise GGError(f"{path}: not an audio or video file ffmpeg can read ({_last_line(e.stderr)}); pass a wav, mp3, m4a, mp4, ...") from e
+    if not any(s.get("codec_type") == "audio" for s in probe.get("streams", [])):
+        raise GGError(f"{path}: contains no audio stream; pass a file with speech in it")
+    args = (
+        ffmpeg.input(str(path))
+        .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sr, map="0:a:0")
+        .global_args("-nostdin", "-loglevel", "error")
+        .compile()
+    )
+    data = bytearray()
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty stderr cannot block ffmpeg
+        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log)
+        while block := process.stdout.read(1 << 20):
+            data += block
+        process.wait()
+        log.seek(0)
+        message = log.read().decode(errors="replace")
+    if process.returncode != 0:
+        raise GGError(f"{path}: ffmpeg could not decode the audio ({_last_line(message)}); re-encode it, e.g. to wav")
+    audio = np.frombuffer(data, np.float32)
+    if len(audio) < MIN_SECONDS * sr:
+        raise GGError(f"{path}: audio is {len(audio) / sr:.2f} s long; at least {MIN_SECONDS} s of speech is needed")
+    return audio
+
+
+def _last_line(text: bytes | str | None) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "no details"
+
+
+def resolve_model(model: str | Path | None = None) -> tuple[Path, str, str]:
+    """(checkpoint path, model name, where it came from) through the asset resolver.
+
+    `model` is a whisper model name (base, tiny.en, small, ...) or a path to an openai-whisper
+    checkpoint. Names with an offline package (base, tiny.en) are converted once into the cache;
+    other official names are downloaded into it.
+    """
+    if model is None:
+        model = DEFAULT_MODEL
+    name = str(model)
+    if isinstance(model, Path) or name.endswith(".pt") or "/" in name:
+        path, source, _ = assets.locate(f"whisper-{DEFAULT_MODEL}", explicit=model)
+        return path, Path(name).stem, source
+    asset = f"whisper-{name}"
+    if asset not in assets.REGISTRY:
+        import whisper
+
+        if name not in whisper._MODELS:
+            raise GGError(f"unknown whisper model '{name}'; use one of {', '.join(whisper.available_models())} or a path to a .pt checkpoint", Exit.USAGE)
+        assets.register(assets.Asset(name=asset, filename=f"{asset}.pt", env=f"GGTALKER_WHISPER_{name.upper().replace('.', '_').replace('-', '_')}", url=whisper._MODELS[name], hint="pass --whisper PATH to an openai-whisper .pt"))
+    path, source, tried = assets.locate(asset)
+    if path is None:
+        raise GGError(f"whisper model '{name}' not found (looked in: {'; '.join(tried)}); {assets.REGISTRY[asset].hint}", Exit.ASSET)
+    return path, name, source
+
+
+@functools.lru_cache(maxsize=2)
+def _load(path: str, device: str):
+    import whisper  # slow import (numba): only when features are really computed
+
+    try:
+        model = whisper.load_model(path, device=device)  # torch.load(weights_only=True) inside
+    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise GGError(f"{path}: not a loadable openai-whisper checkpoint ({e.__class__.__name__}); delete it or pass another --whisper", Exit.ASSET) from e
+    if device.startswith("cuda"):
+        model = model.half()
+    return model.eval()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def frame_weights(frames: np.ndarray, fps: float, t0: float, n_rows: int) -> np.ndarray:
+    """(len(frames), n_rows) weights averaging 50 Hz rows over each frame's span.
+
+    Frame j spans [j/fps, (j+1)/fps) in seconds, shifted by the window start `t0`; row i spans
+    [i/50, (i+1)/50). Each weight is the overlap length, rows normalised to sum to one, so a
+    frame longer than a row averages several rows and a shorter one blends its neighbours.
+    """
+    j = np.asarray(frames, dtype=np.float64)[:, None]
+    a = np.clip(j / fps - t0, 0, n_rows / FEATURE_HZ)
+    b = np.clip((j + 1) / fps - t0, 0, n_rows / FEATURE_HZ)
+    i = np.arange(n_rows, dtype=np.float64)[None, :]
+    w = np.clip(np.minimum(b, (i + 1) / FEATURE_HZ) - np.maximum(a, i / FEATURE_HZ), 0, None)
+    return (w / np.maximum(w.sum(1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def window_starts(n_samples: int) -> list[int]:
+    """Window starts in samples: every HOP while a window ends before the audio does, the last
+    one aligned to the end, so no window is mostly padding when the audio is longer than one."""
+    starts = [0]
+    while starts[-1] + WINDOW < n_samples:
+        starts.append(min(starts[-1] + HOP, n_samples - WINDOW))
+    return starts
+
+
+@torch.no_grad()
+def encode(audio: np.ndarray, n_frames: int, fps: float, model: str | Path | None = None, device: str | None = None) -> tuple[np.ndarray, dict]:
+    """Whisper encoder features of 16 kHz mono `audio`, one float16 row per video frame.
+
+    Frames past the end of the audio see whisper's zero padding (silence).
+    """
+    import whisper
+
+    if n_frames <= 0 or fps <= 0:
+        raise GGError(f"need a positive frame count and frame rate, got {n_frames} frames at {fps} fps", Exit.USAGE)
+    device = device or default_device()
+    path, name, source = resolve_model(model)
+    net = _load(str(path), device)
+    n_samples = max(len(audio), math.ceil(n_frames / fps * SAMPLE_RATE))
+    starts = window_starts(n_samples)
+    centres = np.array([(s + WINDOW / 2) / SAMPLE_RATE for s in starts])
+    frame_centres = (np.arange(n_frames) + 0.5) / fps
+    owner = np.searchsorted((centres[1:] + centres[:-1]) / 2, frame_centres)  # nearest window centre
+    out = np.zeros((n_frames, net.dims.n_audio_state), np.float16)
+    dtype = next(net.parameters()).dtype
+    begin = time.perf_counter()
+    with console.progress() as bar:
+        task = bar.add_task("whisper features", total=len(starts))
+        for k, start in enumerate(starts):
+            frames = np.flatnonzero(owner == k)
+            chunk = np.zeros(WINDOW, np.float32)
+            piece = audio[start : start + WINDOW]
+            chunk[: len(piece)] = piece
+            mel = whisper.log_mel_spectrogram(torch.from_numpy(chunk), net.dims.n_mels, device=device)
+            rows = net.encoder(mel[None].to(dtype))[0].float().cpu().numpy()  # (1500, D)
+            w = frame_weights(frames, fps, start / SAMPLE_RATE, len(rows))
+            out[frames] = (w @ rows).astype(np.float16)
+            bar.advance(task)
+    seconds = len(audio) / SAMPLE_RATE
+    wall = time.perf_counter() - begin
+    info = {
+        "model": name,
+        "source": source,
+        "dim": int(out.shape[1]),
+        "layer": "encoder output",
+        "seconds": round(seconds, 3),
+        "windows": len(starts),
+        "device": device,
+        "realtime_factor": round(seconds / max(wall, 1e-9), 2),
+    }
+    return out, info
+
+
+def features_for_clip(wav: Path, n_frames: int, fps: float, model: str | Path | None = None) -> tuple[np.ndarray, dict]:
+    """(n_frames, D) float16 whisper features aligned to a clip's frames, and how they were made."""
+    return encode(load_audio(wav), n_frames, fps, model)

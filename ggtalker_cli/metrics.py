@@ -1,0 +1,361 @@
+"""Evaluation metrics: image quality, landmark distance, lip-sync and blinks (docs/evaluation.md).
+
+Every number in a report carries a key of `DEFINITIONS`, whose text is the exact definition; a
+definition never changes under its key (a changed definition gets a new key), so numbers with
+the same key are comparable across runs and versions.
+
+Images are float RGB in [0, 1] (uint8 is scaled), HWC, as numpy arrays or torch tensors; masks
+are HW. Image metrics run in float64 torch so the same SSIM serves evaluation and the
+inpainter's training loss (`ssim_map`, differentiable). Landmarks are (T, 478, 2) pixel arrays
+in mediapipe's face-mesh order, NaN where no face was found.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFINITIONS: dict[str, str] = {
+    "psnr": "PSNR in dB, 10*log10(1/MSE) over all pixels and RGB channels of images in [0,1]; "
+    "identical images give +inf (JSON \"inf\"); mean over test frames of per-frame PSNR.",
+    "psnr_face": "psnr restricted to the face box: bounding box of the ground truth's 478 mediapipe "
+    "landmarks, grown by 10% of its width/height on each side, clipped to the frame.",
+    "psnr_seam": "psnr over the seam band: pixels within r = round(0.02*S) px (Chebyshev) of the "
+    "ground-truth head-mask border, i.e. dilate(mask, r) minus erode(mask, r); S = frame side.",
+    "ssim": "SSIM (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5), C1 = 0.01^2, "
+    "C2 = 0.03^2, images in [0,1], valid windows only (no padding), mean over windows and RGB "
+    "channels; mean over test frames.",
+    "ssim_face": "ssim on the face box (see psnr_face).",
+    "lmd": "Lip landmark distance: the 40 mediapipe lip landmarks of prediction and ground truth "
+    "(same detector, single-image mode), coordinates scaled to a 512x512 frame, each set centred "
+    "on its own mean; mean Euclidean distance over the 40 points in px; mean over frames where "
+    "both detections succeed. Not comparable to FAN-based LMD in papers.",
+    "mouth_open_r": "Pearson correlation over test frames of the predicted and ground-truth "
+    "mouth-opening tracks (mouth_open).",
+    "mouth_open": "Mouth opening per frame (tracking.signals, as in tracking.npz): distance of the "
+    "inner-lip centre landmarks 13-14 divided by the outer eye-corner distance 33-263.",
+    "audio_env": "Audio envelope per video frame t: RMS of the mono waveform over the frame's "
+    "interval [t/fps, (t+1)/fps).",
+    "av_lag": "Audio-mouth lag in frames: the shift k in [-10, 10] maximising the Pearson "
+    "correlation of audio_env[t] with mouth_open[t+k] over overlapping frames; k > 0 means the "
+    "mouth moves after the sound. Ties go to the smallest |k|.",
+    "av_corr": "Speech-lip intensity correlation: the peak Pearson correlation found by av_lag.",
+    "blink_rate": "Blinks per minute: rising crossings of the blink signal (tracking.signals: mean "
+    "of the eyeBlinkLeft/Right blendshapes, 0..1) above 0.5, re-armed only after it falls below "
+    "0.3 (hysteresis), divided by the duration in minutes.",
+}
+
+# Mediapipe face-mesh indices (FaceLandmarksConnections.FACE_LANDMARKS_LIPS, as a sorted set).
+LIPS = (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191,
+        267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)
+
+LMD_SIZE = 512  # LMD is reported in pixels of a 512x512 frame
+SEAM_FRACTION = 0.02  # seam band radius as a fraction of the frame side
+FACE_BOX_MARGIN = 0.1
+MAX_LAG = 10  # frames; 0.4 s at 25 fps, well beyond any plausible audio-visual offset
+BLINK_HIGH, BLINK_LOW = 0.5, 0.3
+
+
+def jsonable(value: float) -> float | str | None:
+    """A metric value for JSON: +/-inf as the strings "inf"/"-inf", NaN (undefined) as null.
+
+    JSON has no infinities; PSNR of identical images is legitimately +inf and must stay
+    distinguishable from "undefined" (null), so the two get different encodings.
+    """
+    value = float(value)
+    if math.isnan(value):
+        return None
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+def _image(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """HWC (or HW) image as a float64 tensor in [0, 1]."""
+    t = torch.as_tensor(x)
+    t = t.double() / 255.0 if t.dtype == torch.uint8 else t.double()
+    return t[..., None] if t.ndim == 2 else t
+
+
+def _crop(img: torch.Tensor, box: tuple[int, int, int, int] | None) -> torch.Tensor:
+    if box is None:
+        return img
+    x0, y0, x1, y1 = box
+    return img[y0:y1, x0:x1]
+
+
+def psnr(pred, target, mask=None, box: tuple[int, int, int, int] | None = None) -> float:
+    """PSNR in dB of HWC images in [0,1]; `mask` (HW, bool or weights) restricts it to a region.
+
+    Identical images (MSE 0) give +inf, explicitly: use `jsonable` to serialise it.
+    """
+    err = ((_crop(_image(pred), box) - _crop(_image(target), box)) ** 2).mean(-1)
+    if mask is None:
+        mse = err.mean()
+    else:
+        w = _crop(torch.as_tensor(mask).double(), box)
+        if w.sum() <= 0:
+            raise ValueError("psnr: the mask selects no pixels")
+        mse = (err * w).sum() / w.sum()
+    return math.inf if mse == 0 else float(-10.0 * torch.log10(mse))
+
+
+@lru_cache(maxsize=8)
+def _gaussian(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-window SSIM of (B, C, H, W) images in [0,1] -> (B, C, H-size+1, W-size+1).
+
+    Valid windows only, as in Wang et al.: padding would invent statistics at the border.
+    Differentiable; runs in the inputs' dtype and device (the inpainter's loss uses it).
+    """
+    c = x.shape[1]
+    g = _gaussian(size, sigma).to(x)
+    gx, gy = g.view(1, 1, 1, size).repeat(c, 1, 1, 1), g.view(1, 1, size, 1).repeat(c, 1, 1, 1)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(t, gx, groups=c), gy, groups=c)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+
+
+def ssim(pred, target, box: tuple[int, int, int, int] | None = None) -> float:
+    """SSIM of two HWC images in [0,1] (optionally on a box x0, y0, x1, y1); 1 for identical."""
+    a = _crop(_image(pred), box).permute(2, 0, 1)[None]
+    b = _crop(_image(target), box).permute(2, 0, 1)[None]
+    if min(a.shape[-2:]) < 11:
+        raise ValueError(f"ssim: image or box {tuple(a.shape[-2:])} is smaller than the 11 px window")
+    return float(ssim_map(a, b).mean())
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation of (..., H, W) masks by a (2r+1)² square, as two separable max-pools.
+
+    A square (Chebyshev distance) rather than a disc: exact with two 1-D passes, so it costs
+    O(r) per pixel on any device, which matters when the inpainter dilates every frame.
+    """
+    if radius <= 0:
+        return mask
+    shape = mask.shape
+    m = mask.reshape(-1, 1, *shape[-2:]).float()
+    k = 2 * radius + 1
+    m = F.max_pool2d(m, (1, k), stride=1, padding=(0, radius))
+    m = F.max_pool2d(m, (k, 1), stride=1, padding=(radius, 0))
+    return m.reshape(shape).to(mask.dtype)
+
+
+def seam_band(head_mask, radius: int | None = None) -> torch.Tensor:
+    """Bool HW band of pixels within `radius` px of the head-mask border (where head meets body).
+
+    `radius` defaults to round(SEAM_FRACTION * side) (10 px at 512²), the `psnr_seam` definition.
+    """
+    m = torch.as_tensor(head_mask).bool()
+    r = round(SEAM_FRACTION * max(m.shape[-2:])) if radius is None else radius
+    grown = dilate(m.float(), r)
+    shrunk = 1 - dilate(1 - m.float(), r)
+    return (grown - shrunk) > 0.5
+
+
+def face_box(landmarks: np.ndarray, size: int, margin: float = FACE_BOX_MARGIN) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) box of one frame's (478, 2) landmarks grown by `margin`, clipped to size²."""
+    lo, hi = np.nanmin(landmarks, axis=0), np.nanmax(landmarks, axis=0)
+    pad = (hi - lo) * margin
+    x0, y0 = np.floor(np.clip(lo - pad, 0, size)).astype(int)
+    x1, y1 = np.ceil(np.clip(hi + pad, 0, size)).astype(int)
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+# ---------------------------------------------------------------------------------------------
+# landmarks
+
+
+def _frames(landmarks: np.ndarray) -> np.ndarray:
+    lm = np.asarray(landmarks, dtype=np.float64)
+    return lm[None] if lm.ndim == 2 else lm
+
+
+def lmd(pred: np.ndarray, target: np.ndarray, size: int) -> float:
+    """LMD in px at 512²: (T, 478, 2) landmarks of prediction and ground truth in a size² frame.
+
+    Each lip set is centred on its own mean, so head translation (tracked separately) does not
+    count, only mouth shape. Frames where either set is missing (NaN) are skipped; NaN if none.
+    """
+    p = _frames(pred)[:, LIPS] * (LMD_SIZE / size)
+    g = _frames(target)[:, LIPS] * (LMD_SIZE / size)
+    p = p - p.mean(axis=1, keepdims=True)
+    g = g - g.mean(axis=1, keepdims=True)
+    per_frame = np.linalg.norm(p - g, axis=-1).mean(axis=1)
+    ok = np.isfinite(per_frame)
+    return float(per_frame[ok].mean()) if ok.any() else math.nan
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation over the entries where both are finite; NaN if either is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
+    denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# audio-visual sync and blinks
+
+
+def audio_envelope(samples: np.ndarray, sample_rate: int, fps: float, n_frames: int | None = None) -> np.ndarray:
+    """(T,) RMS of a mono waveform over each video frame's interval [t/fps, (t+1)/fps).
+
+    Frame t is shown during that interval once the audio is muxed, so a zero lag means the
+    sound and the picture are presented together. Frames past the audio's end get 0.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim > 1:
+        x = x.mean(axis=-1)
+    if n_frames is None:
+        n_frames = int(len(x) * fps / sample_rate)
+    edges = np.minimum(np.round(np.arange(n_frames + 1) * sample_rate / fps).astype(np.int64), len(x))
+    energy = np.concatenate([[0.0], np.cumsum(x * x)])
+    count = np.diff(edges)
+    power = np.diff(energy[edges]) / np.maximum(count, 1)
+    return np.sqrt(np.maximum(power, 0.0))
+
+
+def av_lag(envelope: np.ndarray, mouth: np.ndarray, max_lag: int = MAX_LAG) -> tuple[int, float]:
+    """(k, r): the shift maximising Pearson(envelope[t], mouth[t+k]); k > 0 = mouth after audio.
+
+    Use the mouth-opening track itself, not its velocity: both it and the envelope are
+    amplitudes (an open mouth passes more sound), while the velocity peaks a quarter syllable
+    period earlier (a rate-dependent bias) and differencing doubles landmark jitter. On the real
+    clips' ground truth (whole clips) the opening gives peak r 0.29 / 0.21 / 0.17 (CNN, Macron,
+    Ted Lieu) against 0.17 / 0.08 / 0.08 for the velocity. Ties go to the smallest |k|.
+    """
+    env = np.asarray(envelope, dtype=np.float64)
+    mouth = np.asarray(mouth, dtype=np.float64)
+    n = min(len(env), len(mouth))
+    best = (0, -math.inf)
+    for k in sorted(range(-max_lag, max_lag + 1), key=abs):
+        a, b = (env[: n - k], mouth[k:n]) if k >= 0 else (env[-k:n], mouth[: n + k])
+        if len(a) < 3:
+            continue
+        r = pearson(a, b)
+        if r > best[1]:
+            best = (k, r)
+    return best
+
+
+def count_blinks(signal: np.ndarray, high: float = BLINK_HIGH, low: float = BLINK_LOW) -> int:
+    """Blinks in a [0,1] eye-closure signal: rises above `high`, re-armed below `low`.
+
+    The hysteresis keeps a noisy signal hovering near one threshold from counting as many blinks.
+    """
+    count, armed = 0, True
+    for v in np.nan_to_num(np.asarray(signal, dtype=np.float64), nan=0.0):
+        if armed and v > high:
+            count, armed = count + 1, False
+        elif not armed and v < low:
+            armed = True
+    return count
+
+
+def blink_rate(signal: np.ndarray, fps: float, high: float = BLINK_HIGH, low: float = BLINK_LOW) -> float:
+    """Blinks per minute of a per-frame eye-closure signal at `fps`."""
+    minutes = len(signal) / fps / 60.0
+    return count_blinks(signal, high, low) / minutes if minutes > 0 else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# landmarks of rendered / ground-truth images (single-image mode)
+
+
+def detect_landmarks(images: Iterable[np.ndarray], model: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mediapipe landmarks (T, 478, 2) px and blendshapes (T, 52) of independent images.
+
+    Blendshape columns follow mediapipe's category index (the order of tracking.npz's
+    `blendshape_names`).
+
+    IMAGE mode on purpose (tracking.Landmarker is VIDEO mode): a prediction and its ground truth
+    must be measured by the same detector without tracking state carried between frames. Rows
+    are NaN where no face is found. `model` overrides the asset resolver.
+    """
+    import mediapipe as mp
+    from mediapipe.tasks.python import BaseOptions, vision
+
+    from . import assets
+    from .tracking import _quiet_stderr
+
+    options = vision.FaceLandmarkerOptions(
+        base_options=BaseOptions(model_asset_path=str(assets.resolve("face_landmarker", model))),
+        running_mode=vision.RunningMode.IMAGE,
+        num_faces=1,
+        output_face_blendshapes=True,
+    )
+    points, shapes = [], []
+    with _quiet_stderr():  # start-up logs, emitted on creation and on the first detection
+        landmarker = vision.FaceLandmarker.create_from_options(options)
+        landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.zeros((32, 32, 3), np.uint8)))
+    with landmarker:
+        for img in images:
+            img = np.asarray(img)
+            if img.dtype != np.uint8:
+                img = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+            h, w = img.shape[:2]
+            result = landmarker.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(img[..., :3])))
+            if result.face_landmarks:
+                points.append([(p.x * w, p.y * h) for p in result.face_landmarks[0]])
+                row = np.full(52, np.nan)
+                for c in result.face_blendshapes[0]:
+                    row[c.index] = c.score
+                shapes.append(row)
+            else:
+                points.append(np.full((478, 2), np.nan))
+                shapes.append(np.full(52, np.nan))
+    return np.asarray(points, dtype=np.float64).reshape(-1, 478, 2), np.asarray(shapes, dtype=np.float64).reshape(-1, 52)
+
+
+def detector_floor(frames: Iterable[np.ndarray], landmarks: np.ndarray, blendshapes: np.ndarray, names: list[str], size: int) -> dict[str, float]:
+    """The landmark detector's own noise on real frames: the floor under `lmd` and the ceiling
+    over `mouth_open_r` (and blink correlation) that no prediction can meaningfully pass.
+
+    Two comparisons on the same `frames` (size² images), both against single-image detections:
+    the clip's tracking (`landmarks`, `blendshapes` from tracking.npz, VIDEO mode) — `lmd`,
+    `mouth_open_r`, `blink_r` — and the frames shifted by one pixel (edge-padded), which
+    changes the detector's face crop as a near-perfect render would — `lmd_shift`,
+    `mouth_open_r_shift`. Mediapipe in VIDEO mode re-runs its face detector on every frame while
+    it tracks fewer faces than `num_faces`, and then agrees with IMAGE mode up to decoding noise;
+    the shift measures the detector's sensitivity whatever the tracking settings were.
+    """
+    from .tracking import signals
+
+    frames = [np.asarray(f) for f in frames]
+    image_lm, image_bs = detect_landmarks(frames)
+    shift_lm, shift_bs = detect_landmarks(np.pad(f, ((1, 0), (1, 0), (0, 0)), mode="edge")[:-1, :-1] for f in frames)
+    ok = np.isfinite(image_lm).all(axis=(1, 2)) & np.isfinite(shift_lm).all(axis=(1, 2))
+    video_blink, video_mouth = signals(np.asarray(landmarks)[ok], np.asarray(blendshapes)[ok], names)
+    image_blink, image_mouth = signals(image_lm[ok], image_bs[ok], names)
+    _, shift_mouth = signals(shift_lm[ok], shift_bs[ok], names)
+    return {
+        "frames": len(frames),
+        "detected": int(ok.sum()),
+        "lmd": lmd(image_lm[ok], np.asarray(landmarks)[ok], size),
+        "mouth_open_r": pearson(video_mouth, image_mouth),
+        "blink_r": pearson(video_blink, image_blink),
+        "lmd_shift": lmd(shift_lm[ok], image_lm[ok], size),
+        "mouth_open_r_shift": pearson(shift_mouth, image_mouth),
+    }

@@ -1,0 +1,342 @@
+"""Audio→expression (A2E): whisper features → blendshapes + mouth geometry, in a speaker's style.
+
+Targets, per frame: the 52 mediapipe blendshapes (what the avatar's head model and colour MLP
+consume, identity-independent like FLAME's expression code) and the mouth geometry: face-space
+offsets of 47 mouth-region landmarks (the 40 lip points of `metrics.LIPS` plus 7 on the chin and
+jaw line) from the identity's neutral, i.e. their mean over the clip's training frames. The
+offsets are coded by a universal PCA basis fitted across the prior's training identities
+(`lip_components` coefficients), so the lip geometry is compact and comparable across people.
+
+Model: whisper features → LayerNorm → two 1-D convolutions (±2 frames of local context) →
+sinusoidal positions + a projected 64-d style embedding → a pre-norm transformer encoder over a
+window of frames → one linear head to standardised blendshapes and whitened lip coefficients.
+The style table has one learned row per training identity and a last "null" row trained on a
+share of windows in place of the speaker's row (like the unconditional branch of classifier-free
+guidance): the prior uses it for a voice it never saw, adaptation starts a new row from it.
+
+Where it falls short of the paper: GGTalker's A2E is a conditional *diffusion* transformer
+sampled with classifier-free guidance. This model is deterministic, so it predicts the
+conditional mean: motion of ambiguous sounds is averaged (under-articulated, damped lips,
+especially on out-of-distribution audio), it cannot sample varied takes of the same audio, and
+there is no guidance scale to trade diversity for sync. Temporal smoothness comes only from the
+Huber loss on frame differences, not from a learned distribution of motion.
+
+Loss = expression L2 (standardised blendshapes) + lip-vertex L2 (mm², reconstructed through the
+PCA basis against the tracked offsets) + Huber on frame-to-frame differences of both.
+
+The whole model travels as one tensor dict (`state`): weights, buffers and a `meta.json` uint8
+tensor with its hyper-parameters, the whisper model its features come from, the model frame
+rate and the style rows' identity names, so an avatar's weights.safetensors can embed it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import metrics
+from ..clip import Clip
+from ..errors import Exit, GGError
+
+N_BLENDSHAPES = 52
+JAW = (152, 148, 176, 149, 377, 400, 378)  # chin and lower jaw line: the jaw drops with the mouth
+MOUTH = tuple(metrics.LIPS) + JAW
+N_LIPS = len(metrics.LIPS)  # the first N_LIPS rows of MOUTH are the lip points (lip-vertex error)
+_UPPER, _LOWER = MOUTH.index(13), MOUTH.index(14)  # inner-lip centres, as in metrics' mouth_open
+STATE_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class ClipData:
+    """One clip resampled to the model frame rate: inputs, targets, masks and its split."""
+
+    name: str
+    features: np.ndarray  # (T, D) float32 whisper features
+    blendshapes: np.ndarray  # (T, 52)
+    mouth: np.ndarray  # (T, M, 3) face-space offsets from `neutral` (cm)
+    neutral: np.ndarray  # (M, 3) mean mouth shape over the valid training frames
+    valid: np.ndarray  # (T,) bool: tracked (not interpolated) at both neighbouring clip frames
+    n_train: int  # frames [0, n_train) are training frames, the rest test frames
+    whisper: dict  # features' model info from the clip's meta (model, dim)
+
+
+def resample(x: np.ndarray, src_fps: float, dst_fps: float, n_dst: int) -> np.ndarray:
+    """Linear interpolation in time of (N, ...) frames at src_fps to n_dst frames at dst_fps,
+    sampling at frame centres (identity when the rates match)."""
+    if src_fps == dst_fps and len(x) == n_dst:
+        return x
+    pos = np.clip((np.arange(n_dst) + 0.5) * src_fps / dst_fps - 0.5, 0, len(x) - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(x) - 1)
+    w = (pos - lo).reshape(-1, *([1] * (x.ndim - 1)))
+    return (1 - w) * x[lo] + w * x[hi]
+
+
+def load_clip(path: str | Path, fps: float) -> ClipData:
+    """A clip's whisper features and tracked expressions at the model frame rate `fps`."""
+    clip = Clip(path)
+    features = clip.audio_features()
+    if features is None:
+        raise GGError(f"{clip.path}: no audio_features.npy; re-run `ggtalker preprocess` with whisper weights available", Exit.INPUT_INVALID)
+    tr = clip.tracking
+    if len(features) != clip.n_frames:
+        raise GGError(f"{clip.features_path}: {len(features)} rows for {clip.n_frames} frames; re-create the clip", Exit.ARTIFACT)
+    n = round(clip.n_frames * fps / clip.fps)
+    valid = tr["valid"].astype(bool) & ~tr["interpolated"].astype(bool)
+    n_train = int(round(len(clip.train_indices) * fps / clip.fps))
+    verts = tr["verts"][:, list(MOUTH)].astype(np.float64)
+    ok = valid[: len(clip.train_indices)]
+    if ok.sum() < 2:
+        raise GGError(f"{clip.tracking_path}: fewer than 2 tracked training frames; this clip cannot train lip motion", Exit.INPUT_INVALID)
+    neutral = verts[: len(clip.train_indices)][ok].mean(0)
+    meta_audio = clip.meta.get("audio") or {}
+    return ClipData(
+        name=clip.path.resolve().name,
+        features=resample(features.astype(np.float32), clip.fps, fps, n).astype(np.float32),
+        blendshapes=resample(tr["blendshapes"].astype(np.float32), clip.fps, fps, n).astype(np.float32),
+        mouth=resample(verts - neutral, clip.fps, fps, n).astype(np.float32),
+        neutral=neutral.astype(np.float32),
+        valid=resample(valid.astype(np.float32), clip.fps, fps, n) > 0.999,
+        n_train=min(n_train, n),
+        whisper=dict(meta_audio.get("features") or {}),
+    )
+
+
+def mouth_gap(mouth: np.ndarray) -> np.ndarray:
+    """(T,) mouth opening in face space (cm): distance of the inner-lip centres 13-14, the 3-D
+    counterpart of metrics' 2-D `mouth_open` (no eye-span division: face space is already metric)."""
+    return np.linalg.norm(mouth[:, _UPPER] - mouth[:, _LOWER], axis=-1)
+
+
+def fit_lip_basis(clips: list[ClipData], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Universal PCA of mouth offsets over the valid training frames of all clips:
+    (k, M*3) orthonormal basis and (k,) per-component standard deviations."""
+    rows = np.concatenate([c.mouth[: c.n_train][c.valid[: c.n_train]].reshape(-1, len(MOUTH) * 3) for c in clips])
+    rows = rows - rows.mean(0)
+    _, s, vt = np.linalg.svd(rows.astype(np.float64), full_matrices=False)
+    k = min(k, len(s))
+    return vt[:k].astype(np.float32), (s[:k] / math.sqrt(max(len(rows) - 1, 1))).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def _sinusoids(length: int, channels: int) -> Tensor:
+    scales = torch.exp(-math.log(10000) * torch.arange(channels // 2) / (channels // 2 - 1))
+    t = torch.arange(length)[:, None] * scales[None]
+    return torch.cat([t.sin(), t.cos()], 1)
+
+
+class A2E(nn.Module):
+    def __init__(self, meta: dict):
+        super().__init__()
+        self.meta = meta
+        d, k, m = meta["d_model"], meta["lip_components"], len(MOUTH)
+        self.feature_norm = nn.LayerNorm(meta["feature_dim"])
+        self.front = nn.Sequential(
+            nn.Conv1d(meta["feature_dim"], d, 3, padding=1), nn.GELU(), nn.Conv1d(d, d, 3, padding=1), nn.GELU()
+        )
+        self.style = nn.Embedding(len(meta["identities"]) + 1, meta["style_dim"])  # last row: null style
+        nn.init.normal_(self.style.weight, std=0.1)
+        self.style_proj = nn.Linear(meta["style_dim"], d)
+        layer = nn.TransformerEncoderLayer(d, meta["heads"], 2 * d, meta["dropout"], activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, meta["layers"], enable_nested_tensor=False)
+        self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, N_BLENDSHAPES + k))
+        self.register_buffer("bs_mean", torch.zeros(N_BLENDSHAPES))
+        self.register_buffer("bs_std", torch.ones(N_BLENDSHAPES))
+        self.register_buffer("lip_basis", torch.zeros(k, m * 3))
+        self.register_buffer("lip_std", torch.ones(k))
+        self.register_buffer("neutral", torch.zeros(m, 3))  # mean mouth shape: of the identity once adapted
+        self.register_buffer("adapted_style", torch.zeros(meta["style_dim"]))
+
+    @property
+    def null_style(self) -> int:
+        return self.style.num_embeddings - 1
+
+    def style_vector(self, index: Tensor | None = None) -> Tensor:
+        """(B, style_dim) rows of the style table; with no index the adapted (or null) style."""
+        if index is not None:
+            return self.style(index)
+        if self.meta.get("adapted"):
+            return self.adapted_style[None]
+        return self.style.weight[-1:]
+
+    def forward(self, features: Tensor, style: Tensor, noise: float = 0.0) -> Tensor:
+        """features (B, T, D), style (B, style_dim) → (B, T, 52 + K) standardised expression code."""
+        x = self.feature_norm(features)
+        if noise > 0:
+            x = x + noise * torch.randn_like(x)
+        x = self.front(x.transpose(1, 2)).transpose(1, 2)
+        x = x + _sinusoids(x.shape[1], x.shape[2]).to(x) + self.style_proj(style)[:, None]
+        return self.head(self.encoder(x))
+
+    def decode(self, code: Tensor) -> tuple[Tensor, Tensor]:
+        """Standardised code → (blendshapes (..., 52), mouth offsets (..., M, 3) in cm)."""
+        bs = code[..., :N_BLENDSHAPES] * self.bs_std + self.bs_mean
+        lips = (code[..., N_BLENDSHAPES:] * self.lip_std) @ self.lip_basis
+        return bs, lips.reshape(*lips.shape[:-1], len(MOUTH), 3)
+
+    def loss(self, code: Tensor, blendshapes: Tensor, mouth: Tensor, valid: Tensor, lip_weight: float, temporal_weight: float) -> tuple[Tensor, dict[str, float]]:
+        """Expression L2 + lip-vertex L2 + temporal-difference Huber over valid frames.
+
+        code (B, T, 52+K); targets blendshapes (B, T, 52), mouth (B, T, M, 3) cm; valid (B, T).
+        """
+        target_bs = (blendshapes - self.bs_mean) / self.bs_std
+        pred_bs = code[..., :N_BLENDSHAPES]
+        _, pred_mouth = self.decode(code)
+        v = valid.float()
+        n = v.sum().clamp(min=1)
+        expr = (((pred_bs - target_bs) ** 2).mean(-1) * v).sum() / n
+        lip_mm = ((pred_mouth - mouth) * 10).pow(2).sum(-1).mean(-1)  # squared mm per vertex
+        lip = (lip_mm * v).sum() / n
+        pair = v[:, 1:] * v[:, :-1]
+        np_ = pair.sum().clamp(min=1)
+        d_bs = F.huber_loss(pred_bs.diff(dim=1), target_bs.diff(dim=1), reduction="none", delta=0.5).mean(-1)
+        d_lip = F.huber_loss((pred_mouth.diff(dim=1) * 10), (mouth.diff(dim=1) * 10), reduction="none", delta=0.5).mean((-1, -2))
+        temporal = ((d_bs + d_lip) * pair).sum() / np_
+        total = expr + lip_weight * lip + temporal_weight * temporal
+        return total, {"expr": float(expr), "lip_mm2": float(lip), "temporal": float(temporal)}
+
+
+def make_meta(cfg, feature_dim: int, whisper: dict, identities: list[str]) -> dict:
+    """The hyper-parameters and provenance a state carries (`cfg` is config.A2EConfig)."""
+    if cfg.d_model % cfg.heads:
+        raise GGError(f"a2e.d_model ({cfg.d_model}) must be a multiple of a2e.heads ({cfg.heads})", Exit.USAGE)
+    return {
+        "version": STATE_VERSION,
+        "fps": cfg.fps,
+        "window": cfg.window,
+        "feature_dim": int(feature_dim),
+        "whisper": {"model": whisper.get("model"), "dim": int(feature_dim)},
+        "d_model": cfg.d_model,
+        "layers": cfg.layers,
+        "heads": cfg.heads,
+        "style_dim": cfg.style_dim,
+        "lip_components": cfg.lip_components,
+        "dropout": cfg.dropout,
+        "mouth_landmarks": list(MOUTH),
+        "identities": list(identities),
+        "adapted": None,
+    }
+
+
+def to_state(model: A2E) -> dict[str, Tensor]:
+    """Weights, buffers and meta as one flat tensor dict (safetensors-ready)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state["meta.json"] = torch.frombuffer(bytearray(json.dumps(model.meta).encode()), dtype=torch.uint8)
+    return state
+
+
+def from_state(state: dict[str, Tensor], source: str = "A2E weights") -> A2E:
+    """Rebuild the model from `to_state`'s dict; a clear error for anything else."""
+    try:
+        meta = json.loads(bytes(state["meta.json"].numpy()).decode())
+        if meta.get("version") != STATE_VERSION:
+            raise GGError(f"{source}: A2E state version {meta.get('version')}, this ggtalker reads {STATE_VERSION}; re-run fit-prior", Exit.ARTIFACT)
+        model = A2E(meta)
+        model.load_state_dict({k: v for k, v in state.items() if k != "meta.json"})
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise GGError(f"{source}: not an A2E state ({e.__class__.__name__}: {str(e)[:80]}); re-run fit-prior", Exit.ARTIFACT) from e
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+
+
+@torch.no_grad()
+def run(model: A2E, features: np.ndarray, style: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-sequence prediction at the model rate: (T, 52) blendshapes, (T, M, 3) mouth offsets.
+
+    Runs windows of the training length with half overlap, cross-faded with a triangular
+    weight, so any length works in bounded memory and every frame sees context on both sides.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    w = model.meta["window"]
+    x = torch.as_tensor(np.asarray(features, np.float32), device=device)
+    style = model.style_vector() if style is None else style
+    n = len(x)
+    starts = list(range(0, max(n - w, 0) + 1, w // 2))
+    if starts[-1] + w < n:
+        starts.append(n - w)
+    out = torch.zeros(n, N_BLENDSHAPES + model.meta["lip_components"], device=device)
+    total = torch.zeros(n, 1, device=device)
+    for s in starts:
+        chunk = x[s : s + w]
+        weight = 1.0 - (torch.arange(len(chunk), device=device) + 0.5 - len(chunk) / 2).abs() / (len(chunk) / 2) * 0.98
+        out[s : s + len(chunk)] += model(chunk[None], style)[0] * weight[:, None]
+        total[s : s + len(chunk)] += weight[:, None]
+    bs, mouth = model.decode(out / total)
+    return bs.clamp(0, 1).cpu().numpy(), mouth.cpu().numpy()
+
+
+def predict(a2e_state: dict[str, Tensor], audio_path: str | Path, fps: float, whisper: str | Path | None = None, device: str | None = None) -> dict[str, np.ndarray]:
+    """Audio file → per-frame expressions at `fps`: blendshapes (T, 52), mouth (T, M, 3) face-space
+    points (around the adapted identity's neutral, or the training identities' mean in a prior)
+    and mouth_open (T,) inner-lip gap in cm.
+
+    Features come from the whisper model the state was trained with (its name is in the state)
+    unless `whisper` names a checkpoint; a mismatched feature size is refused.
+    """
+    from .. import audio
+
+    model = from_state(a2e_state)
+    device = device or audio.default_device()
+    model.to(device)
+    samples = audio.load_audio(audio_path)
+    seconds = len(samples) / audio.SAMPLE_RATE
+    n_model = max(1, math.ceil(seconds * model.meta["fps"]))
+    feats, info = audio.encode(samples, n_model, model.meta["fps"], whisper or model.meta["whisper"]["model"], device=device)
+    if info["dim"] != model.meta["feature_dim"]:
+        raise GGError(f"whisper '{info['model']}' gives {info['dim']}-d features but this A2E was trained on {model.meta['feature_dim']}-d ({model.meta['whisper']['model']}); pass that whisper model", Exit.USAGE)
+    bs, mouth = run(model, feats.astype(np.float32))
+    n_out = max(1, math.ceil(seconds * fps))
+    bs = resample(bs, model.meta["fps"], fps, n_out).astype(np.float32)
+    mouth = resample(mouth, model.meta["fps"], fps, n_out) + model.neutral.cpu().numpy()
+    return {"blendshapes": bs, "mouth": mouth.astype(np.float32), "mouth_open": mouth_gap(mouth).astype(np.float32)}
+
+
+def predict_expressions(a2e_state: dict[str, Tensor], audio_path: str | Path, fps: float, whisper: str | Path | None = None) -> np.ndarray:
+    """(T, 52) blendshapes at `fps` for an audio file: what the avatar's head model is driven by."""
+    return predict(a2e_state, audio_path, fps, whisper)["blendshapes"]
+
+
+def plot_mouth(path: str | Path, audio_path: str | Path, mouth_open: np.ndarray, fps: float) -> None:
+    """PNG: the waveform on top, the predicted mouth opening over time below, same time axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .. import audio
+    from ..artifacts import atomic_write_bytes
+
+    samples = audio.load_audio(audio_path)
+    t_audio = np.arange(len(samples)) / audio.SAMPLE_RATE
+    step = max(1, len(samples) // 20000)  # plotting every sample of minutes of audio is pointless
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 4), sharex=True, height_ratios=(1, 1.4))
+    top.plot(t_audio[::step], samples[::step], lw=0.4, color="0.3")
+    top.set_ylabel("waveform")
+    bottom.plot((np.arange(len(mouth_open)) + 0.5) / fps, mouth_open, color="tab:red", lw=1.2)
+    bottom.set_ylabel("mouth opening (cm)")
+    bottom.set_xlabel("time (s)")
+    top.set_title(Path(audio_path).name)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())

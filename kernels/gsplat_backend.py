@@ -1,0 +1,54 @@
+"""The CUDA backend: gsplat's fused rasterizer, configured to match `kernels/reference.py`.
+
+gsplat JIT-builds its CUDA extension on first use (~40 s on an H100/H200; set
+TORCH_CUDA_ARCH_LIST, e.g. "9.0", and MAX_JOBS to speed it up), then caches it under
+~/.cache/torch_extensions.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from .reference import EPS2D
+
+
+@functools.lru_cache(maxsize=1)
+def unavailable() -> str | None:
+    """None when gsplat's CUDA extension loads, else why not (one line). Builds it if needed."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        from gsplat.cuda._backend import _C
+    except ImportError:
+        return "gsplat is not installed"
+    except Exception as e:  # the JIT build failed: compiler missing, version mismatch...
+        return f"its CUDA extension failed to build: {str(e).strip().splitlines()[-1][:200]}"
+    return None if _C is not None else "no CUDA toolkit (nvcc) found to build its extension"
+
+
+def render(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,  # (B, N, D)
+    viewmats: Tensor,  # (B, 4, 4)
+    Ks: Tensor,  # (B, 3, 3)
+    width: int,
+    height: int,
+    near: float = 0.01,
+    far: float = 1e4,
+) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """-> rgb (B,H,W,D), alpha (B,H,W,1), expected depth (B,H,W,1), aux; no background."""
+    from gsplat import rasterization
+
+    out, alpha, meta = rasterization(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height,
+        near_plane=near, far_plane=far, eps2d=EPS2D, packed=False, render_mode="RGB+ED",
+        rasterize_mode="classic", sh_degree=None,
+    )
+    aux = {k: meta[k] for k in ("radii", "means2d", "depths", "conics")}
+    return out[..., :-1], alpha, out[..., -1:], aux

@@ -1,0 +1,72 @@
+"""Shared fixtures: the real test media beside the checkout, short cuts of it, one preprocessed clip.
+
+The real clips live in `../shared/data/real` (CI puts `../shared` beside the checkout). They are
+third-party footage: cuts are written to pytest's temporary folders only, never into the repo.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared" / "data" / "real"
+
+
+def ffmpeg(*args: str) -> None:
+    """Run ffmpeg quietly; a failure shows its stderr."""
+    done = subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="session")
+def real_dir() -> Path:
+    if not (REAL / "videos").is_dir():
+        pytest.skip(f"real test media not found at {REAL} (CI puts ../shared beside the checkout)")
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def real_video(real_dir):
+    """real_video("aoc_8s_512_25fps") → path of that real video."""
+
+    def get(name: str) -> Path:
+        path = real_dir / "videos" / f"{name}.mp4"
+        if not path.is_file():
+            pytest.skip(f"{path} missing")
+        return path
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def cuts(tmp_path_factory, real_video) -> Path:
+    """Short re-encoded cuts of real clips (3 s each) in a temporary folder."""
+    folder = tmp_path_factory.mktemp("cuts")
+    for name in ("aoc_8s_512_25fps", "macron_50s_512_30fps", "katiehill_8s_512_25fps"):
+        ffmpeg("-ss", "1", "-t", "3", "-i", str(real_video(name)), "-c:v", "libx264", "-preset", "ultrafast", "-crf", "18",
+               "-c:a", "aac", str(folder / f"{name}.mp4"))  # fmt: skip
+    return folder
+
+
+@pytest.fixture(scope="session")
+def aoc_cut(cuts) -> Path:
+    return cuts / "aoc_8s_512_25fps.mp4"
+
+
+@pytest.fixture(scope="session")
+def macron_cut(cuts) -> Path:
+    return cuts / "macron_50s_512_30fps.mp4"
+
+
+@pytest.fixture(scope="session")
+def clip_128(tmp_path_factory, aoc_cut):
+    """The aoc cut preprocessed once at 128² (for every test that needs a real clip/)."""
+    from ggtalker_cli.config import load_config
+    from ggtalker_cli.stages import preprocess
+
+    out = tmp_path_factory.mktemp("clips") / "aoc_128"
+    summary = preprocess.run(aoc_cut, out, load_config("fast", {"preprocess": {"size": 128}}))
+    return out, summary

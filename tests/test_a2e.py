@@ -1,0 +1,174 @@
+"""A2E: data loading, model state round trip, prior training (fit-prior), adaptation, prediction.
+
+Clips are synthetic but follow the clip format: their "audio features" are smooth random
+signals and the tracked mouth opens as a fixed function of them (with a per-identity gain), so a
+model that learns anything audio-driven must beat the mean-expression baseline on test frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ggtalker_cli import artifacts, metrics
+from ggtalker_cli.a2e_train import adapt_a2e
+from ggtalker_cli.config import load_config
+from ggtalker_cli.errors import Exit, GGError
+from ggtalker_cli.models import a2e
+from ggtalker_cli.stages import fit_prior
+
+D = 24
+MIX = np.random.default_rng(123).normal(size=(D, 3))  # shared "phonetics": features -> articulation
+
+
+def make_clip(folder, seed: int, n: int = 250, fps: float = 25.0, gain: float = 1.0):
+    """A minimal valid clip whose mouth opening is driven by its features."""
+    rng = np.random.default_rng(seed)
+    raw = rng.normal(size=(n + 8, D))
+    kernel = np.hanning(9) / np.hanning(9).sum()
+    feats = np.stack([np.convolve(raw[:, j], kernel, "valid") for j in range(D)], 1)[:n]  # smooth in time
+    drive = feats @ MIX  # (n, 3)
+    jaw = gain * np.log1p(np.exp(2 * drive[:, 0]))  # >= 0: how far the mouth opens
+    verts = np.tile(rng.normal(scale=3.0, size=(1, 478, 3)), (n, 1, 1))
+    verts[:, [14, 87, 178, 317, 402, 17, 152]] += np.array([0, -0.4, 0])[None, None] * jaw[:, None, None]
+    verts[:, [61, 291]] += np.array([0.2, 0, 0])[None, None] * drive[:, 1:2, None]
+    blend = np.zeros((n, 52), np.float32)
+    blend[:, 25] = np.clip(jaw / 3, 0, 1)  # jawOpen
+    blend[:, 9] = 1 / (1 + np.exp(-drive[:, 2]))
+    folder.mkdir(parents=True)
+    (folder / "frames").mkdir()
+    (folder / "masks").mkdir()
+    for i in (0, n - 1):
+        cv2.imwrite(str(folder / "frames" / f"{i:06d}.jpg"), np.zeros((8, 8, 3), np.uint8))
+        cv2.imwrite(str(folder / "masks" / f"{i:06d}.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(folder / "background.png"), np.zeros((8, 8, 3), np.uint8))
+    valid = np.ones(n, bool)
+    valid[5] = False
+    np.savez(folder / "tracking.npz", landmarks=np.zeros((n, 478, 2), np.float32), verts=verts.astype(np.float32), blendshapes=blend,
+             blendshape_names=np.array([f"bs{i}" for i in range(52)]), pose=np.tile(np.eye(4), (n, 1, 1)), valid=valid,
+             interpolated=~valid, blink=np.zeros(n, np.float32), mouth_open=jaw.astype(np.float32))  # fmt: skip
+    np.save(folder / "audio_features.npy", feats.astype(np.float16))
+    n_train = n - n // 10
+    artifacts.write_meta(folder, "clip", {
+        "fps": fps, "size": 8, "n_frames": n, "K": np.eye(3).tolist(),
+        "files": {"frames": "frames", "masks": "masks", "tracking": "tracking.npz", "background": "background.png",
+                  "audio_features": "audio_features.npy"},
+        "split": {"train": [0, n_train], "test": [n_train, n]},
+        "audio": {"present": True, "sample_rate": 16000, "features": {"file": "audio_features.npy", "model": "synthetic", "dim": D}},
+    })  # fmt: skip
+    return folder
+
+
+def small_cfg(**a2e_overrides):
+    base = dict(window=32, d_model=48, layers=2, heads=2, lip_components=6, steps=400, batch=16, lr=2e-3, val_every=50,
+                checkpoint_every=100, adapt_steps=300, adapt_lr=1e-3, adapt_patience=3)  # fmt: skip
+    base.update(a2e_overrides)
+    return load_config("fast", {"a2e": base})
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    return [make_clip(root / f"id{k}", seed=k, gain=1.0 + 0.2 * k, fps=30.0 if k == 1 else 25.0) for k in range(4)]
+
+
+@pytest.fixture(scope="module")
+def prior(clips, tmp_path_factory):
+    out = tmp_path_factory.mktemp("priors") / "prior"
+    summary = fit_prior.run(clips, out, small_cfg(), parts="a2e", holdout=["id3"], device="cpu")
+    return out, summary
+
+
+def test_resample_matches_rates():
+    x = np.arange(30, dtype=np.float64)[:, None]  # 1 s at 30 fps, value = frame index
+    y = a2e.resample(x, 30.0, 25.0, 25)
+    assert y.shape == (25, 1)
+    assert np.allclose(y[:, 0], np.clip((np.arange(25) + 0.5) * 30 / 25 - 0.5, 0, 29))
+    assert a2e.resample(x, 25.0, 25.0, 30) is x
+
+
+def test_load_clip_targets(clips):
+    data = a2e.load_clip(clips[1], 25.0)  # a 30 fps clip seen at 25 fps
+    assert len(data.features) == round(250 * 25 / 30) == len(data.blendshapes) == len(data.mouth)
+    assert data.mouth.shape[1:] == (len(a2e.MOUTH), 3)
+    assert not data.valid[4] and data.valid[10]  # the untracked frame 5 is masked at 25 fps too
+    mean_offset = data.mouth[: data.n_train][data.valid[: data.n_train]].mean(0)
+    assert np.abs(mean_offset).max() < 0.05  # offsets are from the training-frame mean
+
+
+def test_state_round_trip():
+    cfg = small_cfg().a2e
+    model = a2e.A2E(a2e.make_meta(cfg, D, {"model": "synthetic"}, ["a", "b"]))
+    state = a2e.to_state(model)
+    again = a2e.from_state(state)
+    x = torch.randn(2, 20, D)
+    style = model.style(torch.tensor([0, 2]))
+    model.eval()
+    assert torch.allclose(model(x, style), again(x, again.style(torch.tensor([0, 2]))))
+    with pytest.raises(GGError) as e:
+        a2e.from_state({"weight": torch.zeros(3)})
+    assert e.value.code == Exit.ARTIFACT
+
+
+def test_parts_parsing():
+    assert fit_prior.parse_parts("a2e") == ["a2e"]
+    with pytest.raises(GGError, match="no trainer for this part"):
+        fit_prior.parse_parts("a2e,e2v")
+    with pytest.raises(GGError, match="unknown part"):
+        fit_prior.parse_parts("a2e,foo")
+
+
+def test_fit_prior_writes_prior_and_learns(prior, clips):
+    out, summary = prior
+    meta = artifacts.read_meta(out, "prior")
+    assert set(meta["parts"]) == {"a2e"} and meta["held_out"] == ["id3"] and (out / "val_loss.png").is_file()
+    assert not list(out.glob("*.ckpt"))
+    part = meta["parts"]["a2e"]
+    curve = [c["val"] for c in part["curve"]]
+    assert part["identities"] == ["id0", "id1", "id2"]
+    assert min(curve) < 0.5 * curve[0]  # the held-out identity's loss falls: it generalises
+    from safetensors.torch import load_file
+
+    model = a2e.from_state(load_file(out / "a2e.safetensors"))
+    data = a2e.load_clip(clips[3], 25.0)  # the held-out identity, its test frames
+    _, mouth = a2e.run(model, data.features)
+    test = slice(data.n_train, None)
+    r = metrics.pearson(a2e.mouth_gap(mouth[test] + data.neutral), a2e.mouth_gap(data.mouth[test] + data.neutral))
+    assert r > 0.8, r
+
+
+def test_adaptation_beats_prior_on_its_identity(prior, clips):
+    from safetensors.torch import load_file
+
+    state = load_file(prior[0] / "a2e.safetensors")
+    adapted, log = adapt_a2e(state, clips[3], small_cfg().a2e, device="cpu")
+    assert log["best_val_loss"] <= log["prior_val_loss"]
+    model = a2e.from_state(adapted)
+    assert model.meta["adapted"] == "id3"
+    data = a2e.load_clip(clips[3], 25.0)
+    test = slice(data.n_train, None)
+    lip_err = lambda m: np.linalg.norm(m[test][:, : a2e.N_LIPS] - data.mouth[test][:, : a2e.N_LIPS], axis=-1).mean()  # noqa: E731
+    prior_err = lip_err(a2e.run(a2e.from_state(state), data.features)[1])
+    adapted_err = lip_err(a2e.run(model, data.features)[1])
+    mean_err = lip_err(np.zeros_like(data.mouth))
+    assert adapted_err <= prior_err * 1.05 and prior_err < mean_err, (adapted_err, prior_err, mean_err)
+
+
+def test_resume_continues_from_checkpoint(clips, tmp_path):
+    out = tmp_path / "prior"
+    cfg = small_cfg(steps=100, checkpoint_every=50)
+    work = artifacts.work_dir_for(out)
+    work.mkdir(parents=True)
+    from ggtalker_cli.a2e_train import train_prior
+
+    first = train_prior(clips[:2], [], work, dataclasses.replace(cfg.a2e, steps=50), "cpu", resume=False)
+    assert (work / "a2e.ckpt").is_file() and first["steps"] == 50
+    summary = fit_prior.run(clips[:2], out, cfg, holdout=[], resume=True, device="cpu")
+    meta = yaml.safe_load((out / "meta.yaml").read_text())
+    assert [c["step"] for c in meta["parts"]["a2e"]["curve"]] == [50, 100]  # steps 1-50 not repeated
+    assert summary["held_out"] == []

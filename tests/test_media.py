@@ -1,0 +1,96 @@
+"""media.py: probe (rates, VFR, rotation, audio), constant-rate streaming decode, audio, encode."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from conftest import ffmpeg
+from ggtalker_cli import media
+from ggtalker_cli.errors import Exit, GGError
+
+
+def test_probe_real_clip(aoc_cut):
+    p = media.probe(aoc_cut)
+    assert (p.width, p.height, p.rotation, p.vfr) == (512, 512, 0, False)
+    assert p.fps_nominal == pytest.approx(25) and p.duration == pytest.approx(3.0, abs=0.1)
+    assert p.audio_codec == "aac" and p.audio_rate == 16000
+
+
+def test_probe_flags_variable_frame_rate(real_video):
+    p = media.probe(real_video("retalk1_man_suit_6s_700_vfr"))
+    assert p.vfr and p.fps_nominal == pytest.approx(30) and p.fps_average == pytest.approx(22.13, abs=0.01)
+
+
+def test_decode_resamples_vfr_to_constant_rate(real_video):
+    path = real_video("retalk1_man_suit_6s_700_vfr")
+    p = media.probe(path)
+    frames = media.decode(path, 25, 70, 70)
+    assert isinstance(frames, types.GeneratorType)  # streamed, never a list of all frames
+    n = sum(1 for f in frames if f.shape == (70, 70, 3) and f.dtype == np.uint8)
+    assert abs(n - p.duration * 25) <= 1.5
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    src, rotated = tmp_path / "src.mp4", tmp_path / "rot.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x64:rate=25:duration=1", "-pix_fmt", "yuv420p", str(src))
+    ffmpeg("-i", str(src), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(rotated))
+    p = media.probe(rotated)
+    assert p.rotation in (90, 270) and (p.width, p.height) == (64, 96)
+    frame = next(media.decode(rotated, 25, p.width, p.height))
+    assert frame.shape == (96, 64, 3)
+
+
+def test_extract_audio_is_exact_length_and_aligned(tmp_path, aoc_cut):
+    out = tmp_path / "a.wav"
+    n = 3 * media.AUDIO_RATE + 123
+    info = media.extract_audio(aoc_cut, out, n, offset_s=0.5)
+    pcm, rate = media.read_wav(out)
+    assert rate == 16000 and len(pcm) == n
+    assert np.abs(pcm[: 8000 - 10]).max() == 0  # 0.5 s of leading silence for a late audio start
+    assert np.abs(pcm[8000:]).max() > 0.01 and info["offset_s"] == 0.5
+
+
+def test_writer_roundtrip_with_audio(tmp_path):
+    wav, out = tmp_path / "tone.wav", tmp_path / "out.mp4"
+    media.write_wav(wav, 0.3 * np.sin(np.linspace(0, 2 * np.pi * 440, media.AUDIO_RATE)).astype(np.float32))
+    ramp = np.linspace(0, 1, 64, dtype=np.float32)
+    frames = [np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.float32(k / 10)), -1) for k in range(10)]
+    with media.open_writer(out, 10, 64, 64, audio=wav) as w:
+        for f in frames:
+            w.write(f)
+    p = media.probe(out)
+    assert p.codec == "h264" and p.audio_codec == "aac" and (p.width, p.height) == (64, 64)
+    back = list(media.decode(out, 10, 64, 64))
+    assert len(back) == 10
+    err = np.abs(back[5].astype(np.float32) / 255 - frames[5]).mean()
+    assert err < 0.03
+
+
+def test_writer_removes_partial_file_on_error(tmp_path):
+    out = tmp_path / "out.mp4"
+    with pytest.raises(ValueError):
+        with media.open_writer(out, 10, 32, 32) as w:
+            w.write(np.zeros((16, 16, 3), np.uint8))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "content, code, words",
+    [(None, Exit.INPUT_MISSING, "no such file"), (b"", Exit.INPUT_INVALID, "empty"), (b"hello\n" * 50, Exit.INPUT_INVALID, "not a readable media file")],
+)
+def test_probe_bad_files(tmp_path, content, code, words):
+    path = tmp_path / "bad.mp4"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(GGError) as e:
+        media.probe(path)
+    assert e.value.code == code and words in e.value.message and str(path) in e.value.message
+
+
+def test_probe_audio_only(real_dir):
+    with pytest.raises(GGError, match="audio-only") as e:
+        media.probe(real_dir / "audio" / "en_obama_5s.wav")
+    assert e.value.code == Exit.INPUT_INVALID
