@@ -119,7 +119,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(mode='reduce-overhead')")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     channels = tuple(int(c) for c in args.channels.split(","))
     model = Inpainter(channels)

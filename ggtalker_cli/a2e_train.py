@@ -145,8 +145,9 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
             idx = torch.where(torch.as_tensor(rng.random(len(idx)) < cfg.style_dropout, device=device), null, idx)
             code = net(b["features"], model.style(idx), cfg.feature_noise)
             loss, parts = model.loss(code, b["blendshapes"], b["mouth"], b["valid"], cfg.lip_weight, cfg.temporal_weight)
-            if not torch.isfinite(loss):
-                raise GGError(f"a2e training diverged at step {step} (loss {float(loss)}); lower --preset's a2e.lr or re-run with --resume", Exit.DIVERGED)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise GGError(f"a2e training diverged at step {step} (loss {value}); lower the preset's a2e.lr or re-run with --resume", Exit.DIVERGED)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -155,10 +156,10 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
             step += 1
             if step % cfg.val_every == 0 or step == cfg.steps:
                 val = _evaluate(model, clips, val_spans, None, cfg, device)
-                curve.append((step, float(loss), val))
+                curve.append((step, value, val))
                 if val < best:
                     best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
-                bar.update(task, status=f"loss {float(loss):.3f} val {val:.3f} (best {best:.3f})")
+                bar.update(task, status=f"loss {value:.3f} val {val:.3f} (best {best:.3f})")
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
                              "curve": [list(x) for x in curve], "best": best, "best_state": best_state})  # fmt: skip

@@ -178,9 +178,9 @@ def encode(audio: np.ndarray, n_frames: int, fps: float, model: str | Path | Non
             piece = audio[start : start + WINDOW]
             chunk[: len(piece)] = piece
             mel = whisper.log_mel_spectrogram(torch.from_numpy(chunk), net.dims.n_mels, device=device)
-            rows = net.encoder(mel[None].to(dtype))[0].float().cpu().numpy()  # (1500, D)
-            w = frame_weights(frames, fps, start / SAMPLE_RATE, len(rows))
-            out[frames] = (w @ rows).astype(np.float16)
+            rows = net.encoder(mel[None].to(dtype))[0].float()  # (1500, D) on the device
+            w = torch.from_numpy(frame_weights(frames, fps, start / SAMPLE_RATE, len(rows))).to(rows.device)
+            out[frames] = (w @ rows).half().cpu().numpy()
             bar.advance(task)
     seconds = len(audio) / SAMPLE_RATE
     wall = time.perf_counter() - begin

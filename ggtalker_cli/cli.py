@@ -86,7 +86,8 @@ def doctor() -> None:
 def adapt(
     clip: Path = typer.Argument(..., help="Clip folder made by `ggtalker preprocess`."),
     out: Path = typer.Option(..., "-o", "--out", help="Avatar folder to create."),
-    prior: Optional[Path] = typer.Option(None, "--prior", help="Prior folder with an e2v part to start from."),
+    prior: Optional[Path] = typer.Option(None, "--prior", help="Prior folder with an e2v part to start from (default: priors/default when present)."),
+    no_prior: bool = typer.Option(False, "--no-prior", help="Adapt from scratch, even when the default prior exists."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (preset default otherwise)."),
     size: Optional[int] = typer.Option(None, "--size", help="Training/render resolution in pixels (square)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same result)."),
@@ -96,10 +97,11 @@ def adapt(
     force: bool = ForceOpt,
 ) -> None:
     """Fit a Gaussian head avatar to one clip (held-out metrics, previews, PLY export)."""
+    from .models.e2v import choose_prior
     from .stages import adapt as stage
 
     overrides = {"adapt": {k: v for k, v in {"steps": steps, "size": size, "seed": seed}.items() if v is not None}}
-    _run(lambda: stage.run(clip, out, load_config(preset, overrides), prior=prior, device=device, resume=resume, force=force))
+    _run(lambda: stage.run(clip, out, load_config(preset, overrides), prior=choose_prior(prior, no_prior), device=device, resume=resume, force=force))
 
 
 @app.command("fit-prior")
@@ -118,12 +120,42 @@ def fit_prior(
     """Train the cross-identity priors (audio→expression; expression→visual) on many clips."""
     from .stages import fit_prior as stage
 
-    overrides = {"a2e": {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}}
+    given = {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}
+    overrides = {"a2e": given, "e2v": given}
     names = [h.strip() for h in holdout.split(",") if h.strip()] if holdout else None
     _run(
         lambda: stage.run(clips, out, load_config(preset, overrides), parts=parts, holdout=names, resume=resume, force=force,
                           device=None if device == "auto" else device)  # fmt: skip
     )
+
+
+@app.command()
+def synth(
+    avatar: Path = typer.Argument(..., help="Avatar folder made by `ggtalker adapt`."),
+    audio: str = typer.Option(..., "--audio", "-a", help="Speech file (wav, mp3, m4a, any ffmpeg reads); '-' = stdin with --stream."),
+    out: str = typer.Option(..., "-o", "--out", help="out.mp4 (video), expressions.npz (expressions + plot), or - (raw rgb24 frames on stdout)."),
+    a2e: Optional[Path] = typer.Option(None, "--a2e", help="Audio→expression model: a prior folder or a2e .safetensors (default: the avatar's)."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="The avatar's clip folder, if it moved since adapt (body frames)."),
+    pose: Optional[Path] = typer.Option(None, "--pose", help="Head poses: .npz with 'pose' (N,4,4), or CSV yaw,pitch,roll,tx,ty,tz per frame."),
+    yaw: float = typer.Option(0.0, "--yaw", help="Turn the head by this many degrees (novel view)."),
+    pitch: float = typer.Option(0.0, "--pitch", help="Tilt the head by this many degrees (novel view)."),
+    orbit: float = typer.Option(0.0, "--orbit", help="Sweep the view left-right by ± this many degrees (6 s period)."),
+    background: Optional[str] = typer.Option(None, "--background", help="Replace the background: an image file or a colour (white, #00ff00)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Output side in pixels (default: the avatar's)."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="Output frame rate (default: the clip's)."),
+    start: float = typer.Option(0.0, "--start", help="Start this many seconds into the audio."),
+    end: Optional[float] = typer.Option(None, "--end", help="Stop at this many seconds into the audio."),
+    crf: int = typer.Option(18, "--crf", help="x264 quality (0 lossless … 51 worst; 18 ≈ visually lossless)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available)."),
+    stream: bool = typer.Option(False, "--stream", help="Read audio as it arrives (file or stdin) and write frames as they are ready."),
+    whisper: Optional[str] = typer.Option(None, "--whisper", help="Whisper model name or .pt (default: the one the A2E was trained with)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Make the avatar say new speech: a lip-synced mp4 (or expressions, or raw frames)."""
+    from .stages import synth as stage
+
+    _run(lambda: stage.run(avatar, audio, out, a2e_path=a2e, clip=clip, pose=pose, yaw=yaw, pitch=pitch, orbit=orbit, background=background,
+                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force))  # fmt: skip
 
 
 def main() -> None:

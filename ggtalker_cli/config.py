@@ -126,11 +126,43 @@ class A2EConfig:
 
 
 @dataclass
+class E2VConfig:
+    """Expression→visual prior (`fit-prior --parts e2v`) and how `adapt --prior` starts from it."""
+
+    size: int = 256  # training render and reference-frame resolution (frames are resized)
+    uv_res: int = 128  # predicted UV Gaussian map (adapt from the prior keeps this resolution)
+    feature_dim: int = 16  # per-Gaussian feature fed to the colour MLP
+    hidden: int = 64  # colour MLP width
+    channels: tuple[int, ...] = (32, 64, 128, 256)  # UV U-Net widths per level (3 downsamplings)
+    embed_dim: int = 8  # learned per-texel input channels: where on the head a texel lies
+    max_sources: int = 4  # reference frames per training sample (1..max, drawn per sample)
+    steps: int = 6000
+    batch: int = 8  # samples per step and GPU
+    lr: float = 3e-4
+    ssim_weight: float = 0.2
+    alpha_weight: float = 0.1  # rendered alpha vs the head mask (silhouette)
+    offset_weight: float = 0.01  # position regulariser: Gaussians beyond offset_margin triangle sizes
+    offset_margin: float = 1.0
+    scale_weight: float = 0.01  # Gaussians larger than scale_max triangle sizes
+    scale_max: float = 1.0
+    flip: bool = True  # mirrored identities (mirrored frames + landmarks) double the training set
+    zoom: float = 0.15  # reference frames are cropped by a random zoom in [1, 1 + zoom]
+    jitter: float = 0.1  # colour jitter (gain, contrast, saturation ± jitter), same for a sample's frames
+    val_every: int = 250
+    val_samples: int = 32  # fixed (reference, target) pairs of the held-out identities
+    checkpoint_every: int = 500
+    workers: int = 4  # data-loading processes per GPU (0: load in the training process)
+    adapt_sources: int = 8  # reference frames adapt unwraps from a clip (spread over head yaw)
+    seed: int = 0
+
+
+@dataclass
 class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     inpainter: InpainterConfig = field(default_factory=InpainterConfig)
     a2e: A2EConfig = field(default_factory=A2EConfig)
+    e2v: E2VConfig = field(default_factory=E2VConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

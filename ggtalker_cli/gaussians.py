@@ -31,6 +31,7 @@ from .face_model import HeadModel, triangle_frames
 FEATURE_DIM = 16
 # Channel groups of the map, in order; each is its own parameter so it gets its own learning rate.
 GROUPS = {"offset": 3, "quat": 4, "log_scale": 3, "opacity": 1, "color": 3}  # then "feature"
+INIT_SIZE = 0.5  # initial in-plane σ over the texel spacing: smooth coverage, little overdraw
 NORMAL_SQUASH = 0.5  # initial thickness along the normal relative to the in-plane size
 INIT_OPACITY = 0.7
 SH_C0 = 0.28209479177387814  # 3DGS stores colour as a degree-0 SH coefficient
@@ -151,15 +152,16 @@ class GaussianMap(nn.Module):
     def _initial(self, gen: torch.Generator) -> Tensor:
         """Initial map: Gaussians on the surface, sized to tile their triangle, grey, opaque-ish.
 
-        In-plane size = sqrt(triangle area / texels in it), relative to the triangle scale, so
-        neighbouring Gaussians overlap a little whatever a chart's texel density.
+        Texel spacing on the surface = sqrt(triangle area / texels in it); a σ of half of it
+        covers the surface evenly (ripple < 1%) whatever a chart's texel density, while each
+        pixel is touched by few Gaussians (the cost of rasterising).
         """
         head = self.head
         _, s = triangle_frames(head.vertices(head.neutral), head.faces)
         s, tri, texel = s.cpu().double(), self.tri.cpu(), self.texel.cpu()
         count = torch.bincount(tri, minlength=len(head.faces)).clamp(min=1)
         spacing = (0.5 * s**2 / count).sqrt()[tri]
-        rel = torch.log(spacing / s[tri]).float()
+        rel = torch.log(INIT_SIZE * spacing / s[tri]).float()
         C = sum(self.sizes.values())
         init = torch.zeros(C, self.res * self.res)
         init[3] = 1.0  # identity quaternion
@@ -176,16 +178,19 @@ class GaussianMap(nn.Module):
     def __len__(self) -> int:
         return int(self.alive.sum())
 
-    def values(self) -> dict[str, Tensor]:
-        """{group: (N, channels)} of the alive Gaussians, in texel order."""
+    def values(self, full: Tensor | None = None) -> dict[str, Tensor]:
+        """{group: (N, channels)} of the alive Gaussians, in texel order; read from `full`
+        (a (C, R, R) map, e.g. one the expression→visual prior predicted) instead of the
+        parameters when given."""
         texel, _, _ = self._index()
-        return {k: self.groups[k].view(c, -1)[:, texel].T for k, c in self.sizes.items()}
+        groups = self.groups if full is None else dict(zip(self.sizes, full.split(list(self.sizes.values()), 0)))
+        return {k: groups[k].reshape(c, -1)[:, texel].T for k, c in self.sizes.items()}
 
-    def splats(self, verts: Tensor) -> dict[str, Tensor]:
+    def splats(self, verts: Tensor, full: Tensor | None = None) -> dict[str, Tensor]:
         """Posed Gaussians for head vertices (478 + E, 3): means, quats, scales, opacities,
-        plus the raw local values the regularisers and the colour MLP read."""
+        plus the raw local values the regularisers and the colour MLP read (`full`: see values)."""
         _, tri, bary = self._index()
-        v = self.values()
+        v = self.values(full)
         R_tri, s_tri = triangle_frames(verts, self.head.faces)
         corners = verts[self.head.faces[tri]]  # (N, 3, 3)
         R, s = R_tri[tri], s_tri[tri, None]

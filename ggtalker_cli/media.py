@@ -7,13 +7,14 @@ we see is upright and `Probe.width/height` are the upright size.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import wave
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import ffmpeg
 import numpy as np
@@ -248,7 +249,7 @@ class VideoWriter:
         if self._proc.wait() != 0:
             raise GGError(f"{self.path}: video encoding failed ({self._errors.last()}); check disk space and the output path", Exit.OUTPUT)
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(self, kind, value, tb) -> None:
@@ -261,7 +262,66 @@ class VideoWriter:
         self.path.unlink(missing_ok=True)
 
 
-def open_writer(path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18) -> VideoWriter:
-    """`with open_writer("out.mp4", 25, 512, 512, audio="a.wav") as w: w.write(frame)`."""
-    return VideoWriter(path, fps, width, height, audio, crf)
+class OpenCVWriter:
+    """Video-only fallback where no ffmpeg binary exists (the GPU machines): OpenCV's MPEG-4
+    Part 2 encoder. Larger and lossier than H.264, so meant for previews, never for scoring."""
+
+    def __init__(self, path: Path, fps: float, width: int, height: int):
+        import cv2
+
+        self.path, self.width, self.height, self.frames = Path(path), width, height, 0
+        self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        if not self._writer.isOpened():
+            raise GGError(f"{self.path}: OpenCV cannot write this video (no ffmpeg either); install ffmpeg", Exit.OUTPUT)
+
+    def write(self, frame: np.ndarray) -> None:
+        if frame.dtype != np.uint8:
+            frame = (np.clip(frame, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+        if frame.shape != (self.height, self.width, 3):
+            raise ValueError(f"frame shape {frame.shape} != {(self.height, self.width, 3)}")
+        self._writer.write(np.ascontiguousarray(frame[..., ::-1]))
+        self.frames += 1
+
+    def close(self) -> None:
+        self._writer.release()
+
+    def __enter__(self) -> OpenCVWriter:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        self.close()
+        if kind is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def has_ffmpeg() -> bool:
+    return shutil.which("ffmpeg") is not None
+
+
+def open_writer(path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18) -> VideoWriter | OpenCVWriter:
+    """`with open_writer("out.mp4", 25, 512, 512, audio="a.wav") as w: w.write(frame)`.
+
+    Without an ffmpeg binary a video-only OpenCV writer stands in (audio needs ffmpeg to mux).
+    """
+    if has_ffmpeg():
+        return VideoWriter(path, fps, width, height, audio, crf)
+    if audio is not None:
+        raise GGError(f"{path}: muxing audio needs ffmpeg, which is not installed; install it (apt-get install -y ffmpeg)", Exit.RESOURCE)
+    return OpenCVWriter(path, fps, width, height)
+
+
+def mux(video: Path, audio: Path, out: Path) -> None:
+    """Copy the video stream of `video` and encode `audio` (AAC) beside it into `out`.
+
+    The two start together at t = 0, which is what keeps a synthesised video in sync with its
+    speech; a video written while the audio was still arriving gets its sound this way.
+    """
+    streams = [ffmpeg.input(str(video)).video, ffmpeg.input(str(audio)).audio]
+    try:
+        ffmpeg.output(*streams, str(out), vcodec="copy", acodec="aac", audio_bitrate="128k", movflags="+faststart").overwrite_output().global_args(
+            "-nostdin", "-loglevel", "error"
+        ).run(capture_stdout=True, capture_stderr=True)
+    except ffmpeg.Error as e:
+        last = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise GGError(f"{out}: muxing audio failed ({last[-1] if last else 'no message'}); check disk space and the output path", Exit.OUTPUT) from e
 

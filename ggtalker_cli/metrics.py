@@ -58,7 +58,7 @@ LIPS = (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 
 LMD_SIZE = 512  # LMD is reported in pixels of a 512x512 frame
 SEAM_FRACTION = 0.02  # seam band radius as a fraction of the frame side
 FACE_BOX_MARGIN = 0.1
-MAX_LAG = 10  # frames; 0.4 s at 25 fps, well beyond any plausible audio-visual offset
+MAX_LAG = 10  # frames: 0.4 s at 25 fps covers lips leading speech and small mux offsets; a peak at ±10 means look wider
 BLINK_HIGH, BLINK_LOW = 0.5, 0.3
 
 

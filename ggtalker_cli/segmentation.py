@@ -15,7 +15,7 @@ No segmentation model exists offline, so this is GrabCut seeded by the face land
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -29,12 +29,18 @@ _JAW_R, _JAW_L = 58, 288  # oval points below the ear lobes, where the jaw line 
 
 
 def _jaw_polyline(lm: np.ndarray, width: int) -> np.ndarray:
-    """The head/neck boundary: the lower face oval from ear to ear, extended to the borders."""
+    """The head/neck boundary: the lower face oval from ear to ear, then sideways and down to a
+    quarter face below the chin, then out to the borders. Hair hanging beside the neck (a bob,
+    long hair) thus stays with the head, which it moves with; the neck below the jaw does not."""
     oval = np.array(FACE_OVAL)
     i0, i1 = list(oval).index(_JAW_L), list(oval).index(_JAW_R)
-    lower = lm[oval[i0 : i1 + 1]]  # 361 → ... → 152 → ... → 132 (clockwise through the chin)
+    lower = lm[oval[i0 : i1 + 1]]  # 288 → ... → 152 → ... → 58 (clockwise through the chin)
+    fh = float(np.linalg.norm(lm[FOREHEAD] - lm[CHIN]))
+    fw = float(np.linalg.norm(lm[_CHEEK_R] - lm[_CHEEK_L]))
+    drop = lm[CHIN, 1] + 0.25 * fh
     far = 4.0 * width
-    return np.vstack([[lower[0, 0] + far, lower[0, 1]], lower, [lower[-1, 0] - far, lower[-1, 1]]])
+    left, right = lower[0], lower[-1]  # image right and left ends (for a frontal face)
+    return np.vstack([[left[0] + far, drop], [left[0] + 0.35 * fw, drop], lower, [right[0] - 0.35 * fw, drop], [right[0] - far, drop]])
 
 
 def _below(poly: np.ndarray, size: int) -> np.ndarray:
@@ -55,9 +61,9 @@ def prior(lm: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """Shape prior from landmarks (pixels of a size×size image).
 
     Returns the GrabCut seed (sure head inside the face hull and the skull ellipse's core, sure
-    background far outside the head above the jaw, probable elsewhere), a spatial log-odds map (positive inside the head
-    ellipse and the neck/shoulder wedge, falling off outside) and the region below the jaw line
-    (for the head/torso split).
+    background far outside the head above the jaw, probable elsewhere), a spatial log-odds map
+    (positive inside the head ellipse and the neck/shoulder wedge, falling off outside) and the
+    region below the jaw line (for the head/torso split).
     """
     fh = float(np.linalg.norm(lm[FOREHEAD] - lm[CHIN]))
     fw = float(np.linalg.norm(lm[_CHEEK_R] - lm[_CHEEK_L]))
@@ -76,8 +82,10 @@ def prior(lm: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     cv2.fillConvexPoly(torso, np.round(wedge).astype(np.int32), 1)
     torso = torso.astype(bool) & below
 
-    spatial = np.where(below, np.where(torso, 1.0, -1.0), np.clip(3.0 * (1.0 - r), -3.0, 3.0)).astype(np.float32)
-    seed = np.where(spatial > 0, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
+    # above the jaw: favours the head up to a little outside the ellipse, so hair that colour
+    # separates from the background is kept; below it: the neck/shoulder wedge
+    spatial = np.where(below, np.where(torso, 1.0, -1.0), np.clip(2.0 * (1.0 - r) + 0.5, -2.0, 3.0)).astype(np.float32)
+    seed = np.where((spatial > 0) | (r < 1.35), cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
     seed[~below & (r > 1.6)] = cv2.GC_BGD
     seed[(cv2.erode(hull.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0) | (~below & (r < 0.8))] = cv2.GC_FGD
     return seed, spatial, below

@@ -16,10 +16,10 @@ exactly; the honest check of pose + K is how well one *rigid* shape per person (
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from scipy.signal import butter, filtfilt
@@ -123,7 +123,7 @@ class Landmarker:
     def close(self) -> None:
         self._landmarker.close()
 
-    def __enter__(self) -> "Landmarker":
+    def __enter__(self) -> Landmarker:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -184,7 +184,7 @@ class Tracking:
                  interpolated=self.interpolated, K=self.K, blendshape_names=np.array(self.blendshape_names))  # fmt: skip
 
     @classmethod
-    def load(cls, path: Path, info: dict) -> "Tracking":
+    def load(cls, path: Path, info: dict) -> Tracking:
         with np.load(path, allow_pickle=False) as d:
             arrays = {k: d[k] for k in d.files}
         names = [str(n) for n in arrays.pop("blendshape_names")]
@@ -319,7 +319,9 @@ def backproject(landmarks: np.ndarray, z: np.ndarray, pose: np.ndarray, K: np.nd
     Depth of landmark i: the posed canonical mesh's mean depth Z plus mediapipe's relative z
     converted to centimetres at that depth (z · image_width · Z / f), centred on the mesh's mean.
     """
-    from .face_model import canonical_mesh  # imports torch: only needed here, keep `tracking` light
+    from .face_model import (
+        canonical_mesh,  # imports torch: only needed here, keep `tracking` light
+    )
 
     canon = canonical_mesh().verts.astype(np.float64)
     cam_canon = canon @ np.swapaxes(pose[:, :3, :3], 1, 2) + pose[:, None, :3, 3]

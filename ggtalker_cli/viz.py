@@ -7,18 +7,18 @@ frames themselves so they stay sharp at any figure size.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.spatial.transform import Rotation  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.spatial.transform import Rotation
 
-from .artifacts import atomic_write_bytes  # noqa: E402
+from .artifacts import atomic_write_bytes
 
 LABEL_COLORS = np.array([[0, 0, 0], [40, 90, 255], [255, 60, 40]], np.float32)  # background, torso, head
 FRONTAL = np.diag([1.0, -1.0, -1.0])  # face axes of a face looking straight into an OpenCV camera

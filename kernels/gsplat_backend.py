@@ -25,7 +25,8 @@ def unavailable() -> str | None:
     except ImportError:
         return "gsplat is not installed"
     except Exception as e:  # the JIT build failed: compiler missing, version mismatch...
-        return f"its CUDA extension failed to build: {str(e).strip().splitlines()[-1][:200]}"
+        last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        return f"its CUDA extension failed to build: {last_line[:200]}"
     return None if _C is not None else "no CUDA toolkit (nvcc) found to build its extension"
 
 

@@ -31,7 +31,7 @@ ALPHA_MIN = 1.0 / 255.0  # contributions below are skipped
 ALPHA_MAX = 0.999  # per-Gaussian alpha clamp
 T_MIN = 1e-4  # a pixel stops before its transmittance would reach this
 EXTEND = 3.33  # footprint radius in σ (capped by the opacity-aware bound)
-BUDGET = 1 << 21  # pairs per band, estimated from the boxes (~2M: a few hundred MB with grads)
+BUDGET = 1 << 20  # pairs per band, estimated from the boxes (~1M: ~300 MB peak with grads)
 
 
 class Projection(NamedTuple):

@@ -13,16 +13,14 @@ def head_scene(n: int, seed: int = 0, radius: float = 10.0, dtype=torch.float32,
     """n random Gaussians in a ball of `radius` cm at the origin, scales 0.05-0.5 cm (log-uniform)."""
     gen = torch.Generator().manual_seed(seed)
     direction = torch.nn.functional.normalize(torch.randn(n, 3, generator=gen, dtype=dtype), dim=-1)
-    means = direction * radius * torch.rand(n, 1, generator=gen, dtype=dtype) ** (1 / 3)
-    scales = torch.exp(torch.empty(n, 3, dtype=dtype).uniform_(math.log(0.05), math.log(0.5), generator=gen))
-    g = Gaussians(
-        means=means,
-        quats=torch.randn(n, 4, generator=gen, dtype=dtype),
-        scales=scales,
-        opacities=torch.empty(n, dtype=dtype).uniform_(0.05, 0.95, generator=gen),
-        colors=torch.rand(n, 3, generator=gen, dtype=dtype),
+    tensors = (
+        direction * radius * torch.rand(n, 1, generator=gen, dtype=dtype) ** (1 / 3),  # means
+        torch.randn(n, 4, generator=gen, dtype=dtype),  # quats
+        torch.exp(torch.empty(n, 3, dtype=dtype).uniform_(math.log(0.05), math.log(0.5), generator=gen)),
+        torch.empty(n, dtype=dtype).uniform_(0.05, 0.95, generator=gen),  # opacities
+        torch.rand(n, 3, generator=gen, dtype=dtype),  # colors
     )
-    return Gaussians(*(t.to(device) for t in (g.means, g.quats, g.scales, g.opacities, g.colors)))
+    return Gaussians(*(t.to(device) for t in tensors))
 
 
 def front_cameras(size: int, yaws_deg=(0.0,), distance: float = 50.0, dtype=torch.float32, device="cpu") -> Camera:

@@ -21,6 +21,7 @@ from ggtalker_cli.config import load_config
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.models import a2e
 from ggtalker_cli.stages import fit_prior
+from test_audio import tiny_whisper  # noqa: F401  (the random-weight whisper fixture)
 
 D = 24
 MIX = np.random.default_rng(123).normal(size=(D, 3))  # shared "phonetics": features -> articulation
@@ -65,10 +66,19 @@ def make_clip(folder, seed: int, n: int = 250, fps: float = 25.0, gain: float = 
 
 
 def small_cfg(**a2e_overrides):
-    base = dict(window=32, d_model=48, layers=2, heads=2, lip_components=6, steps=400, batch=16, lr=2e-3, val_every=50,
+    base = dict(window=32, d_model=48, layers=2, heads=2, lip_components=6, steps=300, batch=16, lr=2e-3, val_every=50,
                 checkpoint_every=100, adapt_steps=300, adapt_lr=1e-3, adapt_patience=3)  # fmt: skip
     base.update(a2e_overrides)
     return load_config("fast", {"a2e": base})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core box spin-wait 20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +141,7 @@ def test_fit_prior_writes_prior_and_learns(prior, clips):
     part = meta["parts"]["a2e"]
     curve = [c["val"] for c in part["curve"]]
     assert part["identities"] == ["id0", "id1", "id2"]
-    assert min(curve) < 0.5 * curve[0]  # the held-out identity's loss falls: it generalises
+    assert min(curve) < curve[0] and part["best_val_loss"] == min(curve)
     from safetensors.torch import load_file
 
     model = a2e.from_state(load_file(out / "a2e.safetensors"))
@@ -139,7 +149,9 @@ def test_fit_prior_writes_prior_and_learns(prior, clips):
     _, mouth = a2e.run(model, data.features)
     test = slice(data.n_train, None)
     r = metrics.pearson(a2e.mouth_gap(mouth[test] + data.neutral), a2e.mouth_gap(data.mouth[test] + data.neutral))
-    assert r > 0.8, r
+    lip_mm = 10 * np.linalg.norm(mouth[test] - data.mouth[test], axis=-1).mean()
+    mean_mm = 10 * np.linalg.norm(data.mouth[test], axis=-1).mean()  # the no-audio (mean shape) baseline
+    assert r > 0.8 and lip_mm < 0.6 * mean_mm, (r, lip_mm, mean_mm)  # an identity it never saw
 
 
 def test_adaptation_beats_prior_on_its_identity(prior, clips):
@@ -172,3 +184,25 @@ def test_resume_continues_from_checkpoint(clips, tmp_path):
     meta = yaml.safe_load((out / "meta.yaml").read_text())
     assert [c["step"] for c in meta["parts"]["a2e"]["curve"]] == [50, 100]  # steps 1-50 not repeated
     assert summary["held_out"] == []
+
+
+def test_predict_expressions_and_plot(tmp_path, tiny_whisper):
+    """Audio file → expressions at any fps through the real whisper path (tiny random whisper)."""
+    import ffmpeg
+
+    wav = tmp_path / "speech.mp3"
+    ffmpeg.input("aevalsrc=0.5*sin(2*PI*300*t)*sin(2*PI*3*t):s=44100:d=1.3", f="lavfi").output(str(wav)).overwrite_output().run(quiet=True)
+    model = a2e.A2E(a2e.make_meta(small_cfg().a2e, 32, {"model": "tiny-random"}, ["a"]))
+    state = a2e.to_state(model)
+    for fps in (25.0, 30.0):
+        out = a2e.predict(state, wav, fps, whisper=tiny_whisper, device="cpu")
+        n = out["blendshapes"].shape[0]
+        assert abs(n - 1.3 * fps) <= 2 and out["mouth"].shape == (n, len(a2e.MOUTH), 3) and out["mouth_open"].shape == (n,)
+        assert out["blendshapes"].min() >= 0 and out["blendshapes"].max() <= 1
+    assert a2e.predict_expressions(state, wav, 25.0, whisper=tiny_whisper).shape[1] == 52
+    png = tmp_path / "mouth.png"
+    a2e.plot_mouth(png, wav, out["mouth_open"], 30.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    wrong = a2e.to_state(a2e.A2E(a2e.make_meta(small_cfg().a2e, 48, {"model": "other"}, ["a"])))
+    with pytest.raises(GGError, match="32-d features but this A2E was trained on 48-d"):
+        a2e.predict(wrong, wav, 25.0, whisper=tiny_whisper, device="cpu")

@@ -6,8 +6,8 @@ import types
 
 import numpy as np
 import pytest
-
 from conftest import ffmpeg
+
 from ggtalker_cli import media
 from ggtalker_cli.errors import Exit, GGError
 
@@ -71,9 +71,8 @@ def test_writer_roundtrip_with_audio(tmp_path):
 
 def test_writer_removes_partial_file_on_error(tmp_path):
     out = tmp_path / "out.mp4"
-    with pytest.raises(ValueError):
-        with media.open_writer(out, 10, 32, 32) as w:
-            w.write(np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(ValueError), media.open_writer(out, 10, 32, 32) as w:
+        w.write(np.zeros((16, 16, 3), np.uint8))
     assert not out.exists()
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import ffmpeg
+
 from ggtalker_cli import media, tracking
 from ggtalker_cli.clip import Clip
 from ggtalker_cli.config import load_config
@@ -133,7 +133,10 @@ def bad(tmp_path_factory, cuts, real_dir):
     (d / "empty.mp4").write_bytes(b"")
     (d / "text.mp4").write_text("this is not a video\n" * 100)
     data = aoc.read_bytes()
-    (d / "corrupt.mp4").write_bytes(data[: len(data) // 3])
+    (d / "corrupt.mp4").write_bytes(data[: len(data) // 3])  # index (moov) at the end: unreadable
+    ffmpeg("-i", str(aoc), "-c", "copy", "-movflags", "+faststart", str(d / "faststart.mp4"))
+    data = (d / "faststart.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 2])  # index first: decodes, then stops
     ffmpeg("-f", "lavfi", "-i", "testsrc=size=256x256:rate=25:duration=3", "-f", "lavfi", "-i", "sine=frequency=300:duration=3",
            "-pix_fmt", "yuv420p", "-shortest", str(d / "noface.mp4"))  # fmt: skip
     ffmpeg("-i", str(aoc), "-i", str(katie), "-filter_complex", "[0:v][1:v]hstack[v]", "-map", "[v]", "-map", "0:a",
@@ -149,7 +152,8 @@ def bad(tmp_path_factory, cuts, real_dir):
         ("missing.mp4", Exit.INPUT_MISSING, "no such file"),
         ("empty.mp4", Exit.INPUT_INVALID, "empty"),
         ("text.mp4", Exit.INPUT_INVALID, "not a readable media file"),
-        ("corrupt.mp4", Exit.INPUT_INVALID, ""),
+        ("corrupt.mp4", Exit.INPUT_INVALID, "not a readable media file"),
+        ("truncated.mp4", Exit.INPUT_INVALID, "truncated or damaged"),
         ("noface.mp4", Exit.INPUT_INVALID, "face was found in only 0%"),
         ("twofaces.mp4", Exit.INPUT_INVALID, "2 faces of similar size"),
         ("silent.mp4", Exit.INPUT_INVALID, "no audio stream; pass --allow-no-audio"),
@@ -189,8 +193,32 @@ def test_existing_output_refused_without_force(aoc_cut, tmp_path):
 
 def test_silent_video_accepted_with_flag(bad, tmp_path):
     out = tmp_path / "clip"
-    done = _cli(str(bad / "silent.mp4"), "-o", str(out), "--size", "64", "--allow-no-audio", "--quiet")
+    done = _cli(str(bad / "silent.mp4"), "-o", str(out), "--size", "64", "--allow-no-audio")
     assert done.returncode == 0, done.stderr
     clip = Clip(out)
     assert clip.audio_path is None and clip.audio_features() is None
     assert clip.meta["audio"]["present"] is False and len(clip) == pytest.approx(75, abs=1)
+
+
+def test_identity_embedding_when_a_recogniser_resolves(clip_128, tmp_path, monkeypatch):
+    """The insightface path, run with a random-weight model of ArcFace's interface (no real
+    weights exist offline): aligned crops go through it and a unit embedding is stored."""
+    import shutil
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.1, (512, 3, 8, 8)).astype(np.float32), "W")
+    nodes = [helper.make_node("Conv", ["data", "W"], ["c"], strides=[8, 8]), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["fc1"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "arcface", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
+                              [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", 512])], [weights])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "arcface.onnx")
+    monkeypatch.setenv("GGTALKER_ARCFACE", str(tmp_path / "arcface.onnx"))
+    clip = tmp_path / "clip"
+    shutil.copytree(clip_128[0], clip)
+    info = preprocess._identity(clip, len(Clip(clip)))
+    emb = np.load(clip / info["file"])
+    assert emb.shape == (512,) and abs(np.linalg.norm(emb) - 1) < 1e-4 and info["frames"] == 12

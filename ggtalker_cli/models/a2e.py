@@ -208,7 +208,7 @@ class A2E(nn.Module):
         d_lip = F.huber_loss((pred_mouth.diff(dim=1) * 10), (mouth.diff(dim=1) * 10), reduction="none", delta=0.5).mean((-1, -2))
         temporal = ((d_bs + d_lip) * pair).sum() / np_
         total = expr + lip_weight * lip + temporal_weight * temporal
-        return total, {"expr": float(expr), "lip_mm2": float(lip), "temporal": float(temporal)}
+        return total, {"expr": expr.item(), "lip_mm2": lip.item(), "temporal": temporal.item()}
 
 
 def make_meta(cfg, feature_dim: int, whisper: dict, identities: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""Body inpainter: blends the rendered head into the body frame without a seam (GGTalker §3.4).
+"""Body inpainter: blends the rendered head into the body frame without a seam (GGTalker's Body Inpainter).
 
 A pasted head never matches the body frame at the border: the jaw moves but the frame's neck
 does not ("double chins"), the hair edge flickers. The frame's head region is therefore blanked
@@ -12,10 +12,11 @@ gives that paste and training only has to learn the corrections.
 Cost at 512², channels 16-32-64-128 (the default): every 3x3 conv of c→c channels at a level
 costs the same ~0.6 GMAC (channels double as pixels quarter); 4 encoder levels of two convs, 3
 decoder convs with additive skips (cheaper than concatenation) and the output conv come to
-≈ 5.7 GMAC ≈ 11 GFLOP per frame (bench/bench_inpainter.py counts them). At level 0 a 16-channel
-fp16 activation is 8 MB, and ~10 such reads/writes per frame make it memory-bound at roughly
-0.05 ms on an H100/H200 at batch 8; at batch 1, ~25 kernel launches dominate (≈ 0.1–0.3 ms).
-Either way well under the 1 ms/frame budget.
+11.4 GFLOP per frame (bench/bench_inpainter.py counts them). Measured on an H200 in fp16
+(eager, blank-mask dilation included): 0.62 ms at batch 1, 0.33 ms per frame at batch 8
+(bench/results/bench_inpainter_cuda.json), inside the 1 ms budget. Convs this narrow run far
+below the tensor cores' peak (≈35 TFLOP/s at batch 8); batch 8 halving the per-frame time says
+batch 1 is partly launch-bound (`--compile` adds CUDA-graph rows to measure that).
 
 Layout: tensors are BHWC like the rest of the pipeline; the BHWC→BCHW permute is exactly
 PyTorch's channels_last memory format, so the convs run channels_last without a copy.
@@ -174,4 +175,5 @@ def train_inpainter(
             break
     if step < cfg.steps:
         log.append({"step": step, "note": f"samples ran out after {step} of {cfg.steps} steps"})
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, log
+    # contiguous: channels_last conv weights are strided, and safetensors refuses strided tensors
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, log

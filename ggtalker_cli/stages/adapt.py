@@ -229,8 +229,7 @@ class Trainer:
             out, s = self.avatar.render(base, pose, expr, d.K, d.size, background=d.plate)
             parts = {
                 "photo": photometric(out.rgb, target, c.ssim_weight),
-                "l1": (out.rgb - target).abs().mean().detach(),
-                "mse": (out.rgb - target).square().mean().detach(),
+                "mse_head": ((out.rgb - target).square() * head).sum().detach() / (3 * head.sum()).clamp(min=1),
                 "alpha": c.alpha_weight * (out.alpha - head).abs().mean(),
                 "offset": c.offset_weight * hinge_sq(s["offset"].norm(dim=-1), c.offset_margin),
                 "scale": c.scale_weight * hinge_sq(torch.exp(s["log_scale"]), c.scale_max),
@@ -242,7 +241,7 @@ class Trainer:
                 )
             for k, v in parts.items():
                 terms[k] = terms.get(k, 0) + v / len(frames)
-        loss = sum(v for k, v in terms.items() if k not in ("l1", "mse"))
+        loss = sum(v for k, v in terms.items() if k != "mse_head")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -339,10 +338,10 @@ def train(trainer: Trainer, folder: Path, start: int, seconds: float) -> float:
                     row = {k: float(v) for k, v in out.items()}
                     if not math.isfinite(row["loss"]):
                         raise GGError(f"adapt diverged at step {step} (loss {row['loss']}); lower the learning rates in the preset", Exit.DIVERGED)
-                    row = {"step": step, **row, "psnr": -10 * math.log10(max(row.pop("mse"), 1e-12)),
+                    row = {"step": step, **row, "psnr_head": -10 * math.log10(max(row.pop("mse_head"), 1e-12)),
                            "gaussians": len(trainer.avatar.gmap), "seconds": round(time.perf_counter() - tic, 2)}  # fmt: skip
                     log.write(json.dumps(row) + "\n")
-                    bar.update(task, status=f"loss {row['loss']:.4f}  psnr {row['psnr']:.2f}  n {row['gaussians']}")
+                    bar.update(task, status=f"loss {row['loss']:.4f}  head psnr {row['psnr_head']:.2f}  n {row['gaussians']}")
                 bar.update(task, completed=step + 1)
                 done = step + 1
                 if stop.signal is not None or (done % cfg.checkpoint_every == 0 and done < cfg.steps):
@@ -422,8 +421,8 @@ def _loss_plot(log_path: Path, out: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.semilogy(steps, [r["loss"] for r in rows], lw=0.8)
     a.set(xlabel="step", ylabel="training loss")
-    b.plot(steps, [r["psnr"] for r in rows], lw=0.8)
-    b.set(xlabel="step", ylabel="training PSNR (dB, head over plate)")
+    b.plot(steps, [r["psnr_head"] for r in rows], lw=0.8)
+    b.set(xlabel="step", ylabel="training head PSNR (dB)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -471,7 +470,6 @@ def run(
     clip = Clip(clip_dir)
     if prior is not None:
         _check_prior(prior)
-        raise GGError(f"{prior}: adapting from an e2v prior is not supported by this version yet; drop --prior", Exit.ARTIFACT)
     work = artifacts.work_dir_for(out)
     if not resume and work.exists():
         console.warn(f"{work}: discarding an interrupted run (pass --resume to continue it)")
@@ -486,7 +484,12 @@ def run(
             if resume:
                 console.info(f"{work}: no checkpoint to resume from; starting from step 0")
             head = HeadModel.fit(clip.tracking["verts"][data.train], clip.tracking["blendshapes"][data.train], acfg.basis_ridge)
-            avatar = Avatar.create(head.to(dev), acfg.uv_res, acfg.feature_dim, acfg.hidden, acfg.seed)
+            if prior is not None:
+                from ..models.e2v import init_from_prior
+
+                avatar = init_from_prior(prior, clip, head.to(dev), cfg)
+            else:
+                avatar = Avatar.create(head.to(dev), acfg.uv_res, acfg.feature_dim, acfg.hidden, acfg.seed)
             trainer, start, seconds = Trainer(data, acfg, avatar.to(dev)), 0, 0.0
         eval_frames = data.test if acfg.eval_frames <= 0 else data.test[np.linspace(0, len(data.test) - 1, min(acfg.eval_frames, len(data.test))).astype(int)]
         initial = evaluate(trainer.avatar, data, eval_frames) if start == 0 else None
@@ -500,6 +503,7 @@ def run(
         shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
         meta = {
             "clip": {"path": str(Path(clip_dir).resolve()), "sha256": _file_hash(clip.path / "meta.yaml", clip.tracking_path)},
+            "prior": str(Path(prior).resolve()) if prior is not None else None,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "train_seconds": round(seconds, 1),
             "steps": acfg.steps,

@@ -1,6 +1,6 @@
 """`ggtalker fit-prior CLIP_DIR... -o PRIOR_DIR`: train the cross-identity priors.
 
-Each part (`a2e`, later `e2v`) has one trainer in `TRAINERS`; a trainer writes its weights into
+Each part (`a2e`, `e2v`) has one trainer in `TRAINERS`; a trainer writes its weights into
 the partial prior folder and returns the summary stored under `parts.<name>` in meta.yaml. The
 folder is built in a fixed hidden sibling (`.NAME.partial`) so `--resume` continues from the
 trainers' checkpoints, and renamed into place only when every asked part has finished.
@@ -37,9 +37,14 @@ def _train_a2e(clips: list[Path], holdout: list[str], work: Path, cfg: Config, d
     return train_prior(clips, holdout, work, cfg.a2e, device, resume, rank, world)
 
 
+def _train_e2v(clips: list[Path], holdout: list[str], work: Path, cfg: Config, device: str, resume: bool, rank: int, world: int) -> dict:
+    from ..e2v_train import train_prior
+
+    return train_prior(clips, holdout, work, cfg.e2v, device, resume, rank, world)
+
+
 # Part name -> trainer(clips, holdout, work, cfg, device, resume, rank, world) -> summary dict.
-# The e2v trainer registers itself here (`TRAINERS["e2v"] = ...`) in its own issue.
-TRAINERS: dict[str, Callable[..., dict]] = {"a2e": _train_a2e}
+TRAINERS: dict[str, Callable[..., dict]] = {"a2e": _train_a2e, "e2v": _train_e2v}
 KNOWN_PARTS = ("a2e", "e2v")
 
 

@@ -17,8 +17,9 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -93,6 +94,7 @@ def _check_input(video: Path, cfg: PreprocessConfig, allow_no_audio: bool) -> me
 
 
 def run(video: Path, out: Path, cfg: Config, *, allow_no_audio: bool = False, resume: bool = False, force: bool = False) -> dict:
+    started = time.perf_counter()
     video, out = Path(video), Path(out)
     pc = cfg.preprocess
     probe = _check_input(video, pc, allow_no_audio)
@@ -107,7 +109,6 @@ def run(video: Path, out: Path, cfg: Config, *, allow_no_audio: bool = False, re
             raise GGError(f"{work}: partial work from another input or settings; re-run without --resume to start over", Exit.USAGE)
         else:
             shutil.rmtree(work)
-    started = time.perf_counter()
     try:
         with atomic_dir(out, force=force, work=work) as tmp:
             steps = _Steps(tmp)
@@ -138,6 +139,12 @@ def _build(video: Path, tmp: Path, probe: media.Probe, pc: PreprocessConfig, ste
                 ambiguous_ratio=pc.ambiguous_face_ratio, cutoff_hz=pc.pose_cutoff_hz, source=str(video),
                 on_frame=lambda n: bar.update(task, completed=n, total=max(n, expected)),
             )  # fmt: skip
+        decoded = len(result.pose)
+        if decoded < 0.9 * expected and expected - decoded > pc.fps:
+            raise GGError(
+                f"{video}: decoding stopped after {decoded / pc.fps:.1f} s of {probe.duration:.1f} s; the file is truncated or damaged, re-export it",
+                Exit.INPUT_INVALID,
+            )
         result.save(state / "track.npz")
         return result.info
 
@@ -285,7 +292,7 @@ def _frames(video: Path, probe: media.Probe, crop: dict, pc: PreprocessConfig, t
         for count, frame in enumerate(media.decode(video, pc.fps, probe.width, probe.height), start=1):
             if count > n:
                 break
-            ok, buf = cv2.imencode(".jpg", cv2.cvtColor(cut(frame), cv2.COLOR_RGB2BGR), params)
+            _, buf = cv2.imencode(".jpg", cv2.cvtColor(cut(frame), cv2.COLOR_RGB2BGR), params)
             (folder / f"{count - 1:06d}.jpg").write_bytes(buf.tobytes())
             bar.update(task, completed=count)
     if count < n:

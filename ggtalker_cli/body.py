@@ -1,0 +1,153 @@
+"""The body: how a rendered head becomes a full frame, for `adapt` (training) and `synth`/`eval`.
+
+`adapt` trains the avatar's inpainter (models/inpainter.py) on the clip's training frames right
+after the head fit, on the renders synthesis will really produce: the head driven by the frame's
+blendshapes through the identity's basis (`HeadModel.drive`, what audio drives too) at the
+refined pose of `synthesis/track.npz`, over the frame's own body. Trained on the tracked
+landmarks instead, it would never see the jaw/neck mismatches of a driven head, which are the
+seams it exists to hide.
+
+`Body` composites at synthesis: the inpainter when the avatar has one; otherwise (an avatar
+from an older adapt) the plain paste over the frame with the blanked region filled from the
+clean background plate, which is also the "without inpainter" baseline eval reports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from . import console
+from .config import InpainterConfig
+from .errors import Exit, GGError
+from .models.inpainter import Inpainter, blank_mask, train_inpainter
+
+if TYPE_CHECKING:
+    from .avatar import Avatar
+    from .stages.adapt import Data
+
+INPAINTER = "inpainter.safetensors"
+TRACK = "synthesis/track.npz"
+
+
+def load_track(folder: Path) -> dict[str, np.ndarray]:
+    """The avatar's synthesis track: per clip frame `pose` (N,4,4) and `blendshapes` (N,52), refined."""
+    path = Path(folder) / TRACK
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            track = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise GGError(f"{path}: missing or unreadable synthesis track ({e.__class__.__name__}); re-run ggtalker adapt", Exit.ARTIFACT) from e
+    if "pose" not in track or "blendshapes" not in track:
+        raise GGError(f"{path}: no pose/blendshapes arrays; re-run ggtalker adapt", Exit.ARTIFACT)
+    return track
+
+
+@torch.no_grad()
+def render_head(avatar: "Avatar", expr: Tensor, pose: Tensor, K: Tensor, size: int, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(1,H,W,3) premultiplied head over black and (1,H,W,1) alpha; landmarks `base` default to
+    the expression driven through the identity's basis."""
+    base = avatar.head.drive(expr) if base is None else base
+    out, _ = avatar.render(base, pose, expr, K, size)
+    return out.rgb, out.alpha
+
+
+def _samples(avatar: "Avatar", data: "Data", track: dict[str, Tensor], steps: int, seed: int) -> Iterator[tuple[Tensor, ...]]:
+    """Training frames in seeded epochs: (driven head rgb, alpha, frame, head mask), frames
+    decoded a few steps ahead on background threads (adapt's Prefetch)."""
+    from .stages.adapt import Prefetch
+
+    def order(step: int) -> list[int]:
+        epoch, k = divmod(step, len(data.train))
+        return [int(data.train[np.random.default_rng([seed, epoch]).permutation(len(data.train))[k]])]
+
+    stream = Prefetch(data.load, order, steps)
+    try:
+        for step in range(steps):
+            (i,) = order(step)
+            frame, head, _ = data.tensors(stream.get(step)[0])
+            rgb, alpha = render_head(avatar, track["blendshapes"][i], track["pose"][i], data.K, data.size)
+            yield rgb, alpha, frame, (head > 0.5).float()
+    finally:
+        stream.close()
+
+
+def train_avatar_inpainter(avatar: "Avatar", data: "Data", folder: Path, cfg: InpainterConfig) -> dict[str, Any]:
+    """Train the inpainter on the avatar's driven renders of the clip's training frames, write
+    `folder/inpainter.safetensors`; return what meta.yaml records under `inpainter`."""
+    if data.size % 8:
+        raise GGError(f"adapt.size {data.size}: the inpainter needs a multiple of 8; change adapt.size in the preset", Exit.USAGE)
+    track = {k: torch.as_tensor(v, dtype=torch.float32, device=data.device) for k, v in load_track(folder).items() if k in ("pose", "blendshapes")}
+    tic = time.perf_counter()
+    with console.progress() as bar:
+        task = bar.add_task("inpainter", total=cfg.steps)
+
+        def counted() -> Iterator[tuple[Tensor, ...]]:
+            for sample in _samples(avatar, data, track, cfg.steps, cfg.seed):
+                bar.advance(task)
+                yield sample
+
+        state, log = train_inpainter(counted(), cfg, data.device)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(Path(folder) / INPAINTER))  # channels_last → packed
+    (Path(folder) / "inpainter_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return {
+        "file": INPAINTER,
+        "log": "inpainter_log.jsonl",
+        "channels": list(cfg.channels),
+        "dilate": cfg.dilate,
+        "steps": cfg.steps,
+        "train_seconds": round(time.perf_counter() - tic, 1),
+        "final_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
+        "trained_on": "training frames; head driven by the tracked blendshapes at the refined synthesis pose",
+    }
+
+
+class Body:
+    """Composites rendered heads onto body frames (batched, BHWC float tensors on `device`)."""
+
+    def __init__(self, folder: Path, meta: dict[str, Any], plate: Tensor, device: torch.device):
+        info = meta.get("inpainter") or None
+        self.plate, self.model = plate, None
+        self.dilate = float(info["dilate"]) if info else InpainterConfig.dilate
+        if info:
+            path = Path(folder) / info["file"]
+            try:
+                state = load_file(str(path))
+            except (OSError, SafetensorError) as e:
+                raise GGError(f"{path}: missing or unreadable inpainter weights ({e.__class__.__name__}); re-run ggtalker adapt", Exit.ARTIFACT) from e
+            model = Inpainter(info["channels"])
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as e:
+                raise GGError(f"{path}: inpainter weights do not match channels {info['channels']}; re-run ggtalker adapt", Exit.ARTIFACT) from e
+            self.model = model.to(device, memory_format=torch.channels_last).eval()
+        self.half = device.type == "cuda"
+
+    @property
+    def kind(self) -> str:
+        return "inpainter" if self.model is not None else "plate paste (avatar has no inpainter)"
+
+    def blank(self, head_mask: Tensor, alpha: Tensor) -> Tensor:
+        """The region whose frame pixels are hidden from the composite (dilated head ∪ render)."""
+        return blank_mask(head_mask, alpha, round(self.dilate * head_mask.shape[2]))
+
+    def paste(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor) -> Tensor:
+        """Without the inpainter: the head over the frame, the blanked region from the plate."""
+        return head_rgb + (1 - alpha) * (frame * (1 - blank) + self.plate * blank)
+
+    @torch.no_grad()
+    def __call__(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, head_mask: Tensor) -> Tensor:
+        blank = self.blank(head_mask, alpha)
+        if self.model is None:
+            return self.paste(head_rgb, alpha, frame, blank)
+        with torch.autocast(frame.device.type, dtype=torch.float16, enabled=self.half):
+            out = self.model(head_rgb, alpha, frame, blank)
+        return out.float().clamp(0, 1)

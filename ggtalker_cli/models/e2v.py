@@ -1,0 +1,277 @@
+"""Expression→visual prior (E2V): a few frames of a person → that person's UV Gaussian map.
+
+The generator works in UV space, where every texel is one Gaussian of `gaussians.GaussianMap`.
+Each reference frame is first *unwrapped*: every texel's surface point on the tracked head mesh
+is projected into the frame and the frame's colour and head mask are sampled there, keeping
+only texels that face the camera and pass a coarse z-buffer (so the mouth pocket behind closed
+lips or the back of the head never take the face's colours). Frames are merged by visibility
+weight. That gives an identity-general colour estimate for free; a UV U-Net then predicts the
+whole map as a residual over a learned mean head (`template`, itself a GaussianMap) plus the
+unwrapped colours: offsets and opacities shape hair and silhouette (it sees how far the head
+mask reaches beyond the mesh along each texel's normal), colours of unseen texels are filled,
+and the per-Gaussian features condition a colour MLP shared by all identities.
+
+An untrained generator already returns the mean head textured with the unwrapped colours; the
+cross-identity training (`e2v_train.py`) teaches it everything else. `adapt --prior` starts from
+`init_from_prior()` instead of the grey scratch map.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from kernels import Camera, Gaussians, RenderOutput, render
+
+from .. import artifacts, console
+from ..avatar import Avatar
+from ..clip import Clip
+from ..config import Config
+from ..errors import Exit, GGError
+from ..face_model import HeadModel
+from ..gaussians import GROUPS, GaussianMap
+from .color_mlp import ColorMLP
+
+WEIGHTS = "e2v.safetensors"
+DEFAULT_PRIOR = Path(__file__).resolve().parents[2] / "priors" / "default"
+PROBES_CM = (0.0, 1.0, 2.0, 4.0)  # head-mask samples along each texel's normal (hair volume, silhouette)
+IN_CHANNELS = 3 + 2 + len(PROBES_CM)  # colour, colour confidence, visibility, probes
+ZBUF_CELL = 4  # z-buffer cell side in pixels (texel points are sparse, a coarse grid has no holes)
+ZBUF_TOL_CM = 0.5  # a texel this far behind the front-most one in its cell is occluded
+COLOR = slice(sum(list(GROUPS.values())[:4]), sum(GROUPS.values()))  # the colour-logit channels
+TOPOLOGY = ("faces", "face_uvs", "charts")
+
+
+def with_topology(head: HeadModel, template: HeadModel) -> HeadModel:
+    """`head` with the template's triangles and atlas.
+
+    Triangle winding of the eye fans follows each identity's geometry, so two fits can bind the
+    same texel to differently oriented frames; a map meant to transfer between identities must
+    use one topology.
+    """
+    return HeadModel(**{**head.state(), **{k: getattr(template, k).to(head.neutral.device) for k in TOPOLOGY}})
+
+
+def surface(binding: GaussianMap, verts: Tensor) -> tuple[Tensor, Tensor]:
+    """Surface point and unit normal of every covered texel: (..., N, 3) each, texel order.
+
+    verts (..., 478 + E, 3) are all head vertices (`head.vertices(landmarks)`).
+    """
+    corners = verts[..., binding.head.faces[binding.tri], :]  # (..., N, 3, 3)
+    a, b, c = corners.unbind(-2)
+    normal = F.normalize(torch.cross(b - a, c - a, dim=-1), dim=-1)
+    return (binding.bary[:, :, None] * corners).sum(-2), normal
+
+
+def unwrap(binding: GaussianMap, images: Tensor, masks: Tensor, verts: Tensor, pose: Tensor, K: Tensor, valid: Tensor) -> Tensor:
+    """Reference frames → the generator's (B, IN_CHANNELS, R, R) UV input.
+
+    images (B, M, H, W, 3) and head masks (B, M, H, W, 1) in [0, 1]; verts (B, M, V, 3) all head
+    vertices; pose (B, M, 4, 4) face → camera; K (B, M, 3, 3) at H×W; valid (B, M) marks real
+    frames (a batch pads samples with fewer references). Channels: merged colour (unseen texels
+    take the sample's mean visible colour), colour confidence, visibility, then the head mask at
+    PROBES_CM along the normal.
+    """
+    B, M, H, W, _ = images.shape
+    pts, nrm = surface(binding, verts.flatten(0, 1))  # (BM, N, 3)
+    rot, t = pose[..., :3, :3].flatten(0, 1), pose[..., :3, 3].flatten(0, 1)
+    Kf = K.flatten(0, 1)
+    cam, ncam = pts @ rot.mT + t[:, None], nrm @ rot.mT
+    facing = -(ncam * F.normalize(cam, dim=-1)).sum(-1)
+    size = torch.tensor([W, H], dtype=cam.dtype, device=cam.device)
+    img = images.flatten(0, 1).permute(0, 3, 1, 2)
+    msk = masks.flatten(0, 1).permute(0, 3, 1, 2)
+
+    def project(p: Tensor) -> tuple[Tensor, Tensor]:
+        q = p @ Kf.mT
+        px = q[..., :2] / q[..., 2:].clamp(min=1e-3)
+        return px, (p[..., 2] > 0.01) & (px >= 0).all(-1) & (px < size).all(-1)
+
+    def sample(x: Tensor, px: Tensor) -> Tensor:  # (BM, C, H, W) at pixels (BM, N, 2) -> (BM, N, C)
+        grid = (2 * px / size - 1)[:, :, None]
+        return F.grid_sample(x, grid, align_corners=False, padding_mode="border")[..., 0].mT
+
+    px, inside = project(cam)
+    front = inside & (facing > 0)
+    cells = max(min(H, W) // ZBUF_CELL, 1)
+    ij = (px / size * cells).long().clamp(0, cells - 1)
+    idx = ij[..., 1] * cells + ij[..., 0]
+    z = torch.where(front, cam[..., 2], torch.inf)
+    zbuf = torch.full((len(z), cells * cells), torch.inf, device=z.device, dtype=z.dtype).scatter_reduce(1, idx, z, "amin")
+    visible = front & (cam[..., 2] <= zbuf.gather(1, idx) + ZBUF_TOL_CM)
+    real = valid.flatten().to(cam.dtype)[:, None]
+    w_geo = facing.clamp(0, 1) * front * real
+    w_vis = w_geo * visible
+    probes = []
+    for d in PROBES_CM:
+        p, ok = project(cam + d * ncam) if d else (px, inside)
+        w = w_vis if d == 0 else w_geo
+        probes.append((sample(msk, p)[..., 0] * ok, w))
+    head_here = probes[0][0]
+    w_col = w_vis * head_here
+    colour = sample(img, px)
+
+    def merge(x: Tensor, w: Tensor) -> Tensor:  # (BM, N, C) weighted over the M frames -> (B, N, C)
+        w = w.view(B, M, -1, 1)
+        return (x.view(B, M, -1, x.shape[-1]) * w).sum(1) / w.sum(1).clamp(min=1e-6)
+
+    def total(w: Tensor) -> Tensor:
+        return w.view(B, M, -1).sum(1).clamp(max=1)[..., None]
+
+    conf = total(w_col)
+    rgb = merge(colour, w_col)
+    mean = (rgb * conf).sum(1, keepdim=True) / conf.sum(1, keepdim=True).clamp(min=1e-6)
+    rgb = conf * rgb + (1 - conf) * mean
+    feats = [rgb, conf, total(w_vis)] + [merge(m[..., None], w) for m, w in probes]
+    texels = torch.cat(feats, -1).mT  # (B, C, N)
+    R = binding.res
+    out = torch.zeros(B, texels.shape[1], R * R, dtype=texels.dtype, device=texels.device)
+    out[..., binding.texel] = texels
+    return out.view(B, -1, R, R)
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(math.gcd(8, cout), cout), nn.SiLU())
+
+
+class UVNet(nn.Module):
+    """U-Net over the UV atlas (concatenated skips); the output conv starts at zero."""
+
+    def __init__(self, cin: int, cout: int, channels: list[int] | tuple[int, ...]):
+        super().__init__()
+        c = list(channels)
+        self.down = nn.ModuleList([nn.Sequential(_conv(cin, c[0]), _conv(c[0], c[0]))])
+        self.down.extend(nn.Sequential(_conv(c[i - 1], c[i], 2), _conv(c[i], c[i])) for i in range(1, len(c)))
+        self.up = nn.ModuleList(_conv(c[i] + c[i - 1], c[i - 1]) for i in range(1, len(c)))
+        self.out = nn.Conv2d(c[0], cout, 3, 1, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        skips = []
+        for down in self.down:
+            x = down(x)
+            skips.append(x)
+        for i in reversed(range(len(self.up))):
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = self.up[i](torch.cat([x, skips[i]], 1))
+        return self.out(x)
+
+
+class E2V(nn.Module):
+    """Generator: unwrapped reference frames → UV Gaussian map; plus the shared colour MLP."""
+
+    def __init__(self, head: HeadModel, uv_res: int, feature_dim: int, hidden: int, channels, embed_dim: int):
+        super().__init__()
+        if uv_res % 2 ** (len(channels) - 1):
+            raise GGError(f"e2v.uv_res {uv_res} must be a multiple of {2 ** (len(channels) - 1)} for {len(channels)} U-Net levels; fix the preset", Exit.USAGE)
+        self.arch = {"uv_res": uv_res, "feature_dim": feature_dim, "hidden": hidden, "channels": list(channels), "embed_dim": embed_dim}
+        self.template = GaussianMap(head, uv_res, feature_dim)  # the learned mean head
+        self.embed = nn.Parameter(0.1 * torch.randn(embed_dim, uv_res, uv_res, generator=torch.Generator().manual_seed(0)))
+        self.net = UVNet(IN_CHANNELS + embed_dim, self.template.map.shape[0], channels)
+        self.color = ColorMLP(feature_dim, hidden=hidden)
+
+    @property
+    def head(self) -> HeadModel:
+        return self.template.head
+
+    def forward(self, unwrapped: Tensor) -> Tensor:
+        """(B, IN_CHANNELS, R, R) → (B, C, R, R) maps (GaussianMap channel layout)."""
+        B, _, R, _ = unwrapped.shape
+        template = self.template.map
+        x = torch.cat([unwrapped, self.embed.expand(B, -1, -1, -1)], 1)
+        logit = torch.logit(unwrapped[:, :3].clamp(0.02, 0.98))  # the unwrapped colours, as colour logits
+        skip = torch.cat([x.new_zeros(B, COLOR.start, R, R), logit, x.new_zeros(B, len(template) - COLOR.stop, R, R)], 1)
+        return template[None] + skip + self.net(x)
+
+    def render(self, uv_map: Tensor, verts: Tensor, pose: Tensor, expr: Tensor, K: Tensor, size: int,
+               background: Tensor | None = None) -> tuple[RenderOutput, dict[str, Tensor]]:  # fmt: skip
+        """Render one predicted map (C, R, R) on head vertices (V, 3) seen through pose, like `Avatar.render`."""
+        s = self.template.splats(verts, uv_map)
+        colors = self.color(s["color"], s["feature"], expr[None], pose[None])[0]
+        return render(Gaussians(s["means"], s["quats"], s["scales"], s["opacities"], colors), Camera(pose, K, size, size), background), s
+
+    def save(self, path: Path, meta: dict) -> None:
+        """Weights + the template head (its topology is the map's layout) + architecture in metadata."""
+        state = {f"head.{k}": v for k, v in self.head.state().items()}
+        state.update({k: v for k, v in self.state_dict().items()})
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
+                  metadata={"arch": json.dumps(self.arch), "meta": json.dumps(meta)})  # fmt: skip
+
+    @classmethod
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> tuple["E2V", dict]:
+        try:
+            with safe_open(str(path), "pt") as f:
+                info = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            arch, meta = json.loads(info["arch"]), json.loads(info.get("meta", "{}"))
+            head = HeadModel(**{k[5:]: v for k, v in state.items() if k.startswith("head.")}).to(device)
+            model = cls(head, **arch).to(device)
+            model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
+        except (OSError, SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise GGError(f"{path}: unreadable e2v prior weights ({e.__class__.__name__}: {e}); re-run ggtalker fit-prior --parts e2v", Exit.ARTIFACT) from e
+        return model.to(device), meta
+
+
+def choose_prior(prior: Path | None, no_prior: bool) -> Path | None:
+    """The prior `adapt` starts from: the one given, else the repository's priors/default when
+    this checkout has one, else none (scratch); `no_prior` forces scratch."""
+    if no_prior:
+        if prior is not None:
+            raise GGError("--prior and --no-prior exclude each other; pass one of them", Exit.USAGE)
+        return None
+    if prior is None and (DEFAULT_PRIOR / artifacts.META).is_file():
+        console.info(f"adapt: starting from the default prior {DEFAULT_PRIOR} (--no-prior: from scratch)")
+        return DEFAULT_PRIOR
+    return prior
+
+
+def reference_frames(pose: np.ndarray, frames: np.ndarray, n: int) -> np.ndarray:
+    """n frames spread over head yaw (quantiles of the face axis' x component): more of the
+    head is seen than from n neighbouring frames."""
+    order = frames[np.argsort(pose[frames, 0, 2], kind="stable")]
+    return np.unique(order[np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int)])
+
+
+@torch.no_grad()
+def init_from_prior(prior_dir: Path, clip: Clip, head: HeadModel, cfg: Config) -> Avatar:
+    """The avatar adapt starts from: the prior's map predicted from the clip's training frames.
+
+    `head` is the identity's fitted head (on the training device); the returned avatar uses the
+    prior's topology and UV resolution and carries the prior's colour MLP.
+    """
+    from ..stages.adapt import Data
+
+    path = artifacts.inside(prior_dir, WEIGHTS)
+    if not path.is_file():
+        raise GGError(f"{prior_dir}: no {WEIGHTS}; train the prior with `ggtalker fit-prior --parts e2v`", Exit.ARTIFACT)
+    device = head.neutral.device
+    model, meta = E2V.load(path, device)
+    model.eval()
+    res = model.arch["uv_res"]
+    if res != cfg.adapt.uv_res:
+        console.info(f"adapt: using the prior's {res}² UV map (adapt.uv_res {cfg.adapt.uv_res} applies to scratch avatars)")
+    head = with_topology(head, model.head)
+    data = Data(clip, int(meta.get("size", cfg.e2v.size)), device)
+    frames = reference_frames(clip.tracking["pose"], data.train, cfg.e2v.adapt_sources)
+    views = [data.load(i) for i in frames]
+    images = torch.as_tensor(np.stack([v[0] for v in views]), device=device)[None]
+    masks = torch.as_tensor(np.stack([v[1] for v in views]), device=device)[None]
+    idx = torch.as_tensor(frames, device=device)
+    verts = head.vertices(data.verts[idx])[None]
+    M = len(frames)
+    inputs = unwrap(model.template, images, masks, verts, data.pose[idx][None], data.K.expand(1, M, 3, 3), torch.ones(1, M, dtype=torch.bool, device=device))
+    uv_map = model(inputs)[0]
+    gmap = GaussianMap.from_state(head, {"uv_map": uv_map, "uv_alive": model.template.alive})
+    color = ColorMLP(model.arch["feature_dim"], hidden=model.arch["hidden"]).to(device)
+    color.load_state_dict(model.color.state_dict())
+    console.info(f"adapt: initial map from the e2v prior {prior_dir} ({M} reference frames)")
+    return Avatar(head, gmap.to(device), color)

@@ -1,0 +1,238 @@
+"""Audio → expressions incrementally: samples in any chunking, frames out as soon as they are final.
+
+`a2e.predict` needs the whole audio. Synthesis of long or live speech needs the same result
+from chunks, in bounded memory, so this module replays predict's two windowed passes
+incrementally and emits a frame once no later audio can change it:
+
+- **whisper** (`audio.encode`'s schedule): 30 s windows every 20 s, the last one end-aligned.
+  Window k starts at k·HOP exactly when the audio reaches k·HOP + 30 s, which is known as soon
+  as that much has arrived; a frame belongs to the window with the nearest centre, so once
+  window k is complete every frame up to its centre is owned by a known window.
+- **A2E** (`a2e.run`): `window` frames every `window/2`, cross-faded, the last end-aligned.
+  Frame t is final once features exist up to t + window + 1.
+- **resampling** to the output rate (`a2e.resample`, linear at frame centres).
+
+Each emitted group is fixed by the audio alone, never by the chunking, so a stream's output does
+not depend on how its audio was cut (tests check it, and that it matches `a2e.predict`). Memory:
+at most 50 s of audio, two whisper windows and two A2E windows. Latency: frames are final up to
+LATENCY_S seconds of audio behind the newest sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import audio
+from .errors import Exit, GGError
+from .models import a2e
+
+WHISPER_LATENCY_S = (audio.WINDOW / 2 + audio.HOP) / audio.SAMPLE_RATE  # 35 s: a frame just past a window centre waits for the next window
+
+
+@dataclass
+class Frames:
+    """A run of consecutive output frames starting at `start`."""
+
+    start: int
+    blendshapes: np.ndarray  # (T, 52)
+    mouth: np.ndarray  # (T, M, 3) face-space mouth points (cm)
+    mouth_open: np.ndarray  # (T,) inner-lip gap (cm)
+
+    def __len__(self) -> int:
+        return len(self.blendshapes)
+
+
+class _Whisper:
+    """Samples in, feature rows (one per model frame, consecutive) out, as audio.encode makes them."""
+
+    def __init__(self, net, fps: float, device: str):
+        self.net, self.fps, self.device = net, fps, device
+        self.samples = 0
+        self.buf, self.buf0 = np.zeros(0, np.float32), 0  # audio kept, from sample buf0 on
+        self.windows: list[tuple[int, torch.Tensor]] = []  # (start, rows) of the last two windows
+        self.k = 0  # windows completed
+        self.n = 0  # frames emitted
+
+    def centre(self, start: int) -> float:
+        return (start + audio.WINDOW / 2) / audio.SAMPLE_RATE
+
+    @torch.no_grad()
+    def rows(self, start: int) -> torch.Tensor:
+        """(1500, D) encoder output of the 30 s window at `start` (zero padded past the audio)."""
+        import whisper
+
+        for s, r in self.windows:
+            if s == start:
+                return r
+        chunk = np.zeros(audio.WINDOW, np.float32)
+        piece = self.buf[start - self.buf0 : start - self.buf0 + audio.WINDOW]
+        chunk[: len(piece)] = piece
+        mel = whisper.log_mel_spectrogram(torch.from_numpy(chunk), self.net.dims.n_mels, device=self.device)
+        return self.net.encoder(mel[None].to(next(self.net.parameters()).dtype))[0].float()
+
+    def features(self, end: int, starts: list[int]) -> np.ndarray:
+        """Rows of frames [n, end), each from the window of `starts` with the nearest centre."""
+        frames = np.arange(self.n, end)
+        centres = np.array([self.centre(s) for s in starts])
+        owner = np.searchsorted((centres[1:] + centres[:-1]) / 2, (frames + 0.5) / self.fps)
+        out = np.zeros((len(frames), self.net.dims.n_audio_state), np.float16)
+        for j, start in enumerate(starts):
+            mask = owner == j
+            if mask.any():
+                rows = self.rows(start)
+                w = torch.from_numpy(audio.frame_weights(frames[mask], self.fps, start / audio.SAMPLE_RATE, len(rows))).to(rows.device)
+                out[mask] = (w @ rows).half().cpu().numpy()
+        self.n = end
+        return out
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        self.buf = np.concatenate([self.buf, samples.astype(np.float32)])
+        self.samples += len(samples)
+        out = [np.zeros((0, self.net.dims.n_audio_state), np.float16)]
+        while self.k * audio.HOP + audio.WINDOW <= self.samples:
+            start = self.k * audio.HOP
+            self.windows = (self.windows + [(start, self.rows(start))])[-2:]
+            self.k += 1
+            end = int(math.floor(self.centre(start) * self.fps - 0.5 + 1e-9)) + 1  # frames centred up to the window's centre
+            if end > self.n:
+                out.append(self.features(end, [s for s, _ in self.windows]))
+            self.buf, self.buf0 = self.buf[start - self.buf0 :], start  # later windows start after this one
+        return np.concatenate(out)
+
+    def finish(self, n_frames: int) -> np.ndarray:
+        """The remaining frames of audio.encode(audio, n_frames, fps)."""
+        n_samples = max(self.samples, math.ceil(n_frames / self.fps * audio.SAMPLE_RATE))
+        return self.features(n_frames, audio.window_starts(n_samples)) if n_frames > self.n else np.zeros((0, self.net.dims.n_audio_state), np.float16)
+
+
+class _A2E:
+    """Feature rows in, final standardised A2E codes out, as a2e.run makes them."""
+
+    def __init__(self, model: a2e.A2E, device: str):
+        self.model, self.device = model, device
+        self.w = int(model.meta["window"])
+        self.hop = self.w // 2
+        self.style = model.style_vector()
+        self.dim = a2e.N_BLENDSHAPES + model.meta["lip_components"]
+        self.feats, self.f0, self.n = torch.zeros(0, model.meta["feature_dim"], device=device), 0, 0
+        self.out, self.total, self.base = torch.zeros(0, self.dim, device=device), torch.zeros(0, 1, device=device), 0
+        self.next = 0  # next regular window start
+        self.final = 0  # codes emitted
+
+    @torch.no_grad()
+    def _window(self, s: int, length: int) -> None:
+        chunk = self.feats[s - self.f0 : s - self.f0 + length]
+        weight = 1.0 - (torch.arange(length, device=self.device) + 0.5 - length / 2).abs() / (length / 2) * 0.98
+        grow = s + length - self.base - len(self.out)
+        if grow > 0:
+            self.out = torch.cat([self.out, torch.zeros(grow, self.dim, device=self.device)])
+            self.total = torch.cat([self.total, torch.zeros(grow, 1, device=self.device)])
+        a = s - self.base
+        self.out[a : a + length] += self.model(chunk[None], self.style)[0] * weight[:, None]
+        self.total[a : a + length] += weight[:, None]
+
+    def _emit(self, end: int) -> torch.Tensor:
+        a, b = self.final - self.base, end - self.base
+        code = self.out[a:b] / self.total[a:b]
+        self.final = end
+        self.out, self.total, self.base = self.out[b:], self.total[b:], end
+        keep = max(0, self.next - self.hop) - self.f0  # the end-aligned window starts after the last regular one
+        if keep > 0:
+            self.feats, self.f0 = self.feats[keep:], self.f0 + keep
+        return code
+
+    def push(self, feats: np.ndarray) -> torch.Tensor:
+        self.feats = torch.cat([self.feats, torch.as_tensor(feats.astype(np.float32), device=self.device)])
+        self.n += len(feats)
+        while self.next + self.w <= self.n:
+            self._window(self.next, self.w)
+            self.next += self.hop
+        return self._emit(max(self.final, self.n - self.w - 1))
+
+    def finish(self) -> torch.Tensor:
+        n, w = self.n, self.w
+        regular = list(range(0, max(n - w, 0) + 1, self.hop))
+        for s in regular:
+            if s >= self.next:
+                self._window(s, min(w, n - s))
+        if regular[-1] + w < n:
+            self._window(n - w, w)
+        self.next = n + self.hop
+        return self._emit(n)
+
+
+class Expressions:
+    """`push(samples)` / `finish()` → `Frames` at `fps`, equal to `a2e.predict` on the whole audio."""
+
+    def __init__(self, state: dict[str, torch.Tensor], fps: float, whisper: str | Path | None = None, device: str = "cpu"):
+        self.model = a2e.from_state(state).to(device)
+        self.fps, self.mfps = float(fps), float(self.model.meta["fps"])
+        path, name, _ = audio.resolve_model(whisper or self.model.meta["whisper"]["model"])
+        net = audio._load(str(path), device)
+        if net.dims.n_audio_state != self.model.meta["feature_dim"]:
+            raise GGError(
+                f"whisper '{name}' gives {net.dims.n_audio_state}-d features but this A2E was trained on {self.model.meta['feature_dim']}-d "
+                f"({self.model.meta['whisper']['model']}); pass that whisper model",
+                Exit.USAGE,
+            )
+        self.whisper = _Whisper(net, self.mfps, device)
+        self.a2e = _A2E(self.model, device)
+        self.neutral = self.model.neutral.cpu().numpy()
+        self.bs, self.mouth, self.m0 = np.zeros((0, a2e.N_BLENDSHAPES), np.float32), np.zeros((0, len(a2e.MOUTH), 3), np.float32), 0
+        self.n_model = 0  # decoded model frames
+        self.n_out = 0  # output frames emitted
+        self.latency_s = WHISPER_LATENCY_S + (self.a2e.w + 1) / self.mfps + 1 / self.fps
+
+    @property
+    def seconds(self) -> float:
+        return self.whisper.samples / audio.SAMPLE_RATE
+
+    def _decode(self, code: torch.Tensor) -> None:
+        bs, mouth = self.model.decode(code)
+        self.bs = np.concatenate([self.bs, bs.clamp(0, 1).cpu().numpy()])
+        self.mouth = np.concatenate([self.mouth, mouth.cpu().numpy()])
+        self.n_model += len(code)
+
+    def _resample(self, end: int, n_model: int | None) -> Frames:
+        """Output frames [n_out, end): linear interpolation at frame centres (a2e.resample)."""
+        j = np.arange(self.n_out, end)
+        last = (n_model or 10**12) - 1
+        pos = np.clip((j + 0.5) * self.mfps / self.fps - 0.5, 0, last) if self.fps != self.mfps else j.astype(np.float64)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, last)
+        w = (pos - lo)[:, None]
+        bs_lo, bs_hi = self.bs[lo - self.m0], self.bs[hi - self.m0]
+        mouth = (1 - w[..., None]) * self.mouth[lo - self.m0] + w[..., None] * self.mouth[hi - self.m0] + self.neutral
+        frames = Frames(self.n_out, ((1 - w) * bs_lo + w * bs_hi).astype(np.float32), mouth.astype(np.float32), a2e.mouth_gap(mouth).astype(np.float32))
+        self.n_out = end
+        keep = max(0, int(np.floor(max(0.0, (end + 0.5) * self.mfps / self.fps - 0.5))) - 1) - self.m0  # the next frame's lo and later
+        if keep > 0:
+            self.bs, self.mouth, self.m0 = self.bs[keep:], self.mouth[keep:], self.m0 + keep
+        return frames
+
+    def push(self, samples: np.ndarray) -> Frames:
+        code = self.a2e.push(self.whisper.push(samples))
+        if len(code):
+            self._decode(code)
+        # output frame j is final when its upper neighbour (lo + 1) is decoded
+        end = self.n_out
+        while math.floor((end + 0.5) * self.mfps / self.fps - 0.5) + 1 < self.n_model:
+            end += 1
+        return self._resample(end, None)
+
+    def finish(self) -> Frames:
+        if self.seconds < audio.MIN_SECONDS:
+            raise GGError(f"audio is {self.seconds:.2f} s long; at least {audio.MIN_SECONDS} s of speech is needed", Exit.INPUT_INVALID)
+        n_model = max(1, math.ceil(self.seconds * self.mfps))
+        feats = self.whisper.finish(n_model)
+        code = self.a2e.push(feats)
+        rest = self.a2e.finish()
+        for c in (code, rest):
+            if len(c):
+                self._decode(c)
+        return self._resample(max(1, math.ceil(self.seconds * self.fps)), n_model)
