@@ -7,7 +7,7 @@ video, decoded back to JPEGs there by `python bench/pack_clip.py unpack`), at `-
 masks, plate, K and landmarks scaled) and, where a clip is longer than `--max-frames`, with
 every k-th frame kept (k = ceil(n / max)): the expression→visual prior wants many poses and
 expressions per identity more than neighbouring frames. Thinning divides the frame rate by k and
-keeps the audio whole, so the folder is still a valid clip (N frames at fps/k span the audio);
+keeps the audio whole (or drops it: `--drop-audio`), so the folder is still a valid clip;
 a frame that was a test frame (the last 10%) stays one. The tracking is stored compressed.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 
-def shrink(clip: Path, dest: Path, size: int, max_frames: int, crf: int) -> int:
+def shrink(clip: Path, dest: Path, size: int, max_frames: int, crf: int, drop_audio: bool) -> int:
     meta = yaml.safe_load((clip / "meta.yaml").read_text())
     n, old = int(meta["n_frames"]), int(meta["size"])
     step = max(1, math.ceil(n / max_frames)) if max_frames > 0 else 1
@@ -42,9 +42,13 @@ def shrink(clip: Path, dest: Path, size: int, max_frames: int, crf: int) -> int:
     (dest / files["masks"]).mkdir(exist_ok=True)
     for j, i in enumerate(keep):
         labels = cv2.imread(str(clip / files["masks"] / f"{i:06d}.png"), cv2.IMREAD_UNCHANGED)
-        cv2.imwrite(str(dest / files["masks"] / f"{j:06d}.png"), cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST))
+        small = cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST)
+        cv2.imwrite(str(dest / files["masks"] / f"{j:06d}.png"), small, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     plate = cv2.imread(str(clip / files["background"]), cv2.IMREAD_COLOR)
     cv2.imwrite(str(dest / files["background"]), cv2.resize(plate, (size, size), interpolation=cv2.INTER_AREA))
+    if drop_audio:
+        files = {**files, "audio": None, "audio_features": None}
+        meta["audio"] = {"present": False, "features": None, "features_reason": "dropped by bench/pack_prior_data.py --drop-audio"}
     if files.get("audio"):
         shutil.copy2(clip / files["audio"], dest / files["audio"])
     if files.get("audio_features"):
@@ -79,9 +83,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--max-frames", type=int, default=240, help="thin longer clips to about this many frames (0: keep all)")
     parser.add_argument("--crf", type=int, default=14)
+    parser.add_argument("--drop-audio", action="store_true", help="leave audio and its features out (the e2v prior does not read them)")
     args = parser.parse_args()
     for clip in args.clips:
-        n = shrink(clip, args.out / clip.name, args.size, args.max_frames, args.crf)
+        n = shrink(clip, args.out / clip.name, args.size, args.max_frames, args.crf, args.drop_audio)
         mb = sum(f.stat().st_size for f in (args.out / clip.name).rglob("*") if f.is_file()) / 2**20
         print(f"{clip.name}: {n} frames at {args.size}², {mb:.1f} MiB")
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ def load_track(folder: Path) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def render_head(avatar: "Avatar", expr: Tensor, pose: Tensor, K: Tensor, size: int, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def render_head(avatar: Avatar, expr: Tensor, pose: Tensor, K: Tensor, size: int, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(1,H,W,3) premultiplied head over black and (1,H,W,1) alpha; landmarks `base` default to
     the expression driven through the identity's basis."""
     base = avatar.head.drive(expr) if base is None else base
@@ -60,7 +61,7 @@ def render_head(avatar: "Avatar", expr: Tensor, pose: Tensor, K: Tensor, size: i
     return out.rgb, out.alpha
 
 
-def _samples(avatar: "Avatar", data: "Data", track: dict[str, Tensor], steps: int, seed: int) -> Iterator[tuple[Tensor, ...]]:
+def _samples(avatar: Avatar, data: Data, track: dict[str, Tensor], steps: int, seed: int) -> Iterator[tuple[Tensor, ...]]:
     """Training frames in seeded epochs: (driven head rgb, alpha, frame, head mask), frames
     decoded a few steps ahead on background threads (adapt's Prefetch)."""
     from .stages.adapt import Prefetch
@@ -80,7 +81,7 @@ def _samples(avatar: "Avatar", data: "Data", track: dict[str, Tensor], steps: in
         stream.close()
 
 
-def train_avatar_inpainter(avatar: "Avatar", data: "Data", folder: Path, cfg: InpainterConfig) -> dict[str, Any]:
+def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: InpainterConfig) -> dict[str, Any]:
     """Train the inpainter on the avatar's driven renders of the clip's training frames, write
     `folder/inpainter.safetensors`; return what meta.yaml records under `inpainter`."""
     if data.size % 8:

@@ -158,6 +158,29 @@ def synth(
                            size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force))  # fmt: skip
 
 
+@app.command("eval")
+def eval_(
+    avatar: Optional[Path] = typer.Argument(None, help="Avatar folder made by `ggtalker adapt` (omit with --score-only)."),
+    clip: Optional[Path] = typer.Argument(None, help="Its clip folder, if it moved since adapt (default: the one adapt recorded)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Report folder to create (report.json, report.md, report.html, PNGs, videos)."),
+    audio: Optional[list[Path]] = typer.Option(None, "--audio", help="Out-of-distribution speech to score lip-sync on (repeatable)."),
+    a2e: Optional[Path] = typer.Option(None, "--a2e", help="Audio→expression model: a prior folder or a2e .safetensors (default: the avatar's)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Evaluation side in pixels (default: the clip's)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Score only the first N test frames (quick runs)."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available)."),
+    score: str = typer.Option("auto", "--score", help="Landmark scoring: auto (where mediapipe is), yes (required), no (render only)."),
+    score_only: bool = typer.Option(False, "--score-only", help="Finish the landmark scoring of an existing report folder (-o)."),
+    force: bool = ForceOpt,
+) -> None:
+    """Score an avatar on its clip's held-out frames and any audio: report.json/md/html, plots, videos."""
+    from .stages import eval as stage
+
+    if score not in ("auto", "yes", "no"):
+        raise GGError(f"--score {score}: expected auto, yes or no", Exit.USAGE)
+    _run(lambda: stage.run(avatar, clip, out, audios=audio, a2e_path=a2e, device=device, size=size, max_frames=frames, score=score,
+                           score_only=score_only, force=force))  # fmt: skip
+
+
 def main() -> None:
     try:
         app()

@@ -267,6 +267,26 @@ def evaluate(objective: Objective, loader: DataLoader, identities: list[Identity
     return sum(losses) / len(psnrs), float(np.mean(psnrs))
 
 
+class _Clock:
+    """Training time without validation and checkpoints: `lap` ends a stretch of steps (also
+    counted in `timed`, the throughput's clock, once warm-up is over), `restart` begins one."""
+
+    def __init__(self, total: float, device: torch.device):
+        self.total, self.timed, self.device = total, 0.0, device
+        self.restart()
+
+    def restart(self) -> None:
+        self.tic = time.perf_counter()
+
+    def lap(self, timed: bool) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - self.tic
+        self.total += elapsed
+        self.timed += elapsed * timed
+        self.restart()
+
+
 def _save(path: Path, payload: dict) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -295,7 +315,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: E2VC
     val = load_identities(clip_dirs, holdout, "train", cfg, template, dev, False) if holdout else \
         load_identities(clip_dirs, train_names, "late", cfg, template, dev, False)  # fmt: skip
     objective = Objective(model, cfg)
-    net = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    net = nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False) if world > 1 else objective  # buffers are constants
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     warmup = min(200, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
@@ -311,8 +331,14 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: E2VC
     val_loader = _loader(Samples(val, cfg, cfg.seed + 1, augment=False), Stream(0, math.ceil(cfg.val_samples / cfg.batch), cfg.batch), cfg, dev)
     stream = _loader(Samples(train, cfg, cfg.seed, augment=True), Stream(step, cfg.steps, cfg.batch, rank, world), cfg, dev)
     model.train()
-    tic = time.perf_counter()
-    start, run_seconds = step, 0.0  # this invocation's training time, for the throughput
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if rank == 0 and step == 0:  # the untrained generator: the unwrapped references on the mean head
+        val_loss, val_psnr = evaluate(objective, val_loader, val, dev)
+        curve.append({"step": 0, "train": None, "val": round(val_loss, 5), "val_psnr": round(val_psnr, 3)})
+        best, best_state = val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    clock = _Clock(seconds, dev)
+    timed_from = step + min(20, (cfg.steps - step) // 5)  # throughput leaves out worker start-up and warm-up
     with console.progress() as bar:
         task = bar.add_task("e2v prior", total=cfg.steps, completed=step)
         for batch in stream:
@@ -327,21 +353,22 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: E2VC
             sched.step()
             step += 1
             bar.advance(task)
+            if step == timed_from:
+                clock.lap(timed=False)
             if rank == 0 and (step % cfg.val_every == 0 or step == cfg.steps):
-                run_seconds += time.perf_counter() - tic
+                clock.lap(timed=step > timed_from)
                 val_loss, val_psnr = evaluate(objective, val_loader, val, dev)
                 curve.append({"step": step, "train": round(value, 5), "val": round(val_loss, 5), "val_psnr": round(val_psnr, 3)})
                 if val_loss < best:
                     best, best_state = val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
                 bar.update(task, status=f"loss {value:.4f} val {val_loss:.4f} ({val_psnr:.2f} dB)")
-                tic = time.perf_counter()
+                clock.restart()
             if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                run_seconds += time.perf_counter() - tic
+                clock.lap(timed=step > timed_from)
                 _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                             "curve": curve, "best": best, "best_state": best_state, "seconds": seconds + run_seconds})  # fmt: skip
-                tic = time.perf_counter()
-    run_seconds += time.perf_counter() - tic
-    seconds += run_seconds
+                             "curve": curve, "best": best, "best_state": best_state, "seconds": clock.total})  # fmt: skip
+                clock.restart()
+    clock.lap(timed=step > timed_from)
     summary = {"file": WEIGHTS, "grid": GRID}
     if rank == 0:
         model.load_state_dict(best_state)
@@ -349,7 +376,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: E2VC
         model.save(work / WEIGHTS, {"size": cfg.size, "identities": [i.name for i in train], "held_out": sorted(holdout)})
         best_entry = min(curve, key=lambda e: e["val"])
         summary.update(best_step=best_entry["step"], best_val_loss=round(best, 5), best_val_psnr=best_entry["val_psnr"])
-    run_steps = step - start
+    run_steps = step - timed_from
     return {
         **summary,
         "identities": [i.name for i in train],
@@ -362,8 +389,8 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: E2VC
         "batch_per_gpu": cfg.batch,
         "world_size": world,
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "train_seconds": round(seconds, 1),
-        "steps_per_second": round(run_steps / max(run_seconds, 1e-9), 3),
-        "samples_per_second": round(run_steps * cfg.batch * world / max(run_seconds, 1e-9), 2),
+        "train_seconds": round(clock.total, 1),
+        "steps_per_second": round(run_steps / max(clock.timed, 1e-9), 3),
+        "samples_per_second": round(run_steps * cfg.batch * world / max(clock.timed, 1e-9), 2),
         "curve": curve,
     }

@@ -7,8 +7,8 @@ turns it into a whole head with one UV atlas:
 - face: the canonical mesh minus the triangles spanning the eye and mouth openings;
 - mouth: a closed pocket behind the inner-lip ring (teeth, tongue, dark interior), two layers
   that follow the lips pushed back, then an apex behind them;
-- eyes: a fan from each eyelid ring to the tracked iris centre (landmarks 468 / 473), so the
-  iris texture moves with the gaze;
+- eyes: rings from each eyelid contour to the tracked iris centre (landmarks 468 / 473), so
+  the iris texture moves with the gaze;
 - shell: the outer border ring swept backwards over an ellipsoid into a closed cap for hair,
   ears and the back of the head; rigid to the head beyond its first ring.
 
@@ -26,6 +26,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from .errors import Exit, GGError
 
 N_BASE = 478  # tracked landmarks: 468 mesh vertices + 2 × 5 iris points
 N_BLENDSHAPES = 52
-IRIS_CENTRES = (468, 473)  # one per eye; which is which is decided geometrically
+IRIS_CENTRES = (468, 473)  # iris centres of the EYE_A (landmark 33's) and EYE_B (263's) eyes
 GEOMETRY_ENTRY = "geometry_pipeline_metadata_landmarks.binarypb"
 
 # Closed loops of canonical-mesh vertex indices (mediapipe's FACEMESH_* contours, ordered).
@@ -56,7 +57,7 @@ CHARTS = {
 }
 CHART_IDS = {name: i for i, name in enumerate(CHARTS)}
 
-SHELL_RINGS = 8  # rings swept from the face border to the back of the head
+SHELL_RINGS = 12  # rings swept from the face border to the back of the head
 MOUTH_LAYERS = ((1.0, 0.5), (0.6, 1.4))  # (share of the lip ring kept, depth behind it in cm)
 MOUTH_APEX_DEPTH = 2.6  # cm behind the lip ring
 EYE_RINGS = (0.45, 0.8)  # inner eye rings, as the share of the way to the iris centre
@@ -246,10 +247,57 @@ def _slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     return (math.sin((1 - t) * omega) * a + math.sin(t * omega) * b) / math.sin(omega)
 
 
-def _build(neutral: np.ndarray) -> dict[str, np.ndarray]:
-    """Head topology and atlas for an identity's neutral landmarks (478, 3)."""
+@dataclass(frozen=True)
+class Shell:
+    """The ellipsoid the shell is swept over, relative to the neutral face's border ring.
+
+    width: x semi-axis over the border's largest |x|; top: crown height above the border's top,
+    bottom: extent below its lowest point, depth: front to back, the last three in border
+    heights. The defaults suit a skull with short hair; `fit_shell` fits them to the head masks
+    (hair makes heads wider and taller than skulls).
+    """
+
+    width: float = 1.08
+    top: float = 0.27
+    bottom: float = 0.0
+    depth: float = 1.15  # front (nose tip) to back of the head, in border heights
+
+
+def _shell_points(neutral: np.ndarray, shell: Shell) -> tuple[np.ndarray, np.ndarray]:
+    """Rigid shell vertices: SHELL_RINGS rings swept from the border over the ellipsoid, then the
+    pole behind the head -> ((SHELL_RINGS · len(border) + 1, 3) points, ellipsoid centre)."""
+    border = _border_loop(canonical_mesh().faces)
+    pts = neutral[border]
+    height = pts[:, 1].max() - pts[:, 1].min()
+    top, bottom = pts[:, 1].max() + shell.top * height, pts[:, 1].min() - shell.bottom * height
+    front_z = neutral[:468, 2].max()
+    back_z = front_z - shell.depth * height
+    centre = np.array([0.0, 0.5 * (top + bottom), 0.5 * (front_z + back_z)])
+    axes = np.array([shell.width * np.abs(pts[:, 0]).max(), 0.5 * (top - bottom), 0.5 * (front_z - back_z)])
+    back = np.array([0.0, 0.0, -1.0])
+    out = []
+    for j in range(1, SHELL_RINGS + 1):
+        t = j / (SHELL_RINGS + 1)
+        blend = min(1.0, 3.0 * t)  # first rings leave the border smoothly toward the ellipsoid
+        for p in pts:
+            d = (p - centre) / axes
+            r = np.linalg.norm(d)
+            out.append(centre + axes * _slerp(d / r, back, t) * (r + (1.0 - r) * blend))
+    out.append(centre + axes * back)
+    return np.asarray(out), centre
+
+
+@functools.lru_cache(maxsize=1)
+def _topology() -> dict[str, np.ndarray]:
+    """Head triangles, atlas and added vertices, built once on the template landmarks.
+
+    Every identity shares it (a UV map transfers between people); only the rigid shell
+    positions depend on the identity (`_build`). Triangle winding is decided here, on the
+    template: the pocket and eye fills face forward, the shell outward.
+    """
     mesh = canonical_mesh()
-    bld = _Builder(neutral.astype(np.float64))
+    base = template_landmarks().astype(np.float64)
+    bld = _Builder(base)
     spans = [set(INNER_LIPS), set(EYE_A), set(EYE_B)]
     front = np.array([0.0, 0.0, 1.0])
     for f in mesh.faces:
@@ -266,45 +314,36 @@ def _build(neutral: np.ndarray) -> dict[str, np.ndarray]:
     apex = bld.vertex(centre, (0, 0, -MOUTH_APEX_DEPTH))
     bld.tube(rings, [apex] * len(lips), "mouth", lambda p: front)
 
-    # eyes: rings from the lid contour toward the nearer iris centre, then a fan to it
-    for ring, chart in ((EYE_A, "eye_a"), (EYE_B, "eye_b")):
-        mid = neutral[list(ring)].mean(0)
-        iris = min(IRIS_CENTRES, key=lambda k: np.linalg.norm(neutral[k] - mid))
+    # eyes: rings from the lid contour toward the iris centre, then a fan to it
+    for ring, iris, chart in ((EYE_A, IRIS_CENTRES[0], "eye_a"), (EYE_B, IRIS_CENTRES[1], "eye_b")):
         rings = [list(ring)] + [[bld.vertex([(i, 1 - a), (iris, a)], (0, 0, 0)) for i in ring] for a in EYE_RINGS]
         bld.tube(rings, [iris] * len(ring), chart, lambda p: front)
 
-    # shell: sweep the border ring over an ellipsoid to a pole behind the head
+    # shell: the border ring swept over an ellipsoid to a pole behind the head
     border = _border_loop(mesh.faces)
-    pts = neutral[border]
-    height = pts[:, 1].max() - pts[:, 1].min()
-    top, bottom = pts[:, 1].max() + 0.27 * height, pts[:, 1].min()
-    front_z = neutral[:468, 2].max()
-    back_z = front_z - 1.15 * height
-    centre3 = np.array([0.0, 0.5 * (top + bottom), 0.5 * (front_z + back_z)])
-    axes = np.array([1.08 * np.abs(pts[:, 0]).max(), 0.5 * (top - bottom), 0.5 * (front_z - back_z)])
-    back = np.array([0.0, 0.0, -1.0])
-    rings = [border]
-    for j in range(1, SHELL_RINGS + 1):
-        t = j / (SHELL_RINGS + 1)
-        blend = min(1.0, 3.0 * t)  # first rings leave the border smoothly toward the ellipsoid
-        ring = []
-        for b, p in zip(border, pts):
-            d = (p - centre3) / axes
-            r = np.linalg.norm(d)
-            q = centre3 + axes * _slerp(d / r, back, t) * (r + (1.0 - r) * blend)
-            ring.append(bld.vertex([], q))
-        rings.append(ring)
-    pole = bld.vertex([], centre3 + axes * back)
-    bld.tube(rings, [pole] * len(border), "shell", lambda p: p - centre3)
+    points, middle = _shell_points(base, Shell())
+    first = N_BASE + len(bld.W)
+    ids = [bld.vertex([], q) for q in points]
+    rings = [border] + [ids[j * len(border) : (j + 1) * len(border)] for j in range(SHELL_RINGS)]
+    bld.tube(rings, [ids[-1]] * len(border), "shell", lambda p: p - middle)
 
-    W = np.stack(bld.W)
     return {
-        "extra_w": W.astype(np.float32),
+        "extra_w": np.stack(bld.W).astype(np.float32),
         "extra_c": np.stack(bld.c).astype(np.float32),
         "faces": np.asarray(bld.faces, np.int64),
         "face_uvs": np.stack(bld.uvs).astype(np.float32),
         "charts": np.asarray(bld.charts, np.int64),
+        "shell_first": np.asarray(first - N_BASE),
     }
+
+
+def _build(neutral: np.ndarray, shell: Shell = Shell()) -> dict[str, np.ndarray]:
+    """The shared topology with the shell placed for this identity's neutral landmarks (478, 3)."""
+    topo = dict(_topology())
+    first = int(topo.pop("shell_first"))
+    c = topo["extra_c"].copy()
+    c[first:] = _shell_points(np.asarray(neutral, np.float64), shell)[0]
+    return {**topo, "extra_c": c}
 
 
 def template_landmarks() -> np.ndarray:
@@ -312,10 +351,8 @@ def template_landmarks() -> np.ndarray:
     mesh = canonical_mesh()
     base = np.zeros((N_BASE, 3), np.float32)
     base[:468] = mesh.verts
-    for ring in (EYE_A, EYE_B):
-        mid = mesh.verts[list(ring)].mean(0)
-        k = 468 if mid[0] < 0 else 473  # any fixed assignment: _build picks the nearer centre
-        base[k : k + 5] = mid
+    for ring, k in zip((EYE_A, EYE_B), IRIS_CENTRES):
+        base[k : k + 5] = mesh.verts[list(ring)].mean(0)
     return base
 
 
@@ -337,8 +374,8 @@ class HeadModel:
             setattr(self, key, tensors[key])
 
     @classmethod
-    def from_neutral(cls, neutral: np.ndarray, basis: np.ndarray | None = None) -> "HeadModel":
-        geo = _build(np.asarray(neutral, np.float64))
+    def from_neutral(cls, neutral: np.ndarray, basis: np.ndarray | None = None, shell: Shell = Shell()) -> "HeadModel":
+        geo = _build(np.asarray(neutral, np.float64), shell)
         basis = np.zeros((N_BLENDSHAPES, N_BASE, 3), np.float32) if basis is None else basis
         return cls(
             neutral=torch.as_tensor(np.asarray(neutral, np.float32)),
@@ -386,3 +423,51 @@ class HeadModel:
         """(..., 478, 3) landmarks -> (..., 478 + E, 3) all head vertices."""
         extra = torch.einsum("ev,...vc->...ec", self.extra_w, base) + self.extra_c
         return torch.cat([base, extra], dim=-2)
+
+
+def silhouette(head: HeadModel, base: np.ndarray, pose: np.ndarray, K: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) bool: pixels covered by the head mesh for landmarks `base` seen through pose, K."""
+    v = head.vertices(torch.as_tensor(base, dtype=torch.float32)).numpy().astype(np.float64)
+    cam = v @ pose[:3, :3].T + pose[:3, 3]
+    uv = cam @ K.T
+    uv = uv[:, :2] / np.maximum(uv[:, 2:], 1e-6)
+    canvas = np.zeros((size, size), np.uint8)
+    tris = np.round(uv[head.faces.numpy()] * 4).astype(np.int32)  # 2 bits of sub-pixel precision
+    for tri in tris:  # one by one: fillPoly's even-odd rule would punch holes where layers overlap
+        cv2.fillConvexPoly(canvas, tri, 1, lineType=cv2.LINE_8, shift=2)
+    return canvas.astype(bool)
+
+
+def fit_shell(
+    neutral: np.ndarray, basis: np.ndarray, frames: list[tuple[np.ndarray, np.ndarray, np.ndarray]], K: np.ndarray, size: int
+) -> tuple[HeadModel, Shell, float]:
+    """The shell that best matches the head masks: hair makes heads wider and taller than skulls.
+
+    frames: (landmarks (478, 3), pose (4, 4), head mask (size, size) bool) of a few training
+    frames, K at that size. Maximises the mean IoU of the mesh silhouette with the masks: a full
+    grid over width × top (they trade against each other), then a coordinate pass over all four
+    parameters. Returns the head, its Shell and that IoU.
+    """
+    grids = {
+        "width": (1.0, 1.1, 1.2, 1.3, 1.45, 1.6),
+        "top": (0.15, 0.27, 0.35, 0.45, 0.55, 0.7, 0.85),
+        "bottom": (0.0, 0.15, 0.3),
+        "depth": (0.9, 1.0, 1.15, 1.3),
+    }
+    scores: dict[Shell, tuple[float, HeadModel]] = {}
+
+    def score(shell: Shell) -> float:
+        if shell not in scores:
+            head = HeadModel.from_neutral(neutral, basis, shell)
+            ious = []
+            for base, pose, mask in frames:
+                sil = silhouette(head, base, pose, K, size)
+                ious.append((sil & mask).sum() / max((sil | mask).sum(), 1))
+            scores[shell] = float(np.mean(ious)), head
+        return scores[shell][0]
+
+    best = max((Shell(width=w, top=t) for w in grids["width"] for t in grids["top"]), key=score)
+    for name in ("bottom", "depth", "width", "top"):
+        best = max((Shell(**{**best.__dict__, name: value}) for value in grids[name]), key=score)
+    best_iou, best_head = scores[best]
+    return best_head, best, best_iou

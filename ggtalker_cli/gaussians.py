@@ -171,7 +171,8 @@ class GaussianMap(nn.Module):
         init[sum(GROUPS.values()) :] = 0.1 * torch.randn(C - sum(GROUPS.values()), self.res * self.res, generator=gen)
         return init.view(C, self.res, self.res)
 
-    def _index(self) -> tuple[Tensor, Tensor, Tensor]:
+    def bound(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat texel index, triangle id and barycentrics (N, 3) of the alive Gaussians."""
         keep = self.alive.view(-1)[self.texel]
         return self.texel[keep], self.tri[keep], self.bary[keep]
 
@@ -182,14 +183,14 @@ class GaussianMap(nn.Module):
         """{group: (N, channels)} of the alive Gaussians, in texel order; read from `full`
         (a (C, R, R) map, e.g. one the expression→visual prior predicted) instead of the
         parameters when given."""
-        texel, _, _ = self._index()
+        texel, _, _ = self.bound()
         groups = self.groups if full is None else dict(zip(self.sizes, full.split(list(self.sizes.values()), 0)))
         return {k: groups[k].reshape(c, -1)[:, texel].T for k, c in self.sizes.items()}
 
     def splats(self, verts: Tensor, full: Tensor | None = None) -> dict[str, Tensor]:
         """Posed Gaussians for head vertices (478 + E, 3): means, quats, scales, opacities,
         plus the raw local values the regularisers and the colour MLP read (`full`: see values)."""
-        _, tri, bary = self._index()
+        _, tri, bary = self.bound()
         v = self.values(full)
         R_tri, s_tri = triangle_frames(verts, self.head.faces)
         corners = verts[self.head.faces[tri]]  # (N, 3, 3)

@@ -42,7 +42,7 @@ class Probe:
     audio_codec: str | None  # None: no audio stream
     audio_rate: int | None
     audio_channels: int | None
-    audio_start: float  # audio start minus video start, seconds (A/V offset to keep)
+    audio_start: float  # audio start minus the container's start (the decode origin), seconds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +95,9 @@ def probe(path: Path, vfr_tolerance: float = 0.02) -> Probe:
     nominal, average = _rate(v.get("r_frame_rate")), _rate(v.get("avg_frame_rate"))
     duration = float(v.get("duration") or info.get("format", {}).get("duration") or 0.0)
     vfr = nominal > 0 and average > 0 and abs(nominal - average) / nominal > vfr_tolerance
-    v_start = float(v.get("start_time") or 0.0)
+    # decode() resamples from the container's start (the fps filter fills a late video start by
+    # repeating the first frame), so audio is aligned to that same origin, not to the video's.
+    origin = float(info.get("format", {}).get("start_time") or 0.0)
     return Probe(
         path=str(path),
         container=info.get("format", {}).get("format_name", "?"),
@@ -111,7 +113,7 @@ def probe(path: Path, vfr_tolerance: float = 0.02) -> Probe:
         audio_codec=a.get("codec_name") if a else None,
         audio_rate=int(a["sample_rate"]) if a and a.get("sample_rate") else None,
         audio_channels=int(a["channels"]) if a and a.get("channels") else None,
-        audio_start=(float(a.get("start_time") or 0.0) - v_start) if a else 0.0,
+        audio_start=(float(a.get("start_time") or 0.0) - origin) if a else 0.0,
     )
 
 

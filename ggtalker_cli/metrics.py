@@ -252,7 +252,7 @@ def av_lag(envelope: np.ndarray, mouth: np.ndarray, max_lag: int = MAX_LAG) -> t
     best = (0, -math.inf)
     for k in sorted(range(-max_lag, max_lag + 1), key=abs):
         a, b = (env[: n - k], mouth[k:n]) if k >= 0 else (env[-k:n], mouth[: n + k])
-        if len(a) < 3:
+        if n - abs(k) < 3:  # (also keeps |k| >= n from slicing from the end)
             continue
         r = pearson(a, b)
         if r > best[1]:

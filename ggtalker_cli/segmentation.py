@@ -1,15 +1,16 @@
 """Head / torso / background labels without segmentation weights, and the clean background plate.
 
-No segmentation model exists offline, so this is GrabCut seeded by the face landmarks:
-- a shape prior per frame from the landmarks: the face hull is surely head, far from the head
-  ellipse above the jaw is surely background, the rest (hair, neck, shoulders) is decided by
-  colour;
-- one colour model per clip (GrabCut's two 5-component GMMs), learned once on a mosaic of
-  keyframes, then frozen: each frame costs only one small graph cut at `work` resolution;
-- temporal consistency by a per-pixel majority over three consecutive frames (one frame of
-  delay in the stream, no lag in the result);
-- head vs torso/neck split by the jaw line (the lower face oval, extended sideways at the
-  level of the ear lobes).
+No segmentation model exists offline, so the landmarks seed a classical method:
+- a shape prior per frame from the landmarks: the face hull and the core of a skull ellipse are
+  surely head, far outside the head above the jaw is surely background, the rest (hair, neck,
+  shoulders) is weighed by position and decided by colour;
+- one colour model per clip: GrabCut segments a mosaic of keyframes once, and the colours of
+  its foreground and background become a log-odds lookup table; per frame, colour + prior is
+  a table lookup and a blur at `work` resolution (~1 ms at 128²), upsampled to the crop;
+- temporal consistency by a per-pixel majority over three consecutive frames (the stream runs
+  one frame behind, the result has no lag);
+- head vs torso/neck split by the jaw line (the lower face oval, continued sideways a quarter
+  face below the chin so hair hanging beside the neck stays with the head).
 """
 
 from __future__ import annotations
@@ -127,7 +128,6 @@ class Segmenter:
         p_fg = gaussian_filter(hist_fg, 0.7) + 1.0
         p_bg = gaussian_filter(hist_bg, 0.7) + 1.0
         self.lut = np.clip(np.log(p_fg / p_fg.sum()) - np.log(p_bg / p_bg.sum()), -4, 4).astype(np.float32).ravel()
-        self.foreground_fraction = float(fg[used].mean())
 
     def _bins(self, image: np.ndarray) -> np.ndarray:
         q = (image >> (8 - self.BITS)).astype(np.int32)

@@ -98,7 +98,7 @@ class _Whisper:
             start = self.k * audio.HOP
             self.windows = (self.windows + [(start, self.rows(start))])[-2:]
             self.k += 1
-            end = int(math.floor(self.centre(start) * self.fps - 0.5 + 1e-9)) + 1  # frames centred up to the window's centre
+            end = math.floor(self.centre(start) * self.fps - 0.5 + 1e-9) + 1  # frames centred up to the window's centre
             if end > self.n:
                 out.append(self.features(end, [s for s, _ in self.windows]))
             self.buf, self.buf0 = self.buf[start - self.buf0 :], start  # later windows start after this one

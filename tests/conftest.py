@@ -70,3 +70,30 @@ def clip_128(tmp_path_factory, aoc_cut):
     out = tmp_path_factory.mktemp("clips") / "aoc_128"
     summary = preprocess.run(aoc_cut, out, load_config("fast", {"preprocess": {"size": 128}}))
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_avatar(tmp_path_factory, clip_128):
+    """A tiny avatar adapted once from clip_128 at 64² (head, inpainter) plus a tiny A2E prior
+    fitted on the same clip, whose a2e.safetensors is placed in the avatar as adapt's A2E."""
+    import shutil
+
+    import torch
+
+    from ggtalker_cli.config import load_config
+    from ggtalker_cli.stages import adapt, fit_prior
+
+    clip, _ = clip_128
+    root = tmp_path_factory.mktemp("avatar")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread beats two on a busy 2-core box
+    try:
+        a2e_cfg = {"window": 16, "d_model": 32, "layers": 1, "heads": 2, "lip_components": 4, "steps": 30, "batch": 4, "val_every": 10}
+        fit_prior.run([clip], root / "prior", load_config("fast", {"a2e": a2e_cfg}), parts="a2e", holdout=None, device="cpu")
+        cfg = load_config("fast", {"adapt": {"steps": 40, "size": 64, "uv_res": 16, "eval_frames": 2, "log_every": 10},
+                                   "inpainter": {"steps": 20, "log_every": 10}})  # fmt: skip
+        adapt.run(clip, root / "avatar", cfg, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    shutil.copy(root / "prior" / "a2e.safetensors", root / "avatar" / "a2e.safetensors")
+    return root / "avatar", root / "prior", clip

@@ -117,3 +117,27 @@ def test_fit_recovers_a_linear_expression_basis():
 def test_fit_rejects_bad_shapes():
     with pytest.raises(ValueError):
         HeadModel.fit(np.zeros((1, 478, 3)), np.zeros((1, 52)))
+
+
+def test_topology_is_shared_by_every_identity():
+    rng = np.random.default_rng(1)
+    a = HeadModel.template()
+    other = face_model.template_landmarks() * 1.1 + rng.normal(0, 0.2, (478, 3)).astype(np.float32)
+    b = HeadModel.from_neutral(other, shell=face_model.Shell(width=1.4, top=0.6, depth=1.0))
+    for key in ("faces", "face_uvs", "charts", "extra_w"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert not torch.equal(a.extra_c, b.extra_c)  # the rigid shell is placed per identity
+
+
+def test_fit_shell_grows_the_head_to_its_masks():
+    """Masks drawn from a larger head: the fitted shell must cover them better than the default."""
+    head = HeadModel.template()
+    K = np.array([[120.0, 0, 64], [0, 120.0, 64], [0, 0, 1]])
+    pose = np.diag([1.0, -1.0, -1.0, 1.0])
+    pose[2, 3] = 45.0
+    big = HeadModel.from_neutral(head.neutral.numpy(), shell=face_model.Shell(width=1.45, top=0.55))
+    base = head.neutral.numpy()
+    mask = face_model.silhouette(big, base, pose, K, 128)
+    default_iou = (face_model.silhouette(head, base, pose, K, 128) & mask).sum() / mask.sum()
+    fitted, shell, iou = face_model.fit_shell(head.neutral.numpy(), head.basis.numpy(), [(base, pose, mask)], K, 128)
+    assert iou > 0.97 > default_iou + 0.05 and shell.width > 1.3 and shell.top > 0.4

@@ -36,14 +36,17 @@ from ..avatar import Avatar
 from ..clip import Clip
 from ..config import Config
 from ..errors import Exit, GGError
-from ..face_model import HeadModel
+from ..face_model import CHART_IDS, HeadModel
 from ..gaussians import GROUPS, GaussianMap
 from .color_mlp import ColorMLP
 
 WEIGHTS = "e2v.safetensors"
 DEFAULT_PRIOR = Path(__file__).resolve().parents[2] / "priors" / "default"
 PROBES_CM = (0.0, 1.0, 2.0, 4.0)  # head-mask samples along each texel's normal (hair volume, silhouette)
-IN_CHANNELS = 3 + 2 + len(PROBES_CM)  # colour, colour confidence, visibility, probes
+RADII = (1.15, 1.4, 1.8)  # colour + head-mask samples at these multiples of the face outline's radius
+ANGLE_BINS = 72  # angular resolution of the face outline in the image
+FILL_EPS = 0.05  # below this much head in the radial samples, an unseen texel takes the mean seen colour
+IN_CHANNELS = 3 + 2 + len(PROBES_CM) + 4 * len(RADII)
 ZBUF_CELL = 4  # z-buffer cell side in pixels (texel points are sparse, a coarse grid has no holes)
 ZBUF_TOL_CM = 0.5  # a texel this far behind the front-most one in its cell is occluded
 COLOR = slice(sum(list(GROUPS.values())[:4]), sum(GROUPS.values()))  # the colour-logit channels
@@ -76,9 +79,14 @@ def unwrap(binding: GaussianMap, images: Tensor, masks: Tensor, verts: Tensor, p
 
     images (B, M, H, W, 3) and head masks (B, M, H, W, 1) in [0, 1]; verts (B, M, V, 3) all head
     vertices; pose (B, M, 4, 4) face → camera; K (B, M, 3, 3) at H×W; valid (B, M) marks real
-    frames (a batch pads samples with fewer references). Channels: merged colour (unseen texels
-    take the sample's mean visible colour), colour confidence, visibility, then the head mask at
-    PROBES_CM along the normal.
+    frames (a batch pads samples with fewer references). Channels, merged over the frames:
+
+    - colour where the texel is seen on the head (unseen texels take the radial samples' head
+      colour, else the mean seen colour), its confidence, the texel's visibility;
+    - the head mask at PROBES_CM along the texel's normal (how far the head reaches beyond it);
+    - colour + head mask at RADII × the face outline's radius, along the texel's direction from
+      the face's centre in the image. The head shell hides behind the face from the front, so
+      this is where hair and ears are seen: the shell's texels find them at their own angle.
     """
     B, M, H, W, _ = images.shape
     pts, nrm = surface(binding, verts.flatten(0, 1))  # (BM, N, 3)
@@ -89,35 +97,18 @@ def unwrap(binding: GaussianMap, images: Tensor, masks: Tensor, verts: Tensor, p
     size = torch.tensor([W, H], dtype=cam.dtype, device=cam.device)
     img = images.flatten(0, 1).permute(0, 3, 1, 2)
     msk = masks.flatten(0, 1).permute(0, 3, 1, 2)
+    real = valid.flatten().to(cam.dtype)[:, None]
 
-    def project(p: Tensor) -> tuple[Tensor, Tensor]:
+    def project(p: Tensor) -> Tensor:
         q = p @ Kf.mT
-        px = q[..., :2] / q[..., 2:].clamp(min=1e-3)
-        return px, (p[..., 2] > 0.01) & (px >= 0).all(-1) & (px < size).all(-1)
+        return q[..., :2] / q[..., 2:].clamp(min=1e-3)
+
+    def inside(px: Tensor) -> Tensor:
+        return (px >= 0).all(-1) & (px < size).all(-1)
 
     def sample(x: Tensor, px: Tensor) -> Tensor:  # (BM, C, H, W) at pixels (BM, N, 2) -> (BM, N, C)
         grid = (2 * px / size - 1)[:, :, None]
         return F.grid_sample(x, grid, align_corners=False, padding_mode="border")[..., 0].mT
-
-    px, inside = project(cam)
-    front = inside & (facing > 0)
-    cells = max(min(H, W) // ZBUF_CELL, 1)
-    ij = (px / size * cells).long().clamp(0, cells - 1)
-    idx = ij[..., 1] * cells + ij[..., 0]
-    z = torch.where(front, cam[..., 2], torch.inf)
-    zbuf = torch.full((len(z), cells * cells), torch.inf, device=z.device, dtype=z.dtype).scatter_reduce(1, idx, z, "amin")
-    visible = front & (cam[..., 2] <= zbuf.gather(1, idx) + ZBUF_TOL_CM)
-    real = valid.flatten().to(cam.dtype)[:, None]
-    w_geo = facing.clamp(0, 1) * front * real
-    w_vis = w_geo * visible
-    probes = []
-    for d in PROBES_CM:
-        p, ok = project(cam + d * ncam) if d else (px, inside)
-        w = w_vis if d == 0 else w_geo
-        probes.append((sample(msk, p)[..., 0] * ok, w))
-    head_here = probes[0][0]
-    w_col = w_vis * head_here
-    colour = sample(img, px)
 
     def merge(x: Tensor, w: Tensor) -> Tensor:  # (BM, N, C) weighted over the M frames -> (B, N, C)
         w = w.view(B, M, -1, 1)
@@ -126,11 +117,46 @@ def unwrap(binding: GaussianMap, images: Tensor, masks: Tensor, verts: Tensor, p
     def total(w: Tensor) -> Tensor:
         return w.view(B, M, -1).sum(1).clamp(max=1)[..., None]
 
+    # surface: facing the camera and in front in a coarse z-buffer of the texel points
+    px = project(cam)
+    front = inside(px) & (cam[..., 2] > 0.01) & (facing > 0)
+    cells = max(min(H, W) // ZBUF_CELL, 1)
+    ij = (px / size * cells).long().clamp(0, cells - 1)
+    idx = ij[..., 1] * cells + ij[..., 0]
+    z = torch.where(front, cam[..., 2], torch.inf)
+    zbuf = torch.full((len(z), cells * cells), torch.inf, device=z.device, dtype=z.dtype).scatter_reduce(1, idx, z, "amin")
+    visible = front & (cam[..., 2] <= zbuf.gather(1, idx) + ZBUF_TOL_CM)
+    w_geo = facing.clamp(0, 1) * front * real
+    w_vis = w_geo * visible
+    head_here = sample(msk, px)
+    w_col = w_vis * head_here[..., 0]
     conf = total(w_col)
-    rgb = merge(colour, w_col)
+    rgb = merge(sample(img, px), w_col)
+    probes = [merge(head_here, w_vis)]
+    for d in PROBES_CM[1:]:
+        q = project(cam + d * ncam)
+        probes.append(merge(sample(msk, q) * inside(q)[..., None], w_geo))
+
+    # radial: along each texel's image direction from the face's centre, beyond the face outline
+    face = binding.head.charts[binding.tri] == CHART_IDS["face"]
+    centre = px[:, face].mean(1, keepdim=True)
+    rel = px - centre
+    radius = rel.norm(dim=-1).clamp(min=1e-6)
+    bins = ((torch.atan2(rel[..., 1], rel[..., 0]) + math.pi) / (2 * math.pi) * ANGLE_BINS).long().clamp(0, ANGLE_BINS - 1)
+    outline = torch.zeros(len(px), ANGLE_BINS, dtype=px.dtype, device=px.device).scatter_reduce(1, bins[:, face], radius[:, face], "amax")
+    reach = outline.gather(1, bins) / radius
+    radial = []
+    for r in RADII:
+        q = centre + rel * (r * reach)[..., None]
+        w = inside(q).to(q.dtype) * real
+        radial.append((merge(sample(img, q), w), merge(sample(msk, q), w)))
+
+    # unseen texels take the head's colour around the face at their angle (hair, ears), else the
+    # mean seen colour: the generator's starting colours before it has learned anything
     mean = (rgb * conf).sum(1, keepdim=True) / conf.sum(1, keepdim=True).clamp(min=1e-6)
-    rgb = conf * rgb + (1 - conf) * mean
-    feats = [rgb, conf, total(w_vis)] + [merge(m[..., None], w) for m, w in probes]
+    on_head = sum(m for _, m in radial)
+    fill = (sum(c * m for c, m in radial) + FILL_EPS * mean) / (on_head + FILL_EPS)
+    feats = [conf * rgb + (1 - conf) * fill, conf, total(w_vis), *probes, *(x for pair in radial for x in pair)]
     texels = torch.cat(feats, -1).mT  # (B, C, N)
     R = binding.res
     out = torch.zeros(B, texels.shape[1], R * R, dtype=texels.dtype, device=texels.device)

@@ -24,6 +24,7 @@ plain paste); `face` metrics use DESIGN.md's landmark face box on that composite
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,10 +43,11 @@ from torch import Tensor
 
 from .. import artifacts, console, metrics
 from ..avatar import WEIGHTS, Avatar
+from ..body import train_avatar_inpainter
 from ..clip import Clip
 from ..config import AdaptConfig, Config
 from ..errors import Exit, GGError
-from ..face_model import N_BASE, HeadModel
+from ..face_model import HeadModel, fit_shell
 from ..gaussians import write_ply
 from ..losses import hinge_sq, photometric
 
@@ -110,6 +112,57 @@ def _yaw_about(centre: Tensor, degrees: float) -> Tensor:
     M[:3, :3] = torch.tensor([[c, 0, s], [0, 1, 0], [-s, 0, c]], dtype=centre.dtype, device=centre.device)
     M[:3, 3] = centre - M[:3, :3] @ centre
     return M
+
+
+SHELL_FRAMES = 8  # training frames whose head masks the shell is fitted to
+SHELL_SIZE = 128  # ... at this resolution (a silhouette needs no more)
+
+
+def _fit_head(clip: Clip, data: "Data", cfg: AdaptConfig) -> tuple[HeadModel, dict[str, float]]:
+    """The identity's neutral + expression basis, and a head shell fitted to its head masks."""
+    trk = clip.tracking
+    fitted = HeadModel.fit(trk["verts"][data.train], trk["blendshapes"][data.train], cfg.basis_ridge)
+    size = min(clip.size, SHELL_SIZE)
+    K = clip.K.copy()
+    K[:2] *= size / clip.size
+    frames = []
+    for i in data.train[np.linspace(0, len(data.train) - 1, SHELL_FRAMES).astype(int)]:
+        mask = cv2.resize((clip.mask(int(i)) == 2).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        frames.append((trk["verts"][i], trk["pose"][i].astype(np.float64), mask.astype(bool)))
+    head, shell, iou = fit_shell(fitted.neutral.numpy(), fitted.basis.numpy(), frames, K, size)
+    return head, {**dataclasses.asdict(shell), "silhouette_iou": round(iou, 4)}
+
+
+@torch.no_grad()
+def paint(avatar: Avatar, data: "Data", frames: np.ndarray) -> None:
+    """Start each Gaussian at the mean colour of the pixels it lands on in a few training frames.
+
+    Only where its surface faces the camera (within 60°) and the pixel is head; the rest start at
+    the head's mean colour. Starting from the picture instead of grey saves hundreds of steps.
+    """
+    gmap = avatar.gmap
+    total = torch.zeros(len(gmap), 3, device=data.device)
+    count = torch.zeros(len(gmap), device=data.device)
+    head_sum, head_px = torch.zeros(3, device=data.device), 0.0
+    for i in frames:
+        frame, head, _ = data.tensors(data.load(i))
+        s = gmap.splats(avatar.head.vertices(data.verts[i]))
+        R, t = data.pose[i, :3, :3], data.pose[i, :3, 3]
+        cam = s["means"] @ R.T + t
+        facing = -(s["normals"] @ R.T * torch.nn.functional.normalize(cam, dim=-1)).sum(-1)
+        uv = cam @ data.K.T
+        px = (uv[:, :2] / uv[:, 2:].clamp(min=1e-6)).long()
+        inside = (px >= 0).all(-1) & (px < data.size).all(-1) & (cam[:, 2] > 0)
+        x, y = px[:, 0].clamp(0, data.size - 1), px[:, 1].clamp(0, data.size - 1)
+        use = inside & (facing > 0.5) & (head[0, y, x, 0] > 0.5)
+        total += frame[0, y, x] * use[:, None]
+        count += use
+        head_sum += (frame[0] * head[0]).sum((0, 1))
+        head_px += float(head.sum())
+    mean = head_sum / max(head_px, 1.0)
+    rgb = torch.where(count[:, None] > 0, total / count.clamp(min=1)[:, None], mean).clamp(0.02, 0.98)
+    texel, _, _ = gmap.bound()
+    gmap.groups["color"].data.view(3, -1)[:, texel] = torch.log(rgb / (1 - rgb)).T
 
 
 class Data:
@@ -475,7 +528,9 @@ def run(
         console.warn(f"{work}: discarding an interrupted run (pass --resume to continue it)")
         shutil.rmtree(work)
     torch.manual_seed(acfg.seed)
-    data = Data(clip, acfg.size, dev)
+    if acfg.size > clip.size:
+        console.info(f"adapt: training at the clip's {clip.size}² (adapt.size {acfg.size} would only upsample its frames)")
+    data = Data(clip, min(acfg.size, clip.size), dev)
     with artifacts.atomic_dir(out, force=force, work=work) as folder:
         if (folder / CHECKPOINT).exists() or (folder / f"{CHECKPOINT}.old").exists():
             trainer, start, seconds = Trainer.load(folder, data, acfg)
@@ -483,13 +538,15 @@ def run(
         else:
             if resume:
                 console.info(f"{work}: no checkpoint to resume from; starting from step 0")
-            head = HeadModel.fit(clip.tracking["verts"][data.train], clip.tracking["blendshapes"][data.train], acfg.basis_ridge)
+            head, shell = _fit_head(clip, data, acfg)
+            (folder / "shell.json").write_text(json.dumps(shell))
             if prior is not None:
                 from ..models.e2v import init_from_prior
 
                 avatar = init_from_prior(prior, clip, head.to(dev), cfg)
             else:
                 avatar = Avatar.create(head.to(dev), acfg.uv_res, acfg.feature_dim, acfg.hidden, acfg.seed)
+                paint(avatar, data, data.train[np.linspace(0, len(data.train) - 1, SHELL_FRAMES).astype(int)])
             trainer, start, seconds = Trainer(data, acfg, avatar.to(dev)), 0, 0.0
         eval_frames = data.test if acfg.eval_frames <= 0 else data.test[np.linspace(0, len(data.test) - 1, min(acfg.eval_frames, len(data.test))).astype(int)]
         initial = evaluate(trainer.avatar, data, eval_frames) if start == 0 else None
@@ -500,6 +557,7 @@ def run(
         _save_png(folder / "novel_views.png", novel_views(trainer.avatar, data, mid))
         _loss_plot(folder / LOG, folder / "loss.png")
         exported = export(trainer, folder)
+        inpainter = train_avatar_inpainter(trainer.avatar, data, folder, cfg.inpainter)  # needs export's synthesis track
         shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
         meta = {
             "clip": {"path": str(Path(clip_dir).resolve()), "sha256": _file_hash(clip.path / "meta.yaml", clip.tracking_path)},
@@ -507,6 +565,7 @@ def run(
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "train_seconds": round(seconds, 1),
             "steps": acfg.steps,
+            "shell": json.loads((folder / "shell.json").read_text()),
             "size": data.size,
             "metrics": {k: round(v, 4) for k, v in result.items()},
             "initial_metrics": {k: round(v, 4) for k, v in initial.items()} if initial else None,
@@ -517,11 +576,13 @@ def run(
                 "composited over the frame with the GT head region replaced by the plate (no inpainter); face = DESIGN.md face box",
             },
             **exported,
+            "inpainter": inpainter,
             "files": {"weights": WEIGHTS, "ply": "head.ply", "log": LOG, "loss_plot": "loss.png", "previews": "previews",
                       "novel_views": "novel_views.png", "track": "synthesis/track.npz"},  # fmt: skip
             "synthesis": {"body_frames": [int(clip.train_indices[0]), int(clip.train_indices[-1]) + 1], "fps": clip.fps,
                           "track": "synthesis/track.npz"},  # fmt: skip
-            "config": {"adapt": cfg.to_dict()["adapt"]},
+            "config": {"adapt": cfg.to_dict()["adapt"], "inpainter": cfg.to_dict()["inpainter"]},
         }
         artifacts.write_meta(folder, "avatar", meta)
+        (folder / "shell.json").unlink()  # recorded in meta.yaml; kept until now for --resume
     return {"avatar": str(out), **{f"test_{k}": round(v, 2) for k, v in result.items()}, "train_seconds": round(seconds, 1), "device": meta["device"]}

@@ -49,7 +49,6 @@ from ..clip import Clip
 from ..errors import Exit, GGError
 from ..models import a2e
 from ..stream import Expressions, Frames
-from ..viz import FRONTAL
 
 A2E_FILE = "a2e.safetensors"
 EYE_PREFIXES = ("eye", "brow")  # blendshapes taken from the replayed frame, not from the audio
@@ -133,6 +132,8 @@ def read_pose_file(path: Path) -> np.ndarray:
         else:
             rows = np.loadtxt(path, delimiter=",", ndmin=2, comments="#", skiprows=_header_rows(path))
             from scipy.spatial.transform import Rotation
+
+            from ..viz import FRONTAL  # (lazy: viz pulls in matplotlib)
 
             pose = np.tile(np.eye(4, dtype=np.float32), (len(rows), 1, 1))
             pose[:, :3, :3] = Rotation.from_euler("xyz", rows[:, [1, 0, 2]], degrees=True).as_matrix() @ FRONTAL
@@ -290,11 +291,25 @@ class Synthesizer:
 # audio in
 
 
+def read_audio(path: Path) -> np.ndarray:
+    """16 kHz mono float32 samples: audio.load_audio (any format, through ffmpeg), or where no
+    ffmpeg exists (the GPU machines) a 16 kHz mono 16-bit wav read by the standard library."""
+    if media.has_ffmpeg():
+        return audio.load_audio(path)
+    try:
+        samples, rate = media.read_wav(path)
+    except (wave.Error, EOFError, GGError) as e:
+        raise GGError(f"{path}: without ffmpeg only 16 kHz mono 16-bit wav can be read; install ffmpeg or convert the audio", Exit.RESOURCE) from e
+    if rate != audio.SAMPLE_RATE:
+        raise GGError(f"{path}: {rate} Hz; without ffmpeg only 16 kHz mono 16-bit wav can be read; install ffmpeg or convert the audio", Exit.RESOURCE)
+    return samples
+
+
 def _file_samples(path: Path, start: float, end: float | None) -> np.ndarray:
     """A whole file decoded (audio.load_audio checks it) and cut to [start, end) seconds."""
-    samples = audio.load_audio(path)
-    a = int(round(start * audio.SAMPLE_RATE))
-    b = len(samples) if end is None else min(len(samples), int(round(end * audio.SAMPLE_RATE)))
+    samples = read_audio(path)
+    a = round(start * audio.SAMPLE_RATE)
+    b = len(samples) if end is None else min(len(samples), round(end * audio.SAMPLE_RATE))
     if b - a < audio.MIN_SECONDS * audio.SAMPLE_RATE:
         raise GGError(f"{path}: {max(b - a, 0) / audio.SAMPLE_RATE:.2f} s of audio in --start/--end; at least {audio.MIN_SECONDS} s is needed", Exit.INPUT_INVALID)
     return samples[a:b]
@@ -312,8 +327,8 @@ def _stream_chunks(source: str, start: float, end: float | None) -> Iterator[np.
         .global_args("-nostdin" if source != "-" else "-hide_banner", "-loglevel", "error")
         .compile()
     )
-    skip = int(round(start * audio.SAMPLE_RATE))
-    left = math.inf if end is None else int(round((end - start) * audio.SAMPLE_RATE))
+    skip = round(start * audio.SAMPLE_RATE)
+    left = math.inf if end is None else round((end - start) * audio.SAMPLE_RATE)
     step = int(CHUNK_S * audio.SAMPLE_RATE) * 4
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(args, stdin=sys.stdin.buffer if source == "-" else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
@@ -431,8 +446,10 @@ def check_target(target: str, force: bool) -> None:
     parent = path.resolve().parent
     if not parent.is_dir():
         raise GGError(f"{parent}: output folder does not exist; create it or choose another -o", Exit.OUTPUT)
-    if not os.access(parent, os.W_OK):
-        raise GGError(f"{parent}: folder is not writable; choose a writable -o", Exit.OUTPUT)
+    try:  # os.access says yes to root everywhere; only a real file says whether it can be written
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise GGError(f"{parent}: cannot write files there ({e.strerror}); choose a writable -o", Exit.OUTPUT) from e
 
 
 @contextmanager

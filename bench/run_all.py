@@ -1,0 +1,267 @@
+"""`make bench`: preprocess → fit-prior → adapt → synth → eval over every real clip, one summary table.
+
+    python bench/run_all.py --out bench/results                      # everything, on this machine
+    python bench/run_all.py --steps adapt,speed --device cuda        # the GPU part (device tool)
+    python bench/run_all.py --steps a2e,synth,eval,summary           # the rest, where ffmpeg/whisper/mediapipe are
+
+Every step reuses what an earlier run left in `--work` (default out/bench; clips in out/clips),
+so a run can be split across machines: the device tool's GPU machines have no ffmpeg, whisper
+or mediapipe (and a 64 MiB carry), so there the useful steps are `adapt` (clips packed with
+bench/pack_clip.py) and `speed` (render + inpainter + encode of every avatar at its size,
+expressions from its own track: synthesis minus whisper/A2E, which are tiny next to it). Eval
+then renders and scores on a machine that has the rest. `--steps score` finishes reports whose
+landmark scoring was deferred.
+
+Steps: preprocess (each video → clip), prior (fit-prior a2e over all clips' training frames),
+adapt (head + inpainter), a2e (adapt the prior's A2E to each clip and store it in the avatar as
+`a2e.safetensors`, what adapt does when given an a2e prior), synth (one OOD speech clip → mp4,
+end-to-end speed), eval (report per avatar, OOD audio included), score, speed, summary
+(bench/results/summary.{md,json}: quality, lip-sync, speed, the no-audio baseline, device, date).
+One clip failing is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared" / "data" / "real"
+STEPS = ("preprocess", "prior", "adapt", "a2e", "synth", "eval", "score", "speed", "summary")
+OOD = ("de_german_9s.wav", "zh_chinese_news_8s.wav")  # eval's out-of-distribution speech (other languages)
+SYNTH_AUDIO = "en_hallo2_12s.wav"
+
+
+def ggtalker(*args: str, log: Path) -> dict:
+    """Run one CLI verb with --json; its stderr goes to `log`; a failure raises with the last line."""
+    with open(log, "a") as err:
+        err.write(f"\n$ ggtalker {' '.join(args)}\n")
+        err.flush()
+        done = subprocess.run([sys.executable, "-m", "ggtalker_cli.cli", "--json", *args], stdout=subprocess.PIPE, stderr=err, text=True, check=False)
+    if done.returncode != 0:
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        raise RuntimeError(f"ggtalker {args[0]} exited {done.returncode}: {lines[-1] if lines else ''}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def attach_a2e(prior: Path, clip: Path, avatar: Path, device: str) -> dict:
+    """Adapt the prior's A2E to the clip (a2e_train.adapt_a2e) and store it in the avatar."""
+    from safetensors.torch import load_file, save_file
+
+    from ggtalker_cli.a2e_train import adapt_a2e
+    from ggtalker_cli.config import load_config
+
+    state, log = adapt_a2e(load_file(str(prior / "a2e.safetensors")), clip, load_config().a2e, device)
+    tmp = avatar / ".a2e.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(avatar / "a2e.safetensors")
+    (avatar / "a2e_log.json").write_text(json.dumps(log, indent=1))
+    return {k: log[k] for k in ("best_step", "best_val_loss", "prior_val_loss")}
+
+
+def speed(avatar: Path, device: str, frames: int = 250) -> dict:
+    """Render + composite + encode of `frames` frames at the avatar's size, expressions from its
+    own track (synthesis minus whisper/A2E); ms per frame and FPS, timed after a warm-up."""
+    import numpy as np
+
+    from ggtalker_cli import media
+    from ggtalker_cli.stages.synth import Synthesizer, device_of
+
+    dev = device_of(device)
+    synth = Synthesizer(avatar, dev)
+    try:
+        idx = np.arange(frames)
+        bodies = synth.bodies(idx, synth.clip.fps)
+        poses = synth.poses(idx, bodies, synth.clip.fps)
+        exprs = synth.track["blendshapes"][bodies]
+        for _ in synth.frames(exprs[:16], poses[:16], bodies[:16]):  # warm-up (kernels, caches)
+            pass
+        timings: dict[str, float] = {}
+        out = REPO / "out" / "bench" / f".speed_{avatar.name}.mp4"
+        tic = time.perf_counter()
+        with media.open_writer(out, synth.clip.fps, synth.size, synth.size) as writer:
+            for image in synth.frames(exprs, poses, bodies, timings=timings):
+                writer.write(image)
+        wall = time.perf_counter() - tic
+        out.unlink(missing_ok=True)
+    finally:
+        synth.close()
+    return {"frames": frames, "size": synth.size, "fps": round(frames / wall, 1), "body": synth.body.kind,
+            "encoder": "libx264" if media.has_ffmpeg() else "OpenCV mp4v",
+            **{f"{k}_ms": round(1000 * v / frames, 3) for k, v in timings.items()}}  # fmt: skip
+
+
+def value(report: dict, variant: str, key: str):
+    return report["variants"][variant]["metrics"].get(key, {}).get("value")
+
+
+def summary(work: Path, names: list[str], out: Path, device: str) -> None:
+    rows = []
+    for name in names:
+        state = json.loads((work / "state" / f"{name}.json").read_text()) if (work / "state" / f"{name}.json").is_file() else {}
+        rep_path = work / "eval" / name / "report.json"
+        rep = json.loads(rep_path.read_text()) if rep_path.is_file() else None
+        row = {"clip": name, "errors": state.get("errors", {})}
+        if rep:
+            row.update(
+                test_frames=rep["protocol"]["frames"], size=rep["protocol"]["size"],
+                **{f"{v}_{k}": value(rep, v, k) for v in ("audio", "tracked", "no_audio") for k in ("psnr", "ssim", "lmd", "mouth_open_r", "av_lag")},
+                gt_av_lag=value(rep, "gt", "av_lag"), lmd_floor=value(rep, "detector_floor", "lmd"),
+                retrieval_psnr=value(rep, "retrieval_landmarks", "psnr"), retrieval_lmd=value(rep, "retrieval_landmarks", "lmd"),
+                seam_inpainter=value(rep, "tracked", "psnr_seam"), seam_paste=value(rep, "tracked_paste", "psnr_seam"),
+                eval_device=rep["speed"]["device"], pending=bool(rep["pending"]),
+                ood_av_lag=[e["metrics"]["av_lag"]["value"] for e in rep["ood"]],
+            )  # fmt: skip
+        meta_path = work / "avatars" / name / "meta.yaml"
+        meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else {}
+        adapt_s = (meta.get("train_seconds") or 0) + ((meta.get("inpainter") or {}).get("train_seconds") or 0)
+        row.update(adapt_s=adapt_s or None, adapt_device=meta.get("device"),
+                   synth_fps=state.get("synth", {}).get("fps_achieved"), synth_device=state.get("synth", {}).get("device"),
+                   render_fps=state.get("speed", {}).get("fps"), speed=state.get("speed"))  # fmt: skip
+        rows.append(row)
+    result = {"bench": "run_all", "date": datetime.date.today().isoformat(), "device": device_name(device), "protocol": "docs/evaluation.md",
+              "rows": rows}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    def f(x, spec=".2f"):
+        return "–" if x is None else format(x, spec) if isinstance(x, (int, float)) else str(x)
+
+    lines = [
+        f"# ggtalker bench — {result['date']}, {result['device']}",
+        "",
+        "Self-reenactment on each clip's held-out last 10% (docs/evaluation.md): the full system (expressions from the held-out "
+        "audio) and the no-audio baseline (mean expression), both composited onto the test frames' own bodies. LMD in px at 512² "
+        "(mediapipe lips, centred); lag in frames (mouth after audio > 0; compare with the ground truth's own lag).",
+        "",
+        "| clip | frames | PSNR | SSIM | LMD | mouth r | lag (GT) | no-audio PSNR | no-audio LMD | no-audio mouth r | LMD floor | adapt s | synth fps | render+inpaint fps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "audio_psnr" not in r:
+            lines.append(f"| {r['clip']} | failed: {'; '.join(f'{k}: {v}' for k, v in r['errors'].items()) or 'not run'} |" + " |" * 12)
+            continue
+        lines.append(
+            f"| {r['clip']} | {r['test_frames']} | {f(r['audio_psnr'])} | {f(r['audio_ssim'], '.3f')} | {f(r['audio_lmd'])} | {f(r['audio_mouth_open_r'], '.3f')} "
+            f"| {f(r['audio_av_lag'], '+.0f')} ({f(r['gt_av_lag'], '+.0f')}) | {f(r['no_audio_psnr'])} | {f(r['no_audio_lmd'])} | {f(r['no_audio_mouth_open_r'], '.3f')} "
+            f"| {f(r['lmd_floor'])} | {f(r['adapt_s'], '.0f')} | {f(r['synth_fps'], '.1f')} | {f(r['render_fps'], '.1f')} |"
+        )
+    devices = sorted({f"{k}: {r[k]}" for r in rows for k in ("adapt_device", "synth_device", "eval_device") if r.get(k)})
+    lines += ["", "Devices: " + "; ".join(devices) if devices else "", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def finished(step: str, name: str, state: dict, args: argparse.Namespace, device: str) -> bool:
+    """Whether an earlier run (maybe on another machine) already did this step for this clip."""
+    avatar, report = args.work / "avatars" / name, args.work / "eval" / name / "report.json"
+    if step == "adapt":
+        return (avatar / "meta.yaml").is_file()
+    if step == "a2e":
+        return (avatar / "a2e.safetensors").is_file()
+    if step == "eval":
+        return report.is_file()
+    if step == "score":
+        return not report.is_file() or not json.loads(report.read_text())["pending"]
+    if step == "speed":
+        return state.get("speed", {}).get("device") == device_name(device)
+    return step in state
+
+
+def run_step(step: str, name: str, args: argparse.Namespace, prior: Path, device: str) -> dict:
+    clip, avatar, log = args.clip_dir / name, args.work / "avatars" / name, args.work / "logs" / f"{name}.log"
+    report = args.work / "eval" / name
+    if step == "adapt":
+        return ggtalker("adapt", str(clip), "-o", str(avatar), "--preset", args.preset, "--device", device, log=log)
+    if step == "a2e":
+        return attach_a2e(prior, clip, avatar, None if device == "auto" else device)
+    if step == "synth":
+        return ggtalker("synth", str(avatar), "--audio", str(REAL / "audio" / SYNTH_AUDIO), "-o", str(args.work / "synth" / f"{name}.mp4"),
+                        "--device", device, "--force", log=log)  # fmt: skip
+    if step == "eval":
+        ood = [x for a in OOD for x in ("--audio", str(REAL / "audio" / a))]
+        size = ["--size", str(args.eval_size)] if args.eval_size else []
+        return ggtalker("eval", str(avatar), "-o", str(report), "--device", device, "--force", *ood, *size, log=log)
+    if step == "score":
+        return ggtalker("eval", "--score-only", "-o", str(report), log=log)
+    return speed(avatar, device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", type=Path, default=REAL / "videos")
+    ap.add_argument("--clips", default=None, help="comma-separated clip names (default: every video)")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    ap.add_argument("--work", type=Path, default=REPO / "out" / "bench")
+    ap.add_argument("--clip-dir", type=Path, default=REPO / "out" / "clips")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--preset", default="balanced")
+    ap.add_argument("--prior", type=Path, default=None, help="an existing prior with an a2e part (default: fit one in --work)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--eval-size", type=int, default=None, help="render/score eval at this side (default: the clip's)")
+    args = ap.parse_args()
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise SystemExit(f"unknown steps {unknown}; choose from {STEPS}")
+    videos = sorted(args.videos.glob("*.mp4"))
+    names = [v.stem for v in videos] if args.clips is None else args.clips.split(",")
+    for sub in ("avatars", "eval", "synth", "state", "logs"):
+        (args.work / sub).mkdir(parents=True, exist_ok=True)
+    prior = args.prior or args.work / "prior"
+    device = args.device
+
+    def state_of(name: str) -> dict:
+        path = args.work / "state" / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else {"errors": {}}
+
+    def save(name: str, state: dict) -> None:
+        (args.work / "state" / f"{name}.json").write_text(json.dumps(state, indent=1))
+
+    if "preprocess" in steps:
+        for name in names:
+            if not (args.clip_dir / name / "meta.yaml").is_file():
+                ggtalker("preprocess", str(args.videos / f"{name}.mp4"), "-o", str(args.clip_dir / name), log=args.work / "logs" / f"{name}.log")
+    clips = [n for n in names if (args.clip_dir / n / "meta.yaml").is_file()]
+    if "prior" in steps and not (prior / "meta.yaml").is_file():
+        ggtalker("fit-prior", *[str(args.clip_dir / n) for n in clips], "-o", str(prior), "--preset", args.preset, "--device", device,
+                 log=args.work / "logs" / "prior.log")  # fmt: skip
+    for name in clips:
+        state = state_of(name)
+        for step in STEPS[2:-1]:
+            if step not in steps or (step != "adapt" and not (args.work / "avatars" / name / "meta.yaml").is_file()):
+                continue
+            if finished(step, name, state, args, device):
+                continue
+            print(f"[{name}] {step}", flush=True)
+            try:
+                result = run_step(step, name, args, prior, device)
+                state[step] = {**result, "device": device_name(device)} if step == "speed" else result
+                state.setdefault("errors", {}).pop(step, None)
+            except Exception as e:  # noqa: BLE001  (one clip's failure must not stop the table)
+                state.setdefault("errors", {})[step] = str(e)[:300]
+                print(f"[{name}] {step} failed: {e}", flush=True)
+            save(name, state)
+    if "summary" in steps:
+        summary(args.work, names, args.out, device)
+
+
+if __name__ == "__main__":
+    main()

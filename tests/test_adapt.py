@@ -1,0 +1,131 @@
+"""`ggtalker adapt` on a real 3-second cut at 128² (CPU): it learns, resumes exactly, exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from ggtalker_cli import artifacts
+from ggtalker_cli.avatar import Avatar
+from ggtalker_cli.clip import Clip
+from ggtalker_cli.cli import app
+from ggtalker_cli.config import load_config
+from ggtalker_cli.errors import Exit, GGError
+from ggtalker_cli.gaussians import read_ply
+from ggtalker_cli.stages import adapt
+
+# Held-out head PSNR (dB) the CI run must reach; the untrained grey head scores ~14 dB.
+HEAD_PSNR_MIN = 21.0
+CI = {"size": 128, "steps": 200, "uv_res": 48, "checkpoint_every": 1000}
+
+
+@pytest.fixture(scope="module")
+def adapted(clip_128, tmp_path_factory):
+    clip, _ = clip_128
+    out = tmp_path_factory.mktemp("avatars") / "aoc"
+    summary = adapt.run(clip, out, load_config("fast", {"adapt": CI}), device="cpu")
+    return clip, out, summary
+
+
+def test_adapt_beats_the_initial_render_on_held_out_frames(adapted):
+    _, out, _ = adapted
+    meta = artifacts.read_meta(out, "avatar")
+    m, m0 = meta["metrics"], meta["initial_metrics"]
+    assert m["psnr_head"] > HEAD_PSNR_MIN > m0["psnr_head"] + 4
+    assert m["ssim_head"] > m0["ssim_head"] + 0.2
+    assert m["psnr_full"] > m0["psnr_full"] and m["psnr_face"] > m0["psnr_face"]
+    # the blendshape-driven mesh (what audio will drive) renders nearly as well as the tracked one
+    assert m["psnr_head_driven"] > m["psnr_head"] - 2.0
+
+
+def test_adapt_writes_a_complete_avatar(adapted):
+    clip, out, _ = adapted
+    meta = artifacts.read_meta(out, "avatar")
+    for name in ("weights.safetensors", "head.ply", "train_log.jsonl", "loss.png", "novel_views.png", "synthesis/track.npz"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "previews").glob("*.png"))) >= 2
+    assert not (out / "checkpoint").exists()
+    assert not artifacts.work_dir_for(out).exists()
+    ply = read_ply(out / "head.ply")
+    assert len(ply["x"]) == meta["gaussians"] and np.isfinite(np.stack(list(ply.values()))).all()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 0 and log[-1]["step"] == CI["steps"] - 1 and log[-1]["loss"] < log[0]["loss"]
+    track = np.load(out / "synthesis" / "track.npz")
+    assert track["pose"].shape[0] == track["blendshapes"].shape[0] == len(Clip(clip))
+    assert not track["refined"][meta["eval"]["frames"]].any()  # test frames keep their raw tracking
+    avatar = Avatar.load(out)
+    data = adapt.Data(Clip(clip), CI["size"], torch.device("cpu"))
+    again = adapt.evaluate(avatar, data, np.asarray(meta["eval"]["frames"]))
+    assert again["psnr_head"] == pytest.approx(meta["metrics"]["psnr_head"], abs=1e-3)  # the saved avatar is the evaluated one
+
+
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """Deliver a real SIGINT to this process while `step` runs."""
+    original = adapt.Trainer.step
+
+    def step_and_signal(self, i, batch, frames):
+        if i == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, i, batch, frames)
+
+    monkeypatch.setattr(adapt.Trainer, "step", step_and_signal)
+
+
+def test_interrupt_then_resume_is_exact(clip_128, tmp_path, monkeypatch):
+    clip, _ = clip_128
+    # small and fast, but crossing pruning, the UV upsample and the refinement warm-up
+    settings = {"size": 64, "steps": 8, "uv_res": 24, "upsample_at": 0.6, "prune_every": 2, "refine_after": 0.3,
+                "checkpoint_every": 1000, "eval_frames": 1, "log_every": 1}  # fmt: skip
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(json.dumps({"adapt": settings}))  # JSON is YAML
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    runner = CliRunner()
+    args = ["adapt", str(clip), "--preset", str(preset), "--device", "cpu", "--seed", "3"]
+    assert runner.invoke(app, [*args, "-o", str(straight)]).exit_code == 0
+
+    _interrupt_at(monkeypatch, 3)
+    result = runner.invoke(app, [*args, "-o", str(resumed)])
+    assert result.exit_code == int(Exit.INTERRUPTED), result.output
+    work = artifacts.work_dir_for(resumed)
+    assert json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 4 and not resumed.exists()
+    monkeypatch.undo()
+    assert runner.invoke(app, [*args, "-o", str(resumed), "--resume"]).exit_code == 0
+
+    a, b = load_file(str(straight / "weights.safetensors")), load_file(str(resumed / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ta, tb = np.load(straight / "synthesis" / "track.npz"), np.load(resumed / "synthesis" / "track.npz")
+    assert all(np.array_equal(ta[k], tb[k]) for k in ta.files)
+    la = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (straight / "train_log.jsonl").read_text().splitlines()]
+    lb = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (resumed / "train_log.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is missing")
+def test_cuda_without_cuda_is_a_resource_error(clip_128, tmp_path):
+    with pytest.raises(GGError) as e:
+        adapt.run(clip_128[0], tmp_path / "a", load_config("fast"), device="cuda")
+    assert e.value.code == Exit.RESOURCE and "cuda" in e.value.message
+
+
+def test_prior_without_e2v_is_refused(clip_128, tmp_path):
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    artifacts.write_meta(prior, "prior", {"parts": ["a2e"]})
+    with pytest.raises(GGError) as e:
+        adapt.run(clip_128[0], tmp_path / "a", load_config("fast"), prior=prior, device="cpu")
+    assert e.value.code == Exit.ARTIFACT and "e2v" in e.value.message
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adapt_on_cuda(clip_128, tmp_path):
+    out = tmp_path / "gpu"
+    adapt.run(clip_128[0], out, load_config("fast", {"adapt": {**CI, "steps": 300}}), device="cuda")
+    assert artifacts.read_meta(out, "avatar")["metrics"]["psnr_head"] > HEAD_PSNR_MIN

@@ -1,0 +1,155 @@
+"""The expression→visual prior: unwrap + generator, mirrored identities, fit-prior e2v (resumable),
+and adapt starting from the prior, on short real cuts preprocessed at 128² (rendered at 64²)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ggtalker_cli import artifacts, e2v_train
+from ggtalker_cli.clip import Clip
+from ggtalker_cli.config import load_config
+from ggtalker_cli.errors import Exit, GGError
+from ggtalker_cli.face_model import HeadModel
+from ggtalker_cli.models.e2v import E2V, IN_CHANNELS, WEIGHTS, choose_prior, reference_frames, unwrap, with_topology
+from ggtalker_cli.stages import adapt, fit_prior
+from ggtalker_cli.stages.adapt import Data
+
+
+def tiny_cfg(**e2v):
+    e2v = {"size": 64, "uv_res": 32, "channels": [8, 16], "embed_dim": 4, "batch": 2, "steps": 6, "workers": 0, "val_every": 3,
+           "val_samples": 2, "checkpoint_every": 3, "max_sources": 2, "adapt_sources": 4, **e2v}  # fmt: skip
+    return load_config("fast", {"e2v": e2v, "adapt": {"size": 64, "uv_res": 32, "steps": 2, "eval_frames": 3}})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core box spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def macron_128(tmp_path_factory, macron_cut):
+    """A second identity the prior never sees: the adaptation target."""
+    from ggtalker_cli.stages import preprocess
+
+    out = tmp_path_factory.mktemp("clips") / "macron_128"
+    preprocess.run(macron_cut, out, load_config("fast", {"preprocess": {"size": 128}}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def prior(clip_128, tmp_path_factory):
+    out = tmp_path_factory.mktemp("priors") / "prior"
+    summary = fit_prior.run([clip_128[0]], out, tiny_cfg(), parts="e2v", device="cpu")
+    return out, summary
+
+
+def test_mirrored_identity_is_exact(clip_128):
+    """Mirrored landmarks project through the reflected camera onto the flipped landmarks."""
+    data = Data(Clip(clip_128[0]), 64, torch.device("cpu"))
+    e2v_train.mirror(data)
+    i = int(data.train[len(data.train) // 2])
+    cam = data.verts[i] @ data.pose[i, :3, :3].T + data.pose[i, :3, 3]
+    q = cam @ data.K.T
+    assert np.abs((q[:, :2] / q[:, 2:]).numpy() - data.landmarks[i]).max() < 0.01
+    assert torch.det(data.pose[i, :3, :3]) == pytest.approx(1.0, abs=1e-4)  # still a rotation
+    perm = e2v_train.landmark_mirror()
+    assert (perm[perm] == np.arange(478)).all() and perm[1] == 1  # an involution; the nose tip stays
+
+
+def test_generator_starts_from_the_unwrapped_colours(clip_128):
+    """Shapes and ranges; an untrained generator = mean head with the references' colours."""
+    clip = Clip(clip_128[0])
+    data = Data(clip, 64, torch.device("cpu"))
+    template = HeadModel.template()
+    model = E2V(template, 32, 8, 16, [8, 16], 4)
+    head = with_topology(HeadModel.fit(data.verts[data.train].numpy(), data.blendshapes[data.train].numpy()), template)
+    frames = reference_frames(clip.tracking["pose"], data.train, 3)
+    assert len(frames) == 3 and set(frames) <= set(data.train.tolist())
+    views = [data.load(i) for i in frames]
+    idx = torch.as_tensor(frames)
+    x = unwrap(model.template, torch.as_tensor(np.stack([v[0] for v in views]))[None], torch.as_tensor(np.stack([v[1] for v in views]))[None],
+               head.vertices(data.verts[idx])[None], data.pose[idx][None], data.K.expand(1, 3, 3, 3), torch.ones(1, 3, dtype=torch.bool))  # fmt: skip
+    assert x.shape == (1, IN_CHANNELS, 32, 32) and x.min() >= 0 and x.max() <= 1
+    covered = model.template.alive
+    assert (x[0][:, ~covered] == 0).all()
+    seen = x[0, 3] > 0.5  # colour confidence
+    assert 0.1 < seen[covered].float().mean() < 0.9  # the face is seen, the back of the head is not
+    with torch.no_grad():
+        uv_map = model(x)
+        colour = torch.sigmoid(uv_map[0, 11:14])
+        assert uv_map.shape == (1, model.template.map.shape[0], 32, 32) and torch.isfinite(uv_map).all()
+        assert torch.allclose(colour[:, seen], x[0, :3][:, seen].clamp(0.02, 0.98), atol=1e-4)
+        i = int(data.test[0])
+        out, _ = model.render(uv_map[0], head.vertices(data.verts[i]), data.pose[i], data.blendshapes[i], data.K, 64, data.plate)
+    assert out.rgb.shape == (1, 64, 64, 3) and 0 <= out.rgb.min() and out.rgb.max() <= 1 + 1e-5
+
+
+def test_fit_prior_e2v_writes_a_prior(prior):
+    out, summary = prior
+    meta = yaml.safe_load((out / "meta.yaml").read_text())
+    part = meta["parts"]["e2v"]
+    assert summary["parts"] == ["e2v"] and [c["step"] for c in part["curve"]] == [0, 3, 6]
+    assert part["identities"] == ["aoc_128", "aoc_128 (mirrored)"] and part["validation"].startswith("last 10%")
+    assert all((out / f).is_file() for f in (WEIGHTS, "e2v_grid.png", "val_loss.png"))
+    assert not list(out.glob("*.ckpt"))
+    model, info = E2V.load(out / WEIGHTS)
+    saved = load_file(str(out / WEIGHTS))
+    assert info["size"] == 64 and all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_adapt_from_prior_starts_better_than_scratch(prior, macron_128, tmp_path):
+    """The prior-initialised map beats the scratch map on held-out frames of an unseen identity."""
+    cfg = tiny_cfg()
+    with_prior = adapt.run(macron_128, tmp_path / "prior", cfg, prior=prior[0], device="cpu")
+    scratch = adapt.run(macron_128, tmp_path / "scratch", cfg, device="cpu")
+    start = {k: yaml.safe_load((tmp_path / k / "meta.yaml").read_text()) for k in ("prior", "scratch")}
+    assert start["prior"]["prior"] == str(prior[0].resolve()) and start["scratch"]["prior"] is None
+    p0, s0 = start["prior"]["initial_metrics"]["psnr_head"], start["scratch"]["initial_metrics"]["psnr_head"]
+    assert p0 > s0 + 1.0, (p0, s0)
+    assert with_prior["test_psnr_head"] > scratch["test_psnr_head"]
+
+
+def test_resume_continues_the_same_stream(clip_128, tmp_path, monkeypatch):
+    """Interrupted after 3 steps and resumed == one uninterrupted run, bit for bit."""
+    cfg = tiny_cfg(steps=6, val_every=6).e2v
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    e2v_train.train_prior([clip_128[0]], [], straight, cfg, "cpu", resume=False)
+
+    real, calls = e2v_train._to_device, {"n": 0}
+
+    def interrupt(batch, device):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(batch, device)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    monkeypatch.setattr(e2v_train, "_to_device", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        e2v_train.train_prior([clip_128[0]], [], resumed, cfg, "cpu", resume=False)
+    monkeypatch.setattr(e2v_train, "_to_device", real)
+    assert torch.load(resumed / e2v_train.CHECKPOINT, weights_only=True)["step"] == 3
+    summary = e2v_train.train_prior([clip_128[0]], [], resumed, cfg, "cpu", resume=True)
+    a, b = load_file(str(straight / WEIGHTS)), load_file(str(resumed / WEIGHTS))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [c["step"] for c in summary["curve"]] == [0, 6]  # step 0 from the first run, not repeated
+
+
+def test_choose_prior(tmp_path):
+    with pytest.raises(GGError) as e:
+        choose_prior(tmp_path, no_prior=True)
+    assert e.value.code == Exit.USAGE
+    assert choose_prior(tmp_path, no_prior=False) == tmp_path
+    assert choose_prior(None, no_prior=True) is None
