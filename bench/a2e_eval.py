@@ -40,7 +40,7 @@ from ggtalker_cli.config import load_config
 from ggtalker_cli.models import a2e
 from ggtalker_cli.stages import fit_prior
 
-AUDIO_DIR = Path("/work/shared/data/real/audio")
+AUDIO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "audio"
 OOD_TARGETS = "cnn_anchor_71s_512_25fps,macron_50s_512_30fps,tedlieu_60s_256_25fps"
 
 
@@ -109,8 +109,9 @@ def main() -> None:
             ad_state, log = adapt_a2e(state, clip, cfg.a2e, device=args.device)
             adapt_s = time.time() - start
             bs_b, mouth_b = a2e.run(a2e.from_state(ad_state).to(args.device), d.features)
-            mean_bs = np.broadcast_to(d.blendshapes[: d.n_train][d.valid[: d.n_train]].mean(0), d.blendshapes.shape)
-            a, b, c = scores(mouth_a, bs_a, d), scores(mouth_b, bs_b, d), scores(None, mean_bs, d)
+            # blendshapes as deviations from each model's identity mean (the prior's is the training average)
+            bs_a, bs_b = bs_a - prior_model.bs_neutral.cpu().numpy(), bs_b - d.bs_neutral
+            a, b, c = scores(mouth_a, bs_a, d), scores(mouth_b, bs_b, d), scores(None, np.zeros_like(d.blendshapes), d)
             rows[name] = {"fold": k, "test_frames": a["frames"], "a": a, "b": b, "c": c,
                           "adapt": {"best_step": log["best_step"], "steps_run": log["steps_run"], "seconds": adapt_s}}  # fmt: skip
             adapted[name], priors[name] = ad_state, state

@@ -11,7 +11,8 @@ then, through the device tool (carry [".whl", ".devdata/packed"]):
     export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 && \
     python3 bench/adapt_gpu.py .devdata/packed/* --out $OUT --size 512 --preset balanced
 
-Per clip it prints one line and writes NAME.json (held-out PSNR/SSIM on head, full frame and
+Several settings in one call: repeat the last line with `--set KEY=VALUE ... --tag T` (outputs
+NAME-T.json). Per clip it prints one line and writes NAME.json (held-out PSNR/SSIM on head, full frame and
 face box, the same before training, adapt wall-clock, peak VRAM and RSS, device) and NAME.png
 (held-out previews and the novel-view strip, to look at: never commit renders of these people).
 A packed clip (frames.mp4) is unpacked to /tmp first; a plain clip folder is used as is.
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--preset", default="balanced")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra adapt.KEY override (YAML value)")
+    parser.add_argument("--tag", default="", help="suffix of the output names (several settings in one call)")
+    parser.add_argument("--no-png", action="store_true", help="write only the JSON (the device tool returns 8 files)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/ggtalker_adapt"))
     args = parser.parse_args()
 
@@ -97,6 +100,7 @@ def main() -> None:
             "steps": meta["steps"],
             "gaussians": meta["gaussians"],
             "train_seconds": meta["train_seconds"],
+            "timings_s": meta["timings_s"],
             "adapt_wall_seconds": round(wall, 1),
             "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -106,11 +110,13 @@ def main() -> None:
             "protocol": meta["eval"]["protocol"],
             "config": meta["config"]["adapt"],
         }
-        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-        cv2.imwrite(str(args.out / f"{name}.png"), _strip(avatar))
+        stem = f"{name}-{args.tag}" if args.tag else name
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        if not args.no_png:
+            cv2.imwrite(str(args.out / f"{stem}.png"), _strip(avatar))
         m = result["metrics"]
         print(
-            f"{name}: head PSNR {m['psnr_head']:.2f} SSIM {m['ssim_head']:.3f} | full PSNR {m['psnr_full']:.2f} "
+            f"{stem}: head PSNR {m['psnr_head']:.2f} SSIM {m['ssim_head']:.3f} | full PSNR {m['psnr_full']:.2f} "
             f"SSIM {m['ssim_full']:.3f} | face PSNR {m['psnr_face']:.2f} | driven head PSNR {m['psnr_head_driven']:.2f} | "
             f"train {result['train_seconds']} s, adapt {result['adapt_wall_seconds']} s, {result['gaussians']} Gaussians, "
             f"VRAM {result['peak_vram_gib']} GiB, RSS {result['peak_rss_gib']} GiB  ({summary['device']})",

@@ -115,8 +115,8 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
     rows = np.concatenate([clips[i].blendshapes[: clips[i].n_train][clips[i].valid[: clips[i].n_train]] for i in train])
     model.lip_basis.copy_(torch.as_tensor(basis))
     model.lip_std.copy_(torch.as_tensor(lip_std))
-    model.bs_mean.copy_(torch.as_tensor(rows.mean(0)))
     model.bs_std.copy_(torch.as_tensor(np.maximum(rows.std(0), 0.02)))  # near-constant blendshapes stay tame
+    model.bs_neutral.copy_(torch.as_tensor(np.mean([clips[i].bs_neutral for i in train], 0)))
     model.neutral.copy_(torch.as_tensor(np.mean([clips[i].neutral for i in train], 0)))
     model.to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -201,6 +201,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     if fit_spans[0][2] < 2:
         raise GGError(f"{clip}: only {data.n_train} training frames; too short to adapt lip motion", Exit.INPUT_INVALID)
     model.neutral.copy_(torch.as_tensor(data.neutral))
+    model.bs_neutral.copy_(torch.as_tensor(data.bs_neutral))
     style = torch.nn.Parameter(model.style.weight[-1].detach().clone())
     for module in (model.feature_norm, model.front, model.style):
         module.requires_grad_(False)

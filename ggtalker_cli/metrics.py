@@ -49,6 +49,14 @@ DEFINITIONS: dict[str, str] = {
     "blink_rate": "Blinks per minute: rising crossings of the blink signal (tracking.signals: mean "
     "of the eyeBlinkLeft/Right blendshapes, 0..1) above 0.5, re-armed only after it falls below "
     "0.3 (hysteresis), divided by the duration in minutes.",
+    "render_ms": "Head render time per frame in ms: the avatar's Gaussians for one frame plus rasterisation, wall-clock with "
+    "the device synchronised, mean over the frames of one run.",
+    "composite_ms": "Body composite time per frame in ms: blank mask + inpainter (fp16 on CUDA) or plate paste, and the "
+    "conversion to uint8, in batches of 8, mean per frame.",
+    "synth_fps": "End-to-end synthesis rate: output frames / wall-clock seconds from the first audio sample to the last "
+    "encoded frame (whisper, A2E, render, composite, H.264 encode), one run.",
+    "adapt_s": "Adaptation wall-clock seconds as logged in the avatar's meta.yaml: head fit train_seconds + inpainter "
+    "train_seconds.",
 }
 
 # Mediapipe face-mesh indices (FaceLandmarksConnections.FACE_LANDMARKS_LIPS, as a sorted set).
@@ -210,6 +218,8 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation over the entries where both are finite; NaN if either is constant."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 2:
+        return math.nan
     a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
     denom = math.sqrt(float((a * a).sum() * (b * b).sum()))
     return float((a * b).sum() / denom) if denom > 0 else math.nan

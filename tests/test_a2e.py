@@ -125,10 +125,12 @@ def test_state_round_trip():
     assert e.value.code == Exit.ARTIFACT
 
 
-def test_parts_parsing():
-    assert fit_prior.parse_parts("a2e") == ["a2e"]
-    with pytest.raises(GGError, match="no trainer for this part"):
+def test_parts_parsing(monkeypatch):
+    assert fit_prior.parse_parts("a2e, a2e") == ["a2e"]
+    monkeypatch.setattr(fit_prior, "TRAINERS", {"a2e": fit_prior.TRAINERS["a2e"]})  # a build without e2v
+    with pytest.raises(GGError, match="no trainer for this part") as e:
         fit_prior.parse_parts("a2e,e2v")
+    assert e.value.code == Exit.USAGE
     with pytest.raises(GGError, match="unknown part"):
         fit_prior.parse_parts("a2e,foo")
 

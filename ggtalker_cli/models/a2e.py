@@ -1,11 +1,14 @@
 """Audio→expression (A2E): whisper features → blendshapes + mouth geometry, in a speaker's style.
 
-Targets, per frame: the 52 mediapipe blendshapes (what the avatar's head model and colour MLP
-consume, identity-independent like FLAME's expression code) and the mouth geometry: face-space
-offsets of 47 mouth-region landmarks (the 40 lip points of `metrics.LIPS` plus 7 on the chin and
-jaw line) from the identity's neutral, i.e. their mean over the clip's training frames. The
-offsets are coded by a universal PCA basis fitted across the prior's training identities
-(`lip_components` coefficients), so the lip geometry is compact and comparable across people.
+Targets, per frame, both as deviations from the identity's mean over its clip's training frames
+(a person's resting face is not predictable from audio, their motion is): the 52 mediapipe
+blendshapes (what the avatar's head model and colour MLP consume, identity-independent like
+FLAME's expression code) and the mouth geometry, face-space offsets of 47 mouth-region landmarks
+(the 40 lip points of `metrics.LIPS` plus 7 on the chin and jaw line). The offsets are coded by
+a universal PCA basis fitted across the prior's training identities (`lip_components`
+coefficients), so the lip geometry is compact and comparable across people. The identity means
+(`bs_neutral`, `neutral`) are buffers: the training identities' average in a prior, the
+person's own once adapted.
 
 Model: whisper features → LayerNorm → two 1-D convolutions (±2 frames of local context) →
 sinusoidal positions + a projected 64-d style embedding → a pre-norm transformer encoder over a
@@ -51,7 +54,7 @@ JAW = (152, 148, 176, 149, 377, 400, 378)  # chin and lower jaw line: the jaw dr
 MOUTH = tuple(metrics.LIPS) + JAW
 N_LIPS = len(metrics.LIPS)  # the first N_LIPS rows of MOUTH are the lip points (lip-vertex error)
 _UPPER, _LOWER = MOUTH.index(13), MOUTH.index(14)  # inner-lip centres, as in metrics' mouth_open
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: targets are deviations from identity means (bs_neutral)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +67,9 @@ class ClipData:
 
     name: str
     features: np.ndarray  # (T, D) float32 whisper features
-    blendshapes: np.ndarray  # (T, 52)
+    blendshapes: np.ndarray  # (T, 52) deviations from `bs_neutral`
     mouth: np.ndarray  # (T, M, 3) face-space offsets from `neutral` (cm)
+    bs_neutral: np.ndarray  # (52,) mean blendshapes over the valid training frames
     neutral: np.ndarray  # (M, 3) mean mouth shape over the valid training frames
     valid: np.ndarray  # (T,) bool: tracked (not interpolated) at both neighbouring clip frames
     n_train: int  # frames [0, n_train) are training frames, the rest test frames
@@ -101,12 +105,15 @@ def load_clip(path: str | Path, fps: float) -> ClipData:
     if ok.sum() < 2:
         raise GGError(f"{clip.tracking_path}: fewer than 2 tracked training frames; this clip cannot train lip motion", Exit.INPUT_INVALID)
     neutral = verts[: len(clip.train_indices)][ok].mean(0)
+    blend = tr["blendshapes"].astype(np.float64)
+    bs_neutral = blend[: len(clip.train_indices)][ok].mean(0)
     meta_audio = clip.meta.get("audio") or {}
     return ClipData(
         name=clip.path.resolve().name,
         features=resample(features.astype(np.float32), clip.fps, fps, n).astype(np.float32),
-        blendshapes=resample(tr["blendshapes"].astype(np.float32), clip.fps, fps, n).astype(np.float32),
+        blendshapes=resample(blend - bs_neutral, clip.fps, fps, n).astype(np.float32),
         mouth=resample(verts - neutral, clip.fps, fps, n).astype(np.float32),
+        bs_neutral=bs_neutral.astype(np.float32),
         neutral=neutral.astype(np.float32),
         valid=resample(valid.astype(np.float32), clip.fps, fps, n) > 0.999,
         n_train=min(n_train, n),
@@ -155,11 +162,11 @@ class A2E(nn.Module):
         layer = nn.TransformerEncoderLayer(d, meta["heads"], 2 * d, meta["dropout"], activation="gelu", batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, meta["layers"], enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, N_BLENDSHAPES + k))
-        self.register_buffer("bs_mean", torch.zeros(N_BLENDSHAPES))
-        self.register_buffer("bs_std", torch.ones(N_BLENDSHAPES))
+        self.register_buffer("bs_std", torch.ones(N_BLENDSHAPES))  # of deviations, across identities
         self.register_buffer("lip_basis", torch.zeros(k, m * 3))
         self.register_buffer("lip_std", torch.ones(k))
-        self.register_buffer("neutral", torch.zeros(m, 3))  # mean mouth shape: of the identity once adapted
+        self.register_buffer("bs_neutral", torch.zeros(N_BLENDSHAPES))  # identity means (see top)
+        self.register_buffer("neutral", torch.zeros(m, 3))
         self.register_buffer("adapted_style", torch.zeros(meta["style_dim"]))
 
     @property
@@ -184,17 +191,19 @@ class A2E(nn.Module):
         return self.head(self.encoder(x))
 
     def decode(self, code: Tensor) -> tuple[Tensor, Tensor]:
-        """Standardised code → (blendshapes (..., 52), mouth offsets (..., M, 3) in cm)."""
-        bs = code[..., :N_BLENDSHAPES] * self.bs_std + self.bs_mean
+        """Standardised code → blendshapes (..., 52) around `bs_neutral` (unclamped) and mouth
+        offsets (..., M, 3) in cm from `neutral`."""
+        bs = code[..., :N_BLENDSHAPES] * self.bs_std + self.bs_neutral
         lips = (code[..., N_BLENDSHAPES:] * self.lip_std) @ self.lip_basis
         return bs, lips.reshape(*lips.shape[:-1], len(MOUTH), 3)
 
     def loss(self, code: Tensor, blendshapes: Tensor, mouth: Tensor, valid: Tensor, lip_weight: float, temporal_weight: float) -> tuple[Tensor, dict[str, float]]:
         """Expression L2 + lip-vertex L2 + temporal-difference Huber over valid frames.
 
-        code (B, T, 52+K); targets blendshapes (B, T, 52), mouth (B, T, M, 3) cm; valid (B, T).
+        code (B, T, 52+K); targets (deviations) blendshapes (B, T, 52), mouth (B, T, M, 3) cm;
+        valid (B, T).
         """
-        target_bs = (blendshapes - self.bs_mean) / self.bs_std
+        target_bs = blendshapes / self.bs_std
         pred_bs = code[..., :N_BLENDSHAPES]
         _, pred_mouth = self.decode(code)
         v = valid.float()
@@ -259,7 +268,8 @@ def from_state(state: dict[str, Tensor], source: str = "A2E weights") -> A2E:
 
 @torch.no_grad()
 def run(model: A2E, features: np.ndarray, style: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-sequence prediction at the model rate: (T, 52) blendshapes, (T, M, 3) mouth offsets.
+    """Whole-sequence prediction at the model rate: (T, 52) blendshapes in [0, 1] and (T, M, 3)
+    mouth offsets (cm) from the model's `neutral`.
 
     Runs windows of the training length with half overlap, cross-faded with a triangular
     weight, so any length works in bounded memory and every frame sees context on both sides.

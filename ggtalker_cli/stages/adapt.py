@@ -52,10 +52,13 @@ from ..gaussians import write_ply
 from ..losses import hinge_sq, photometric
 
 CHECKPOINT = "checkpoint"
+START = "start.json"  # shell fit + initial metrics of a run, kept for --resume
 LOG = "train_log.jsonl"
 PREFETCH = 4  # steps loaded ahead
 PREVIEWS = 4  # held-out frames shown in previews/
 NOVEL_YAWS = (-30, -15, 0, 15, 30)
+SHELL_FRAMES = 8  # training frames the head shell is fitted to and the colours are painted from
+SHELL_SIZE = 128  # silhouette resolution of the shell fit (a silhouette needs no more)
 
 
 def _device(name: str) -> torch.device:
@@ -112,10 +115,6 @@ def _yaw_about(centre: Tensor, degrees: float) -> Tensor:
     M[:3, :3] = torch.tensor([[c, 0, s], [0, 1, 0], [-s, 0, c]], dtype=centre.dtype, device=centre.device)
     M[:3, 3] = centre - M[:3, :3] @ centre
     return M
-
-
-SHELL_FRAMES = 8  # training frames whose head masks the shell is fitted to
-SHELL_SIZE = 128  # ... at this resolution (a silhouette needs no more)
 
 
 def _fit_head(clip: Clip, data: "Data", cfg: AdaptConfig) -> tuple[HeadModel, dict[str, float]]:
@@ -531,6 +530,9 @@ def run(
     if acfg.size > clip.size:
         console.info(f"adapt: training at the clip's {clip.size}² (adapt.size {acfg.size} would only upsample its frames)")
     data = Data(clip, min(acfg.size, clip.size), dev)
+    eval_frames = data.test if acfg.eval_frames <= 0 else data.test[np.linspace(0, len(data.test) - 1, min(acfg.eval_frames, len(data.test))).astype(int)]
+    timings: dict[str, float] = {}
+    tic = time.perf_counter()
     with artifacts.atomic_dir(out, force=force, work=work) as folder:
         if (folder / CHECKPOINT).exists() or (folder / f"{CHECKPOINT}.old").exists():
             trainer, start, seconds = Trainer.load(folder, data, acfg)
@@ -539,7 +541,6 @@ def run(
             if resume:
                 console.info(f"{work}: no checkpoint to resume from; starting from step 0")
             head, shell = _fit_head(clip, data, acfg)
-            (folder / "shell.json").write_text(json.dumps(shell))
             if prior is not None:
                 from ..models.e2v import init_from_prior
 
@@ -548,32 +549,42 @@ def run(
                 avatar = Avatar.create(head.to(dev), acfg.uv_res, acfg.feature_dim, acfg.hidden, acfg.seed)
                 paint(avatar, data, data.train[np.linspace(0, len(data.train) - 1, SHELL_FRAMES).astype(int)])
             trainer, start, seconds = Trainer(data, acfg, avatar.to(dev)), 0, 0.0
-        eval_frames = data.test if acfg.eval_frames <= 0 else data.test[np.linspace(0, len(data.test) - 1, min(acfg.eval_frames, len(data.test))).astype(int)]
-        initial = evaluate(trainer.avatar, data, eval_frames) if start == 0 else None
+            initial = evaluate(trainer.avatar, data, eval_frames)
+            # what the run started from, kept beside the checkpoints so a resumed run reports it too
+            (folder / START).write_text(json.dumps({"shell": shell, "initial_metrics": initial}))
+        timings["setup"] = time.perf_counter() - tic
         seconds = train(trainer, folder, start, seconds)
+        timings["train"] = seconds
+        tic = time.perf_counter()
         (folder / "previews").mkdir(exist_ok=True)
         result = evaluate(trainer.avatar, data, eval_frames, folder / "previews")
         mid = int(data.test[len(data.test) // 2])
         _save_png(folder / "novel_views.png", novel_views(trainer.avatar, data, mid))
         _loss_plot(folder / LOG, folder / "loss.png")
         exported = export(trainer, folder)
+        timings["evaluate_export"] = time.perf_counter() - tic
+        tic = time.perf_counter()
         inpainter = train_avatar_inpainter(trainer.avatar, data, folder, cfg.inpainter)  # needs export's synthesis track
+        timings["inpainter"] = time.perf_counter() - tic
         shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
+        started = json.loads((folder / START).read_text())
         meta = {
             "clip": {"path": str(Path(clip_dir).resolve()), "sha256": _file_hash(clip.path / "meta.yaml", clip.tracking_path)},
             "prior": str(Path(prior).resolve()) if prior is not None else None,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "train_seconds": round(seconds, 1),
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "steps": acfg.steps,
-            "shell": json.loads((folder / "shell.json").read_text()),
             "size": data.size,
+            "shell": started["shell"],
             "metrics": {k: round(v, 4) for k, v in result.items()},
-            "initial_metrics": {k: round(v, 4) for k, v in initial.items()} if initial else None,
+            "initial_metrics": {k: round(v, 4) for k, v in started["initial_metrics"].items()},
             "eval": {
                 "frames": [int(x) for x in eval_frames],
                 "protocol": "held-out test frames (last 10%), tracked landmarks and pose, no refinement; head = head over the "
                 "background plate vs frame head pasted on it, inside the GT head mask (SSIM on its box); full = render "
-                "composited over the frame with the GT head region replaced by the plate (no inpainter); face = DESIGN.md face box",
+                "composited over the frame with the GT head region replaced by the plate (no inpainter); face = DESIGN.md "
+                "face box; *_driven = mesh driven by the tracked blendshapes through the fitted basis",
             },
             **exported,
             "inpainter": inpainter,
@@ -584,5 +595,5 @@ def run(
             "config": {"adapt": cfg.to_dict()["adapt"], "inpainter": cfg.to_dict()["inpainter"]},
         }
         artifacts.write_meta(folder, "avatar", meta)
-        (folder / "shell.json").unlink()  # recorded in meta.yaml; kept until now for --resume
+        (folder / START).unlink()  # recorded in meta.yaml
     return {"avatar": str(out), **{f"test_{k}": round(v, 2) for k, v in result.items()}, "train_seconds": round(seconds, 1), "device": meta["device"]}

@@ -54,21 +54,11 @@ VARIANTS: dict[str, tuple[str, str]] = {  # name -> (kind, description)
 }
 VIDEO_VARIANTS = ("gt", "tracked", "audio", "no_audio", "retrieval_landmarks", "retrieval_blendshapes_pose")
 PENDING = "pending: mediapipe not available here; run `ggtalker eval --score-only -o REPORT_DIR` where it is"
-SPEED_DEFINITIONS = {
-    "render_ms": "Head render time per frame in ms: the avatar's Gaussians for one frame plus rasterisation, wall-clock with the "
-    "device synchronised, mean over the frames of one run.",
-    "composite_ms": "Body composite time per frame in ms: blank mask + inpainter (fp16 on CUDA) or plate paste, and the conversion "
-    "to uint8, in batches of 8, mean per frame.",
-    "synth_fps": "End-to-end synthesis rate: output frames / wall-clock seconds from the first audio sample to the last encoded "
-    "frame (whisper, A2E, render, composite, H.264 encode), one run.",
-    "adapt_s": "Adaptation wall-clock seconds as logged in the avatar's meta.yaml: head fit train_seconds + inpainter train_seconds.",
-}
-DEFINITIONS = {**metrics.DEFINITIONS, **SPEED_DEFINITIONS}
 
 
 def metric(definition: str, value: float | None, unit: str | None = None, note: str | None = None, status: str | None = None) -> dict:
     """One metric entry of report.json: value (JSON-safe), its definition key, unit, note/status."""
-    if definition not in DEFINITIONS:
+    if definition not in metrics.DEFINITIONS:
         raise KeyError(f"no definition '{definition}'")
     entry: dict[str, Any] = {"value": None if value is None else metrics.jsonable(value), "definition": definition}
     for key, text in (("unit", unit), ("note", note), ("status", status)):
@@ -86,7 +76,7 @@ _METRIC = {
     "required": ["value", "definition"],
     "properties": {
         "value": {"type": ["number", "string", "null"], "enum_strings": ["inf", "-inf"]},
-        "definition": {"type": "string", "enum": sorted(DEFINITIONS)},
+        "definition": {"type": "string", "enum": sorted(metrics.DEFINITIONS)},
         "unit": {"type": "string"},
         "note": {"type": "string"},
         "status": {"type": "string"},
