@@ -1,7 +1,7 @@
 """Adapt real clips on one GPU and report held-out quality and wall-clock (issue 3's numbers).
 
 The GPU machine has no ffmpeg: pack each clip here first (near-lossless H.264 frames, see
-bench/pack_clip.py) into an ignored folder, carry it and `.whl` (gsplat + rich wheels):
+bench/pack_clip.py) into an ignored folder, carry it and `.whl` (the gsplat wheel; the GPU image has the rest):
 
     python bench/pack_clip.py pack out/clips/cnn_anchor_71s_512_25fps .devdata/packed/cnn_anchor_71s_512_25fps
 

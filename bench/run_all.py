@@ -76,7 +76,7 @@ def attach_a2e(prior: Path, clip: Path, avatar: Path, device: str) -> dict:
     return {k: log[k] for k in ("best_step", "best_val_loss", "prior_val_loss")}
 
 
-def speed(avatar: Path, device: str, frames: int = 250) -> dict:
+def speed(avatar: Path, clip: Path, device: str, frames: int = 250) -> dict:
     """Render + composite + encode of `frames` frames at the avatar's size, expressions from its
     own track (synthesis minus whisper/A2E); ms per frame and FPS, timed after a warm-up."""
     import numpy as np
@@ -85,7 +85,7 @@ def speed(avatar: Path, device: str, frames: int = 250) -> dict:
     from ggtalker_cli.stages.synth import Synthesizer, device_of
 
     dev = device_of(device)
-    synth = Synthesizer(avatar, dev)
+    synth = Synthesizer(avatar, dev, clip=clip)  # the clip folder here (adapt may have run elsewhere)
     try:
         idx = np.arange(frames)
         bodies = synth.bodies(idx, synth.clip.fps)
@@ -147,21 +147,21 @@ def summary(work: Path, names: list[str], out: Path, device: str) -> None:
     lines = [
         f"# ggtalker bench — {result['date']}, {result['device']}",
         "",
-        "Self-reenactment on each clip's held-out last 10% (docs/evaluation.md): the full system (expressions from the held-out "
-        "audio) and the no-audio baseline (mean expression), both composited onto the test frames' own bodies. LMD in px at 512² "
-        "(mediapipe lips, centred); lag in frames (mouth after audio > 0; compare with the ground truth's own lag).",
+        ("Self-reenactment on each clip's held-out last 10% (docs/evaluation.md): the full system (expressions from the held-out "
+         "audio) and the no-audio baseline (mean expression), both composited onto the test frames' own bodies. LMD in px at 512² "
+         "(mediapipe lips, centred); lag in frames (mouth after audio > 0; compare with the ground truth's own lag)."),
         "",
-        "| clip | frames | PSNR | SSIM | LMD | mouth r | lag (GT) | no-audio PSNR | no-audio LMD | no-audio mouth r | LMD floor | adapt s | synth fps | render+inpaint fps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| clip | frames | PSNR | SSIM | LMD | mouth r | lag (GT) | no-audio PSNR | no-audio LMD | no-audio mouth r | LMD floor | seam PSNR inpainter / paste | adapt s | synth fps | render+inpaint fps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "audio_psnr" not in r:
-            lines.append(f"| {r['clip']} | failed: {'; '.join(f'{k}: {v}' for k, v in r['errors'].items()) or 'not run'} |" + " |" * 12)
+            lines.append(f"| {r['clip']} | failed: {'; '.join(f'{k}: {v}' for k, v in r['errors'].items()) or 'not run'} |" + " |" * 13)
             continue
         lines.append(
             f"| {r['clip']} | {r['test_frames']} | {f(r['audio_psnr'])} | {f(r['audio_ssim'], '.3f')} | {f(r['audio_lmd'])} | {f(r['audio_mouth_open_r'], '.3f')} "
             f"| {f(r['audio_av_lag'], '+.0f')} ({f(r['gt_av_lag'], '+.0f')}) | {f(r['no_audio_psnr'])} | {f(r['no_audio_lmd'])} | {f(r['no_audio_mouth_open_r'], '.3f')} "
-            f"| {f(r['lmd_floor'])} | {f(r['adapt_s'], '.0f')} | {f(r['synth_fps'], '.1f')} | {f(r['render_fps'], '.1f')} |"
+            f"| {f(r['lmd_floor'])} | {f(r['seam_inpainter'])} / {f(r['seam_paste'])} | {f(r['adapt_s'], '.0f')} | {f(r['synth_fps'], '.1f')} | {f(r['render_fps'], '.1f')} |"
         )
     devices = sorted({f"{k}: {r[k]}" for r in rows for k in ("adapt_device", "synth_device", "eval_device") if r.get(k)})
     lines += ["", "Devices: " + "; ".join(devices) if devices else "", ""]
@@ -194,14 +194,14 @@ def run_step(step: str, name: str, args: argparse.Namespace, prior: Path, device
         return attach_a2e(prior, clip, avatar, None if device == "auto" else device)
     if step == "synth":
         return ggtalker("synth", str(avatar), "--audio", str(REAL / "audio" / SYNTH_AUDIO), "-o", str(args.work / "synth" / f"{name}.mp4"),
-                        "--device", device, "--force", log=log)  # fmt: skip
+                        "--clip", str(clip), "--device", device, "--force", log=log)  # fmt: skip
     if step == "eval":
         ood = [x for a in OOD for x in ("--audio", str(REAL / "audio" / a))]
         size = ["--size", str(args.eval_size)] if args.eval_size else []
-        return ggtalker("eval", str(avatar), "-o", str(report), "--device", device, "--force", *ood, *size, log=log)
+        return ggtalker("eval", str(avatar), str(clip), "-o", str(report), "--device", device, "--force", *ood, *size, log=log)
     if step == "score":
         return ggtalker("eval", "--score-only", "-o", str(report), log=log)
-    return speed(avatar, device)
+    return speed(avatar, clip, device)
 
 
 def main() -> None:

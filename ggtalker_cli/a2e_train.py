@@ -120,7 +120,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
     model.neutral.copy_(torch.as_tensor(np.mean([clips[i].neutral for i in train], 0)))
     model.to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(200, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     step, curve, best, best_state = 0, [], math.inf, None
@@ -143,7 +143,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
             b = _windows(clips, train_spans, starts, cfg.window, device)
             idx = torch.tensor([style_of[ci] for ci, _ in starts], device=device)
             idx = torch.where(torch.as_tensor(rng.random(len(idx)) < cfg.style_dropout, device=device), null, idx)
-            code = net(b["features"], model.style(idx), cfg.feature_noise)
+            code = net(b["features"], model.style(idx), cfg.feature_noise, cfg.feature_dropout)
             loss, parts = model.loss(code, b["blendshapes"], b["mouth"], b["valid"], cfg.lip_weight, cfg.temporal_weight)
             value = loss.item()
             if not math.isfinite(value):
@@ -218,7 +218,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
             rng = np.random.default_rng((cfg.seed, step))
             torch.manual_seed(cfg.seed * 1_000_003 + step)
             b = _windows([data], fit_spans, _sample(fit_spans, rng, min(cfg.batch, 16), cfg.window), cfg.window, device)
-            code = model(b["features"], style[None].expand(len(b["features"]), -1), cfg.feature_noise)
+            code = model(b["features"], style[None].expand(len(b["features"]), -1), cfg.feature_noise, cfg.feature_dropout)
             loss, _ = model.loss(code, b["blendshapes"], b["mouth"], b["valid"], cfg.lip_weight, cfg.temporal_weight)
             if not torch.isfinite(loss):
                 raise GGError(f"{clip}: A2E adaptation diverged at step {step}; lower a2e.adapt_lr", Exit.DIVERGED)

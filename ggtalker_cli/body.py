@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -131,6 +132,7 @@ class Body:
                 raise GGError(f"{path}: inpainter weights do not match channels {info['channels']}; re-run ggtalker adapt", Exit.ARTIFACT) from e
             self.model = model.to(device, memory_format=torch.channels_last).eval()
         self.half = device.type == "cuda"
+        self.trained_size = int(meta.get("size") or 0)  # the inpainter learned fills of this scale
 
     @property
     def kind(self) -> str:
@@ -149,6 +151,24 @@ class Body:
         blank = self.blank(head_mask, alpha)
         if self.model is None:
             return self.paste(head_rgb, alpha, frame, blank)
+        side = frame.shape[2]
+        if side == self.trained_size or not self.trained_size:
+            return self._inpaint(head_rgb, alpha, frame, blank)
+        # Another output size: a U-Net's fills have the scale it was trained at, so inpaint at
+        # that size and use the result only to fill the blanked background; head and body stay sharp.
+        t = self.trained_size
+        small = [_resize(x, t) for x in (head_rgb, alpha, frame)]
+        fill = _resize(self._inpaint(*small, (_resize(blank, t) > 0.5).float()), side)
+        return (head_rgb + (1 - alpha) * (frame * (1 - blank) + fill * blank)).clamp(0, 1)
+
+    def _inpaint(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor) -> Tensor:
         with torch.autocast(frame.device.type, dtype=torch.float16, enabled=self.half):
             out = self.model(head_rgb, alpha, frame, blank)
         return out.float().clamp(0, 1)
+
+
+def _resize(x: Tensor, side: int) -> Tensor:
+    """BHWC resize: area filter down (anti-aliased), bilinear up."""
+    mode = "area" if side < x.shape[1] else "bilinear"
+    y = F.interpolate(x.permute(0, 3, 1, 2), size=(side, side), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+    return y.permute(0, 2, 3, 1)

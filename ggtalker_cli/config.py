@@ -109,6 +109,8 @@ class A2EConfig:
     dropout: float = 0.1
     style_dropout: float = 0.2  # share of windows trained with the null ("any speaker") style
     feature_noise: float = 0.1  # Gaussian noise on normalised whisper features (robustness)
+    feature_dropout: float = 0.0  # dropout of whisper feature channels
+    weight_decay: float = 0.01
     steps: int = 4000
     batch: int = 32
     lr: float = 3e-4

@@ -139,8 +139,8 @@ def markdown(rep: dict) -> str:
     speed = rep["speed"]
     parts = [
         f"# ggtalker eval — {Path(rep['avatar']['path']).name}",
-        f"Clip `{rep['clip']['path']}`, test frames {rep['clip']['test_frames'][0]}–{rep['clip']['test_frames'][1] - 1} "
-        f"({rep['protocol']['frames']} frames at {rep['protocol']['size']}², {rep['clip']['fps']:g} fps); device {speed['device']}; {rep['created']}.",
+        (f"Clip `{rep['clip']['path']}`, test frames {rep['clip']['test_frames'][0]}–{rep['clip']['test_frames'][1] - 1} "
+         f"({rep['protocol']['frames']} frames at {rep['protocol']['size']}², {rep['clip']['fps']:g} fps); device {speed['device']}; {rep['created']}."),
         f"Protocol ({rep['protocol']['doc']}): {rep['protocol']['setting']}",
         "## Held-out frames",
         _table(_variant_rows(rep), ["variant", "kind"] + [t for _, t in COLUMNS]),
@@ -203,9 +203,9 @@ def page(rep: dict, figures: list[str]) -> str:
     ]  # fmt: skip
     body = [
         f"<h1>ggtalker eval — {html.escape(Path(rep['avatar']['path']).name)}</h1>",
-        f"<p>Clip <code>{html.escape(rep['clip']['path'])}</code>, test frames {rep['clip']['test_frames'][0]}–{rep['clip']['test_frames'][1] - 1} "
-        f"({rep['protocol']['frames']} frames at {rep['protocol']['size']}², {rep['clip']['fps']:g} fps). Device {html.escape(rep['speed']['device'])}. "
-        f"{html.escape(rep['created'])}. ggtalker {html.escape(rep['ggtalker'])}.</p>",
+        (f"<p>Clip <code>{html.escape(rep['clip']['path'])}</code>, test frames {rep['clip']['test_frames'][0]}–{rep['clip']['test_frames'][1] - 1} "
+         f"({rep['protocol']['frames']} frames at {rep['protocol']['size']}², {rep['clip']['fps']:g} fps). Device {html.escape(rep['speed']['device'])}. "
+         f"{html.escape(rep['created'])}. ggtalker {html.escape(rep['ggtalker'])}.</p>"),
         f"<p><b>Protocol</b> ({html.escape(rep['protocol']['doc'])}): {html.escape(rep['protocol']['setting'])}</p>",
         "<h2>Held-out frames</h2>",
         _html_table(_variant_rows(rep), ["variant", "kind"] + [t for _, t in COLUMNS], [v["kind"] for v in variants.values()]),

@@ -44,7 +44,7 @@ def speech(tmp_path_factory, real_dir) -> Path:
 
 def _cli(*args: str, stdin=None, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ggtalker_cli.cli", *args], capture_output=True, stdin=stdin, timeout=600, env=env, **kw)
+    return subprocess.run([sys.executable, "-m", "ggtalker_cli.cli", *args], capture_output=True, stdin=stdin, timeout=600, env=env, check=False, **kw)
 
 
 def _probe(path: Path) -> dict[str, dict]:
@@ -119,10 +119,11 @@ def test_pose_view_and_background_options(tiny_avatar, speech, tmp_path, capsysb
     csv.write_text("yaw,pitch,roll,tx,ty,tz\n" + "".join(f"{5 * np.sin(k / 3):.3f},0,0,0,0,28\n" for k in range(10)))
     runs, pixels = {}, {}
     for name, kw in {"plain": {}, "turned": {"yaw": 25.0, "pitch": -10.0, "orbit": 10.0}, "pose": {"pose": csv},
-                     "white": {"background": "white", "fps": 20.0, "start": 0.5, "end": 1.5}}.items():  # fmt: skip
+                     "white": {"background": "white", "fps": 20.0, "start": 0.5, "end": 1.5}, "large": {"size": 96}}.items():  # fmt: skip
         capsysbinary.readouterr()
         runs[name] = synth.run(avatar, str(speech), "-", device="cpu", end=kw.pop("end", 1.0), **kw)
-        pixels[name] = np.frombuffer(capsysbinary.readouterr().out, np.uint8).reshape(-1, SIZE, SIZE, 3)
+        side = kw.get("size", SIZE)
+        pixels[name] = np.frombuffer(capsysbinary.readouterr().out, np.uint8).reshape(-1, side, side, 3)
         assert len(pixels[name]) == runs[name]["frames"]
     assert runs["plain"]["frames"] == 25 and runs["white"]["frames"] == 20  # 1 s at 25 fps; [0.5, 1.5) s at 20 fps
     for name in ("turned", "pose"):

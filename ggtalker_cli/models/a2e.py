@@ -181,11 +181,18 @@ class A2E(nn.Module):
             return self.adapted_style[None]
         return self.style.weight[-1:]
 
-    def forward(self, features: Tensor, style: Tensor, noise: float = 0.0) -> Tensor:
-        """features (B, T, D), style (B, style_dim) → (B, T, 52 + K) standardised expression code."""
+    def forward(self, features: Tensor, style: Tensor, noise: float = 0.0, drop: float = 0.0) -> Tensor:
+        """features (B, T, D), style (B, style_dim) → (B, T, 52 + K) standardised expression code.
+
+        `noise` (Gaussian, on the normalised features) and `drop` (dropout of feature channels)
+        are training-time regularisers: with a dozen identities the model otherwise learns
+        which speaker and which moment a feature vector belongs to instead of how it sounds.
+        """
         x = self.feature_norm(features)
         if noise > 0:
             x = x + noise * torch.randn_like(x)
+        if drop > 0:
+            x = F.dropout(x, drop, training=True)
         x = self.front(x.transpose(1, 2)).transpose(1, 2)
         x = x + _sinusoids(x.shape[1], x.shape[2]).to(x) + self.style_proj(style)[:, None]
         return self.head(self.encoder(x))

@@ -264,7 +264,9 @@ class Trainer:
         base, pose, expr = d.verts[i], d.pose[i], d.blendshapes[i]
         if refine:
             expr = expr + self.expr_delta[i]
-            base = base + torch.einsum("k,kvc->vc", self.expr_delta[i], self.avatar.head.basis)
+            # multiply-and-sum, not einsum: BLAS's matrix-vector product rounds differently with the
+            # memory alignment of its operands, which would break bit-exact --resume
+            base = base + (self.expr_delta[i][:, None, None] * self.avatar.head.basis).sum(0)
             pose = pose @ _se3(self.pose_delta[i])
         return base, pose, expr
 
@@ -429,11 +431,11 @@ def evaluate(avatar: Avatar, data: Data, frames: np.ndarray, preview_dir: Path |
         over_plate = rgb + (1 - alpha) * data.plate
         composite = rgb + (1 - alpha) * (frame * (1 - head) + data.plate * head)
         driven, _ = avatar.render(avatar.head.drive(data.blendshapes[i]), data.pose[i], data.blendshapes[i], data.K, data.size, data.plate)
-        hm = head[0, ..., 0].cpu() > 0.5
+        hm = head[0, ..., 0] > 0.5
         ys, xs = torch.nonzero(hm, as_tuple=True)
         hbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         fbox = metrics.face_box(data.landmarks[i], data.size)
-        a, t, comp, f, dr = (x[0].cpu() for x in (over_plate, target, composite, frame, driven.rgb))
+        a, t, comp, f, dr = (x[0] for x in (over_plate, target, composite, frame, driven.rgb))  # metrics run on the device
         rows.append({
             "psnr_head": metrics.psnr(a, t, mask=hm),
             "ssim_head": metrics.ssim(a, t, box=hbox) if min(hbox[2] - hbox[0], hbox[3] - hbox[1]) >= 11 else math.nan,

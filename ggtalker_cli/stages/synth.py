@@ -520,10 +520,11 @@ def run(
         chunks, total = (samples[i : i + step] for i in range(0, len(samples), step)), math.ceil(len(samples) / audio.SAMPLE_RATE * fps)
     timings: dict[str, float] = {}
     kept: list[Frames] = []
-    output = _Output(out, fps, synth.size if synth else 0, crf)
+    output = None
     tic = time.perf_counter()
     try:
         with _sigterm_as_interrupt(), console.progress() as bar:
+            output = _Output(out, fps, synth.size if synth else 0, crf)
             task = bar.add_task("synth", total=total)
 
             def emit(group: Frames) -> None:
@@ -549,7 +550,8 @@ def run(
             emit(expressions.finish())
             output.close()
     except BaseException:
-        output.cleanup()
+        if output is not None:
+            output.cleanup()
         raise
     finally:
         if synth is not None:
@@ -570,16 +572,17 @@ def run(
     if stream:
         summary["latency_s"] = round(expressions.latency_s, 2)
     if expr_only:
-        _write_expressions(Path(out), kept, fps, audio_source, a2e_source, start, end)
-        summary["plot"] = str(Path(out).with_suffix(".png"))
+        if _write_expressions(Path(out), kept, fps, audio_source, a2e_source, start, end):
+            summary["plot"] = str(Path(out).with_suffix(".png"))
     else:
         summary.update(size=synth.size, body=synth.body.kind,
                        ms_per_frame={k: round(1000 * v / max(n, 1), 3) for k, v in timings.items()})  # fmt: skip
     return summary
 
 
-def _write_expressions(path: Path, groups: list[Frames], fps: float, source: str, a2e_source: str, start: float, end: float | None) -> None:
-    """expressions.npz (blendshapes, mouth, mouth_open, fps) + the mouth-opening plot (a2e.plot_mouth)."""
+def _write_expressions(path: Path, groups: list[Frames], fps: float, source: str, a2e_source: str, start: float, end: float | None) -> bool:
+    """expressions.npz (blendshapes, mouth, mouth_open, fps) + the mouth-opening plot (a2e.plot_mouth,
+    which reads the audio file itself: made for a whole file, not for stdin or a cut); -> plotted."""
     import io
 
     bs = np.concatenate([g.blendshapes for g in groups])
@@ -589,5 +592,7 @@ def _write_expressions(path: Path, groups: list[Frames], fps: float, source: str
     np.savez(buffer, blendshapes=bs, mouth=mouth, mouth_open=opening, fps=np.float32(fps), mouth_landmarks=np.asarray(a2e.MOUTH),
              audio=np.str_(source), a2e=np.str_(a2e_source), start_s=np.float32(start))  # fmt: skip
     artifacts.atomic_write_bytes(path, buffer.getvalue())
-    if source != "-" and start == 0 and end is None:
-        a2e.plot_mouth(path.with_suffix(".png"), source, opening, fps)
+    if source == "-" or start != 0 or end is not None:
+        return False
+    a2e.plot_mouth(path.with_suffix(".png"), source, opening, fps)
+    return True
