@@ -1,23 +1,32 @@
 """`make bench`: preprocess → fit-prior → adapt → synth → eval over every real clip, one summary table.
 
-    python bench/run_all.py --out bench/results                      # everything, on this machine
-    python bench/run_all.py --steps adapt,speed --device cuda        # the GPU part (device tool)
-    python bench/run_all.py --steps a2e,synth,eval,summary           # the rest, where ffmpeg/whisper/mediapipe are
+    python bench/run_all.py                                          # everything, on this machine
+    python bench/run_all.py --steps adapt,speed --device cuda --clips A,B   # the GPU part (device tool)
+    python bench/run_all.py --steps a2e,synth,eval,score,summary     # the rest, where ffmpeg/whisper/mediapipe are
 
 Every step reuses what an earlier run left in `--work` (default out/bench; clips in out/clips),
-so a run can be split across machines: the device tool's GPU machines have no ffmpeg, whisper
-or mediapipe (and a 64 MiB carry), so there the useful steps are `adapt` (clips packed with
-bench/pack_clip.py) and `speed` (render + inpainter + encode of every avatar at its size,
-expressions from its own track: synthesis minus whisper/A2E, which are tiny next to it). Eval
-then renders and scores on a machine that has the rest. `--steps score` finishes reports whose
-landmark scoring was deferred.
+so a run can be split across machines. The device tool's GPU machines have no ffmpeg, whisper
+or mediapipe and carry 64 MiB, so there the useful steps are `adapt` and `speed` (render +
+inpainter + encode of every avatar at its size, expressions from its own track: synthesis minus
+whisper/A2E, which cost little next to it). A batch of clips through the device tool, clips
+packed here with bench/pack_clip.py into an ignored folder (carry [".whl", ".devdata/packed"]):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+    export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 && \
+    for c in .devdata/packed/*; do python3 bench/pack_clip.py unpack $c out/clips/$(basename $c); done && \
+    python3 bench/run_all.py --steps adapt,speed --device cuda --clips $(ls .devdata/packed | paste -sd,) && \
+    tar czf - -C out/bench avatars state | split -b 15M - $OUT/bench.tgz.
+
+then here: `cat bench.tgz.* | tar xzf - -C out/bench` and the remaining steps (avatars and
+synth/eval find the clip in --clip-dir, whatever path adapt recorded on the GPU machine).
 
 Steps: preprocess (each video → clip), prior (fit-prior a2e over all clips' training frames),
 adapt (head + inpainter), a2e (adapt the prior's A2E to each clip and store it in the avatar as
-`a2e.safetensors`, what adapt does when given an a2e prior), synth (one OOD speech clip → mp4,
-end-to-end speed), eval (report per avatar, OOD audio included), score, speed, summary
-(bench/results/summary.{md,json}: quality, lip-sync, speed, the no-audio baseline, device, date).
-One clip failing is recorded and the others go on.
+`a2e.safetensors`; stands in until adapt does so itself from a prior's a2e part), synth (OOD
+speech → mp4, end-to-end speed), eval (report per avatar, OOD audio included), score (finish
+reports whose landmark scoring was deferred), speed, summary (bench/results/summary.{md,json}:
+quality, lip-sync, speed, the no-audio baseline, devices, date). One clip failing is recorded
+and the others go on.
 """
 
 from __future__ import annotations
@@ -188,8 +197,11 @@ def finished(step: str, name: str, state: dict, args: argparse.Namespace, device
 def run_step(step: str, name: str, args: argparse.Namespace, prior: Path, device: str) -> dict:
     clip, avatar, log = args.clip_dir / name, args.work / "avatars" / name, args.work / "logs" / f"{name}.log"
     report = args.work / "eval" / name
-    if step == "adapt":
-        return ggtalker("adapt", str(clip), "-o", str(avatar), "--preset", args.preset, "--device", device, log=log)
+    if step == "adapt":  # in-process: the GPU machines run it, and they need not have the CLI's typer
+        from ggtalker_cli.config import load_config
+        from ggtalker_cli.stages import adapt
+
+        return adapt.run(clip, avatar, load_config(args.preset), device=device)
     if step == "a2e":
         return attach_a2e(prior, clip, avatar, None if device == "auto" else device)
     if step == "synth":

@@ -9,6 +9,7 @@ the last `adapt_val_fraction` of the clip's training frames, which it does not f
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from pathlib import Path
@@ -193,6 +194,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = from_state(prior_state).to(device)
+    cfg = dataclasses.replace(cfg, window=model.meta["window"])  # the window the prior was trained on
     data = load_clip(clip, model.meta["fps"])
     if data.features.shape[1] != model.meta["feature_dim"]:
         raise GGError(f"{clip}: {data.features.shape[1]}-d audio features but the prior uses {model.meta['feature_dim']}-d ({model.meta['whisper']['model']}); re-run preprocess with that whisper", Exit.INPUT_INVALID)

@@ -165,7 +165,7 @@ def eval_(
     out: Path = typer.Option(..., "-o", "--out", help="Report folder to create (report.json, report.md, report.html, PNGs, videos)."),
     audio: Optional[list[Path]] = typer.Option(None, "--audio", help="Out-of-distribution speech to score lip-sync on (repeatable)."),
     a2e: Optional[Path] = typer.Option(None, "--a2e", help="Audio→expression model: a prior folder or a2e .safetensors (default: the avatar's)."),
-    size: Optional[int] = typer.Option(None, "--size", help="Evaluation side in pixels (default: the clip's)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Evaluation side in pixels (default: the avatar's, normally the clip's)."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Score only the first N test frames (quick runs)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available)."),
     score: str = typer.Option("auto", "--score", help="Landmark scoring: auto (where mediapipe is), yes (required), no (render only)."),

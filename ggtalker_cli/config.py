@@ -97,32 +97,37 @@ class InpainterConfig:
 
 @dataclass
 class A2EConfig:
-    """Audio→expression prior (`fit-prior --parts a2e`) and its per-identity adaptation."""
+    """Audio→expression prior (`fit-prior --parts a2e`) and its per-identity adaptation.
+
+    The prior's defaults are strongly regularised on purpose: with a dozen identities a larger
+    or freer model learns which speaker and moment a whisper feature belongs to and does worse
+    than the mean expression on a new voice (docs/a2e_results.md has the numbers).
+    """
 
     fps: float = 25.0  # the model's frame rate; clips and synthesis at other rates are resampled
-    window: int = 64  # frames per training window (2.56 s at 25 fps)
-    d_model: int = 192
-    layers: int = 4
+    window: int = 32  # frames per training window (1.28 s at 25 fps)
+    d_model: int = 64
+    layers: int = 2
     heads: int = 4
     style_dim: int = 64  # per-identity style embedding (the paper's size)
     lip_components: int = 16  # PCA components of the mouth-region vertex offsets
-    dropout: float = 0.1
+    dropout: float = 0.3
     style_dropout: float = 0.2  # share of windows trained with the null ("any speaker") style
-    feature_noise: float = 0.1  # Gaussian noise on normalised whisper features (robustness)
-    feature_dropout: float = 0.0  # dropout of whisper feature channels
-    weight_decay: float = 0.01
-    steps: int = 4000
-    batch: int = 32
+    feature_noise: float = 0.5  # Gaussian noise on normalised whisper features
+    feature_dropout: float = 0.5  # dropout of whisper feature channels
+    weight_decay: float = 0.5
+    steps: int = 800
+    batch: int = 16
     lr: float = 3e-4
     lip_weight: float = 1.0  # lip-vertex L2 (mm²) against the expression L2 (standardised)
     temporal_weight: float = 0.5  # Huber on frame-to-frame differences
-    val_every: int = 100
-    checkpoint_every: int = 500
+    val_every: int = 25
+    checkpoint_every: int = 200
     holdout_fraction: float = 0.2  # identities held out for validation when none are named
     adapt_steps: int = 800
-    adapt_lr: float = 1e-4
+    adapt_lr: float = 3e-4
     adapt_style_lr: float = 1e-2  # the new identity's style vector starts from the null style
-    adapt_patience: int = 4  # validations without improvement before adaptation stops
+    adapt_patience: int = 4  # validations (every 50 steps) without improvement before stopping
     adapt_val_fraction: float = 0.1  # last share of the training frames used for early stopping
     seed: int = 0
 
@@ -135,7 +140,9 @@ class E2VConfig:
     uv_res: int = 128  # predicted UV Gaussian map (adapt from the prior keeps this resolution)
     feature_dim: int = 16  # per-Gaussian feature fed to the colour MLP
     hidden: int = 64  # colour MLP width
-    channels: tuple[int, ...] = (32, 64, 128, 256)  # UV U-Net widths per level (3 downsamplings)
+    # UV U-Net widths per level. One level (local, 7×7 texels) on purpose: with ~10 identities a
+    # deeper net recognises the person and recalls their look, which does not transfer (docs/e2v.md)
+    channels: tuple[int, ...] = (64,)
     embed_dim: int = 8  # learned per-texel input channels: where on the head a texel lies
     max_sources: int = 4  # reference frames per training sample (1..max, drawn per sample)
     steps: int = 6000
@@ -149,7 +156,7 @@ class E2VConfig:
     scale_max: float = 1.0
     flip: bool = True  # mirrored identities (mirrored frames + landmarks) double the training set
     zoom: float = 0.15  # reference frames are cropped by a random zoom in [1, 1 + zoom]
-    jitter: float = 0.1  # colour jitter (gain, contrast, saturation ± jitter), same for a sample's frames
+    jitter: float = 0.2  # colour jitter (per-channel gain, contrast, saturation ± jitter), same for a sample's frames
     val_every: int = 250
     val_samples: int = 32  # fixed (reference, target) pairs of the held-out identities
     checkpoint_every: int = 500

@@ -174,12 +174,12 @@ class Samples(Dataset):
 class Stream(Sampler):
     """This rank's sample indices for steps [start, steps): (step·world + rank)·batch + j."""
 
-    def __init__(self, start: int, steps: int, batch: int, rank: int = 0, world: int = 1, offset: int = 0):
-        self.start, self.steps, self.batch, self.rank, self.world, self.offset = start, steps, batch, rank, world, offset
+    def __init__(self, start: int, steps: int, batch: int, rank: int = 0, world: int = 1):
+        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch, rank, world
 
     def __iter__(self):
         for step in range(self.start, self.steps):
-            first = self.offset + (step * self.world + self.rank) * self.batch
+            first = (step * self.world + self.rank) * self.batch
             yield from range(first, first + self.batch)
 
     def __len__(self) -> int:
@@ -315,7 +315,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: E2VC
     val = load_identities(clip_dirs, holdout, "train", cfg, template, dev, False) if holdout else \
         load_identities(clip_dirs, train_names, "late", cfg, template, dev, False)  # fmt: skip
     objective = Objective(model, cfg)
-    net = nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False) if world > 1 else objective  # buffers are constants
+    net = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     warmup = min(200, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))

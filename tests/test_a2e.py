@@ -67,7 +67,8 @@ def make_clip(folder, seed: int, n: int = 250, fps: float = 25.0, gain: float = 
 
 def small_cfg(**a2e_overrides):
     base = dict(window=32, d_model=48, layers=2, heads=2, lip_components=6, steps=300, batch=16, lr=2e-3, val_every=50,
-                checkpoint_every=100, adapt_steps=300, adapt_lr=1e-3, adapt_patience=3)  # fmt: skip
+                checkpoint_every=100, adapt_steps=300, adapt_lr=1e-3, adapt_patience=3, dropout=0.1, feature_noise=0.1,
+                feature_dropout=0.0, weight_decay=0.01)  # fmt: skip
     base.update(a2e_overrides)
     return load_config("fast", {"a2e": base})
 

@@ -22,16 +22,16 @@ from ggtalker_cli.gaussians import read_ply
 from ggtalker_cli.stages import adapt
 
 # Held-out head PSNR (dB) the CI run must reach. The starting head (colours painted from 8
-# training frames) scores ~16 dB, the adapted one ~21.5 dB.
-HEAD_PSNR_MIN = 19.5
-CI = {"size": 128, "steps": 150, "uv_res": 96, "checkpoint_every": 1000}
+# training frames) scores ~17 dB, the adapted one ~21.5 dB.
+HEAD_PSNR_MIN = 20.0
+CI = {"size": 128, "steps": 150, "uv_res": 96, "checkpoint_every": 1000, "eval_frames": 4}
 
 
 @pytest.fixture(scope="module")
 def adapted(clip_128, tmp_path_factory):
     clip, _ = clip_128
     out = tmp_path_factory.mktemp("avatars") / "aoc"
-    summary = adapt.run(clip, out, load_config("fast", {"adapt": CI, "inpainter": {"steps": 20}}), device="cpu")
+    summary = adapt.run(clip, out, load_config("fast", {"adapt": CI, "inpainter": {"steps": 10}}), device="cpu")
     return clip, out, summary
 
 
@@ -39,7 +39,7 @@ def test_adapt_beats_the_initial_render_on_held_out_frames(adapted):
     _, out, _ = adapted
     meta = artifacts.read_meta(out, "avatar")
     m, m0 = meta["metrics"], meta["initial_metrics"]
-    assert m["psnr_head"] > HEAD_PSNR_MIN > m0["psnr_head"] + 3
+    assert m["psnr_head"] > HEAD_PSNR_MIN > m0["psnr_head"] + 2.5
     assert m["ssim_head"] > m0["ssim_head"] + 0.2
     assert m["psnr_full"] > m0["psnr_full"] and m["psnr_face"] > m0["psnr_face"]
     # the blendshape-driven mesh (what audio will drive) renders nearly as well as the tracked one

@@ -1,18 +1,24 @@
 """Expression→visual prior (E2V): a few frames of a person → that person's UV Gaussian map.
 
 The generator works in UV space, where every texel is one Gaussian of `gaussians.GaussianMap`.
-Each reference frame is first *unwrapped*: every texel's surface point on the tracked head mesh
-is projected into the frame and the frame's colour and head mask are sampled there, keeping
-only texels that face the camera and pass a coarse z-buffer (so the mouth pocket behind closed
-lips or the back of the head never take the face's colours). Frames are merged by visibility
-weight. That gives an identity-general colour estimate for free; a UV U-Net then predicts the
-whole map as a residual over a learned mean head (`template`, itself a GaussianMap) plus the
-unwrapped colours: offsets and opacities shape hair and silhouette (it sees how far the head
-mask reaches beyond the mesh along each texel's normal), colours of unseen texels are filled,
-and the per-Gaussian features condition a colour MLP shared by all identities.
+Each reference frame is first *unwrapped* (`unwrap`): every texel's surface point on the
+tracked head mesh is projected into the frame and the frame's colour and head mask are sampled
+there, keeping only texels that face the camera and pass a coarse z-buffer (so the mouth pocket
+behind closed lips or the back of the head never take the face's colours). The head shell
+(hair, ears) hides behind the face from the front, so every texel also samples the image
+radially beyond the face outline at its own angle: that is where its hair is seen, and unseen
+texels start with that colour. Frames are merged by visibility weight.
 
-An untrained generator already returns the mean head textured with the unwrapped colours; the
-cross-identity training (`e2v_train.py`) teaches it everything else. `adapt --prior` starts from
+That gives an identity-general estimate for free. A UV network then predicts the whole map
+as a residual over a learned mean head (`template`, itself a GaussianMap) plus the unwrapped
+colours: offsets, scales and opacities that shape hair and silhouette, colour corrections,
+and the per-Gaussian features that condition a colour MLP shared by all identities.
+The network is local by default (`e2v.channels`): trained on ~10 identities, a deeper U-Net
+learns to recognise the training people and recall their hair and shape, and gets worse on
+held-out identities as it trains, while a local one keeps improving (docs/e2v.md).
+
+An untrained generator already returns the mean head textured from the references; the
+cross-identity training (`e2v_train.py`) teaches it the rest. `adapt --prior` starts from
 `init_from_prior()` instead of the grey scratch map.
 """
 

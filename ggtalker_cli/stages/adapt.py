@@ -1,5 +1,9 @@
 """`ggtalker adapt`: fit one person's Gaussian head avatar to a preprocessed clip.
 
+Setup, from training frames only: the identity's neutral landmarks and expression basis (least
+squares, `HeadModel.fit`), the head shell fitted to the head-mask silhouettes (hair makes heads
+bigger than skulls), and each Gaussian's starting colour painted from 8 frames.
+
 Each step renders the head Gaussians of one training frame (its tracked landmarks and pose) over
 the clip's background plate and compares it with the frame's head pasted on that plate
 (`frame·head + plate·(1 − head)`), so the head learns its own silhouette and nothing of the
