@@ -8,6 +8,8 @@ prior and once from scratch; each run gets its own full learning-rate schedule (
 gets by asking for N steps). Numbers are adapt's held-out metrics (the clip's last 10% of
 frames, tracked landmarks and pose; protocol text in each avatar's meta.yaml), plus step 0 (the
 initial map). Finished runs are reused, so an interrupted benchmark continues where it stopped.
+The body inpainter that adapt also trains is cut to `--inpainter-steps` (none of these metrics
+reads it; adapt's `train_seconds` never counted it).
 
 Writes `results.json`, `table.md`, `curve.png` (held-out PSNR/SSIM vs steps) and, for the
 largest budget, `novel_views.png` (prior row over scratch row, yaw −30°…+30°) and the 3D
@@ -40,7 +42,7 @@ CONSISTENCY_FRAMES = 10
 
 def run_one(clip: Path, folder: Path, steps: int, prior: Path | None, args) -> dict:
     if not (folder / "meta.yaml").is_file():
-        overrides = {"adapt": {"steps": steps, **({"size": args.size} if args.size else {})}}
+        overrides = {"adapt": {"steps": steps, **({"size": args.size} if args.size else {})}, "inpainter": {"steps": args.inpainter_steps}}
         adapt.run(clip, folder, load_config(args.preset, overrides), prior=prior, device=args.device, force=True)
     meta = yaml.safe_load((folder / "meta.yaml").read_text())
     return {"metrics": meta["metrics"], "initial": meta["initial_metrics"], "seconds": meta["train_seconds"], "device": meta["device"]}
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="adapt render size (preset default otherwise)")
     parser.add_argument("--preset", default="balanced")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--inpainter-steps", type=int, default=1, help="adapt's body inpainter steps (no metric here uses it)")
     parser.add_argument("--no-consistency", action="store_true", help="skip the mediapipe novel-view check")
     args = parser.parse_args()
     budgets = sorted(int(b) for b in args.budgets.split(","))

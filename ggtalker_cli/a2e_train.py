@@ -38,8 +38,7 @@ def _windows(clips: list[ClipData], spans: list[Span], starts: list[tuple[int, i
         bs.append(np.pad(c.blendshapes[sl], ((0, pad), (0, 0))))
         mouth.append(np.pad(c.mouth[sl], ((0, pad), (0, 0), (0, 0))))
         valid.append(np.pad(c.valid[sl], (0, pad)))
-    t = lambda a: torch.as_tensor(np.stack(a), device=device)  # noqa: E731
-    return {"features": t(feats), "blendshapes": t(bs), "mouth": t(mouth), "valid": t(valid)}
+    return {k: torch.as_tensor(np.stack(v), device=device) for k, v in (("features", feats), ("blendshapes", bs), ("mouth", mouth), ("valid", valid))}
 
 
 def _sample(spans: list[Span], rng: np.random.Generator, n: int, window: int) -> list[tuple[int, int]]:
@@ -145,7 +144,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
             idx = torch.tensor([style_of[ci] for ci, _ in starts], device=device)
             idx = torch.where(torch.as_tensor(rng.random(len(idx)) < cfg.style_dropout, device=device), null, idx)
             code = net(b["features"], model.style(idx), cfg.feature_noise, cfg.feature_dropout)
-            loss, parts = model.loss(code, b["blendshapes"], b["mouth"], b["valid"], cfg.lip_weight, cfg.temporal_weight)
+            loss, _ = model.loss(code, b["blendshapes"], b["mouth"], b["valid"], cfg.lip_weight, cfg.temporal_weight)
             value = loss.item()
             if not math.isfinite(value):
                 raise GGError(f"a2e training diverged at step {step} (loss {value}); lower the preset's a2e.lr or re-run with --resume", Exit.DIVERGED)
@@ -186,9 +185,10 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
 def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, device: str | None = None) -> tuple[dict[str, Tensor], dict]:
     """Fine-tune the prior's A2E to one identity's clip; return (adapted state, log).
 
-    The audio front end (feature norm + convolutions) stays frozen; the transformer and head
-    train at the low `adapt_lr`, a new style vector (started from the null style) at
-    `adapt_style_lr`. Validation every 50 steps on the held-out end of the training frames;
+    The audio encoder (whisper) stays frozen, as its features are precomputed; every A2E layer
+    trains at the low `adapt_lr` and a new style vector (started from the null style) at
+    `adapt_style_lr`. Freezing A2E's own feature front end as well was measured to cost 0.13-0.15
+    of test mouth-opening r on the two longest clips (docs/a2e_results.md), so it is tuned too. Validation every 50 steps on the held-out end of the training frames;
     training stops after `adapt_patience` validations without improvement and the best weights
     are kept, so adaptation can only improve on the prior there (the prior itself is step 0).
     """
@@ -205,8 +205,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     model.neutral.copy_(torch.as_tensor(data.neutral))
     model.bs_neutral.copy_(torch.as_tensor(data.bs_neutral))
     style = torch.nn.Parameter(model.style.weight[-1].detach().clone())
-    for module in (model.feature_norm, model.front, model.style):
-        module.requires_grad_(False)
+    model.style.requires_grad_(False)  # the training identities' rows; the new one is `style`
     tuned = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam([{"params": tuned, "lr": cfg.adapt_lr}, {"params": [style], "lr": cfg.adapt_style_lr}])
     every = 50
@@ -220,7 +219,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
             rng = np.random.default_rng((cfg.seed, step))
             torch.manual_seed(cfg.seed * 1_000_003 + step)
             b = _windows([data], fit_spans, _sample(fit_spans, rng, min(cfg.batch, 16), cfg.window), cfg.window, device)
-            code = model(b["features"], style[None].expand(len(b["features"]), -1), cfg.feature_noise, cfg.feature_dropout)
+            code = model(b["features"], style[None].expand(len(b["features"]), -1), cfg.adapt_feature_noise)
             loss, _ = model.loss(code, b["blendshapes"], b["mouth"], b["valid"], cfg.lip_weight, cfg.temporal_weight)
             if not torch.isfinite(loss):
                 raise GGError(f"{clip}: A2E adaptation diverged at step {step}; lower a2e.adapt_lr", Exit.DIVERGED)

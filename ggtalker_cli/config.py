@@ -127,6 +127,7 @@ class A2EConfig:
     adapt_steps: int = 800
     adapt_lr: float = 3e-4
     adapt_style_lr: float = 1e-2  # the new identity's style vector starts from the null style
+    adapt_feature_noise: float = 0.1  # one voice: no need for the prior's heavy feature regularisers
     adapt_patience: int = 4  # validations (every 50 steps) without improvement before stopping
     adapt_val_fraction: float = 0.1  # last share of the training frames used for early stopping
     seed: int = 0

@@ -21,6 +21,7 @@ writes.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
@@ -37,12 +38,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import console, metrics
 from .artifacts import atomic_write_bytes
 from .clip import Clip
-from .config import E2VConfig
+from .config import Config, E2VConfig
 from .errors import Exit, GGError
-from .face_model import HeadModel, canonical_mesh
+from .face_model import HeadModel, Shell, canonical_mesh
 from .losses import hinge_sq, photometric
 from .models.e2v import COLOR, WEIGHTS, E2V, unwrap, with_topology
-from .stages.adapt import Data
+from .stages.adapt import Data, _fit_head
 
 CHECKPOINT = "e2v.ckpt"
 GRID = "e2v_grid.png"
@@ -100,28 +101,35 @@ class Identity:
     frames: np.ndarray  # the frames this identity contributes (references and targets)
 
 
-def load_identities(clip_dirs: list[Path], names: list[str], frames: str, cfg: E2VConfig, template: HeadModel,
+def load_identities(clip_dirs: list[Path], names: list[str], frames: str, cfg: Config, template: HeadModel,
                     device: torch.device, flip: bool) -> list[Identity]:  # fmt: skip
     """Identities of the named clips. frames: "train" (all valid training frames), "fit" (their
-    first 90%) or "late" (their last 10%: validation when no identity is held out)."""
+    first 90%) or "late" (their last 10%: validation when no identity is held out).
+
+    Each head is built as `adapt` builds it (expression basis + head shell fitted to the head
+    masks), so the maps the prior learns mean the same on the heads it is applied to. A mirrored
+    identity refits its basis to the mirrored landmarks and keeps the (symmetric) shell.
+    """
     out = []
     for path in clip_dirs:
         if path.resolve().name not in names:
             continue
-        for flipped in (False, True) if flip else (False,):
-            clip = Clip(path)
-            data = Data(clip, cfg.size, device)
-            if flipped:
-                mirror(data)
-            train = data.train
-            cut = len(train) - max(1, round(0.1 * len(train)))
-            chosen = {"train": train, "fit": train[:cut], "late": train[cut:]}[frames]
-            if len(chosen) < 1:
-                raise GGError(f"{path}: no tracked training frames to learn from; re-create the clip or leave it out", Exit.INPUT_INVALID)
+        clip = Clip(path)
+        data = Data(clip, cfg.e2v.size, device)
+        head, shell = _fit_head(clip, data, cfg.adapt)
+        train = data.train
+        cut = len(train) - max(1, round(0.1 * len(train)))
+        chosen = {"train": train, "fit": train[:cut], "late": train[cut:]}[frames]
+        if len(chosen) < 1:
+            raise GGError(f"{path}: no tracked training frames to learn from; re-create the clip or leave it out", Exit.INPUT_INVALID)
+        out.append(Identity(path.resolve().name, path, False, data, with_topology(head.to(device), template), chosen))
+        if flip:
+            data = Data(clip, cfg.e2v.size, device)
+            mirror(data)
             idx = torch.as_tensor(train, device=device)
-            fitted = HeadModel.fit(data.verts[idx].cpu().numpy(), data.blendshapes[idx].cpu().numpy())
-            head = with_topology(fitted.to(device), template)
-            out.append(Identity(path.resolve().name + (" (mirrored)" if flipped else ""), path, flipped, data, head, chosen))
+            fitted = HeadModel.fit(data.verts[idx].cpu().numpy(), data.blendshapes[idx].cpu().numpy(), cfg.adapt.basis_ridge)
+            head = HeadModel.from_neutral(fitted.neutral.numpy(), fitted.basis.numpy(), Shell(**{f.name: shell[f.name] for f in dataclasses.fields(Shell)}))
+            out.append(Identity(f"{path.resolve().name} (mirrored)", path, True, data, with_topology(head.to(device), template), chosen))
     return out
 
 
@@ -299,10 +307,12 @@ def _loader(samples: Samples, sampler: Sampler, cfg: E2VConfig, device: torch.de
                       prefetch_factor=4 if workers else None, persistent_workers=False)  # fmt: skip
 
 
-def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: E2VConfig, device: str, resume: bool, rank: int = 0, world: int = 1) -> dict:
-    """Train the E2V prior; write `work/e2v.safetensors` and `work/e2v_grid.png`; return this
-    part's summary for meta.yaml. Checkpoints go to `work/e2v.ckpt` (atomically) every
+def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: Config, device: str, resume: bool, rank: int = 0, world: int = 1) -> dict:
+    """Train the E2V prior (settings: `config.e2v`; heads built with `config.adapt`'s, as adapt
+    builds them); write `work/e2v.safetensors` and `work/e2v_grid.png`; return this part's
+    summary for meta.yaml. Checkpoints go to `work/e2v.ckpt` (atomically) every
     `checkpoint_every` steps; `resume` continues from it on the same sample stream."""
+    cfg = config.e2v
     dev = torch.device(device)
     names = [p.resolve().name for p in clip_dirs]
     train_names = [n for n in names if n not in holdout]
@@ -311,9 +321,9 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: E2VC
     torch.manual_seed(cfg.seed)
     template = HeadModel.template().to(dev)
     model = E2V(template, cfg.uv_res, cfg.feature_dim, cfg.hidden, cfg.channels, cfg.embed_dim).to(dev)
-    train = load_identities(clip_dirs, train_names, "train" if holdout else "fit", cfg, template, dev, cfg.flip)
-    val = load_identities(clip_dirs, holdout, "train", cfg, template, dev, False) if holdout else \
-        load_identities(clip_dirs, train_names, "late", cfg, template, dev, False)  # fmt: skip
+    train = load_identities(clip_dirs, train_names, "train" if holdout else "fit", config, template, dev, cfg.flip)
+    val = load_identities(clip_dirs, holdout, "train", config, template, dev, False) if holdout else \
+        load_identities(clip_dirs, train_names, "late", config, template, dev, False)  # fmt: skip
     objective = Objective(model, cfg)
     net = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)

@@ -21,7 +21,6 @@ from ggtalker_cli.config import load_config
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.models import a2e
 from ggtalker_cli.stages import fit_prior
-from test_audio import tiny_whisper  # noqa: F401  (the random-weight whisper fixture)
 
 D = 24
 MIX = np.random.default_rng(123).normal(size=(D, 3))  # shared "phonetics": features -> articulation
@@ -167,7 +166,10 @@ def test_adaptation_beats_prior_on_its_identity(prior, clips):
     assert model.meta["adapted"] == "id3"
     data = a2e.load_clip(clips[3], 25.0)
     test = slice(data.n_train, None)
-    lip_err = lambda m: np.linalg.norm(m[test][:, : a2e.N_LIPS] - data.mouth[test][:, : a2e.N_LIPS], axis=-1).mean()  # noqa: E731
+
+    def lip_err(m):
+        return np.linalg.norm(m[test][:, : a2e.N_LIPS] - data.mouth[test][:, : a2e.N_LIPS], axis=-1).mean()
+
     prior_err = lip_err(a2e.run(a2e.from_state(state), data.features)[1])
     adapted_err = lip_err(a2e.run(model, data.features)[1])
     mean_err = lip_err(np.zeros_like(data.mouth))
@@ -186,7 +188,7 @@ def test_resume_continues_from_checkpoint(clips, tmp_path):
     summary = fit_prior.run(clips[:2], out, cfg, holdout=[], resume=True, device="cpu")
     meta = yaml.safe_load((out / "meta.yaml").read_text())
     assert [c["step"] for c in meta["parts"]["a2e"]["curve"]] == [50, 100]  # steps 1-50 not repeated
-    assert summary["held_out"] == []
+    assert summary["held_out"] == [] and summary["parts"] == ["a2e"]
 
 
 def test_predict_expressions_and_plot(tmp_path, tiny_whisper):

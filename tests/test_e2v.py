@@ -24,7 +24,7 @@ from ggtalker_cli.stages.adapt import Data
 def tiny_cfg(**e2v):
     e2v = {"size": 64, "uv_res": 32, "channels": [8, 16], "embed_dim": 4, "batch": 2, "steps": 6, "workers": 0, "val_every": 3,
            "val_samples": 2, "checkpoint_every": 3, "max_sources": 2, "adapt_sources": 4, **e2v}  # fmt: skip
-    return load_config("fast", {"e2v": e2v, "adapt": {"size": 64, "uv_res": 32, "steps": 2, "eval_frames": 3}})
+    return load_config("fast", {"e2v": e2v, "adapt": {"size": 64, "uv_res": 32, "steps": 2, "eval_frames": 3}, "inpainter": {"steps": 2}})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,16 +121,16 @@ def test_adapt_from_prior_starts_better_than_scratch(prior, macron_128, tmp_path
 
 def test_resume_continues_the_same_stream(clip_128, tmp_path, monkeypatch):
     """Interrupted after 3 steps and resumed == one uninterrupted run, bit for bit."""
-    cfg = tiny_cfg(steps=6, val_every=6).e2v
+    cfg = tiny_cfg(steps=6, val_every=6)
     straight = tmp_path / "straight"
     straight.mkdir()
     e2v_train.train_prior([clip_128[0]], [], straight, cfg, "cpu", resume=False)
 
     real, calls = e2v_train._to_device, {"n": 0}
 
-    def interrupt(batch, device):
+    def interrupt(batch, device):  # call 1: the step-0 validation batch; call k + 1: step k
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 5:
             raise KeyboardInterrupt
         return real(batch, device)
 

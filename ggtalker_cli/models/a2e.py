@@ -99,7 +99,7 @@ def load_clip(path: str | Path, fps: float) -> ClipData:
         raise GGError(f"{clip.features_path}: {len(features)} rows for {clip.n_frames} frames; re-create the clip", Exit.ARTIFACT)
     n = round(clip.n_frames * fps / clip.fps)
     valid = tr["valid"].astype(bool) & ~tr["interpolated"].astype(bool)
-    n_train = int(round(len(clip.train_indices) * fps / clip.fps))
+    n_train = round(len(clip.train_indices) * fps / clip.fps)
     verts = tr["verts"][:, list(MOUTH)].astype(np.float64)
     ok = valid[: len(clip.train_indices)]
     if ok.sum() < 2:

@@ -66,6 +66,12 @@ def with_topology(head: HeadModel, template: HeadModel) -> HeadModel:
     same texel to differently oriented frames; a map meant to transfer between identities must
     use one topology.
     """
+    if head.extra_w.shape != template.extra_w.shape or head.faces.shape != template.faces.shape:
+        raise GGError(
+            f"the e2v prior was made for another head model ({len(template.faces)} triangles, {len(template.extra_w)} added vertices; "
+            f"this ggtalker builds {len(head.faces)} and {len(head.extra_w)}); re-train it with `ggtalker fit-prior --parts e2v`",
+            Exit.ARTIFACT,
+        )
     return HeadModel(**{**head.state(), **{k: getattr(template, k).to(head.neutral.device) for k in TOPOLOGY}})
 
 

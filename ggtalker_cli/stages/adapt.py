@@ -399,11 +399,11 @@ def train(trainer: Trainer, folder: Path, start: int, seconds: float) -> float:
                     row = {"step": step, **row, "psnr_head": -10 * math.log10(max(row.pop("mse_head"), 1e-12)),
                            "gaussians": len(trainer.avatar.gmap), "seconds": round(time.perf_counter() - tic, 2)}  # fmt: skip
                     log.write(json.dumps(row) + "\n")
+                    log.flush()  # followable with tail -f while training
                     bar.update(task, status=f"loss {row['loss']:.4f}  head psnr {row['psnr_head']:.2f}  n {row['gaussians']}")
                 bar.update(task, completed=step + 1)
                 done = step + 1
                 if stop.signal is not None or (done % cfg.checkpoint_every == 0 and done < cfg.steps):
-                    log.flush()
                     trainer.save(folder, done, time.perf_counter() - tic)
                 if stop.signal is not None:
                     raise KeyboardInterrupt

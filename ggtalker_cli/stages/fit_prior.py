@@ -17,7 +17,8 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ def _train_a2e(clips: list[Path], holdout: list[str], work: Path, cfg: Config, d
 def _train_e2v(clips: list[Path], holdout: list[str], work: Path, cfg: Config, device: str, resume: bool, rank: int, world: int) -> dict:
     from ..e2v_train import train_prior
 
-    return train_prior(clips, holdout, work, cfg.e2v, device, resume, rank, world)
+    return train_prior(clips, holdout, work, cfg, device, resume, rank, world)
 
 
 # Part name -> trainer(clips, holdout, work, cfg, device, resume, rank, world) -> summary dict.
