@@ -84,11 +84,16 @@ def main() -> None:
     ap.add_argument("--audio", type=Path, default=AUDIO_DIR)
     ap.add_argument("--ood-targets", default=OOD_TARGETS)
     ap.add_argument("--reuse", action="store_true", help="reuse fold priors already in --work")
+    ap.add_argument("--report-only", action="store_true", help="rewrite --out from --work/results.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     command = "python bench/a2e_eval.py " + " ".join(str(c) for c in args.clips) + f" --work {args.work} --out {args.out} --folds {args.folds}" + (
         f" --steps {args.steps}" if args.steps else "") + (f" --preset {args.preset}" if args.preset else "") + f" --device {args.device} --threads {args.threads}"  # fmt: skip
     cfg = load_config(args.preset, {"a2e": {"steps": args.steps}} if args.steps else None)
+    if args.report_only:
+        saved = json.loads((args.work / "results.json").read_text())
+        write_report(args.out, saved["rows"], saved["ood"], saved["speed"], cfg, saved["command"], args, saved["seconds"], saved["peak_mb"])
+        return
     clips = sorted(Path(c) for c in args.clips if (Path(c) / "meta.yaml").is_file())
     names = [c.name for c in clips]
     folds = [names[k :: args.folds] for k in range(args.folds)]
@@ -143,8 +148,10 @@ def main() -> None:
 
     speed = throughput(args.audio / "en_musetalk_eng_60s.wav", args.device) if (args.audio / "en_musetalk_eng_60s.wav").is_file() else None
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (args.work / "results.json").write_text(json.dumps({"rows": rows, "ood": {k: {**v, "ood": {f: list(x) for f, x in v["ood"].items()}} for k, v in ood.items()}, "speed": speed}, indent=1, default=float))
-    write_report(args.out, rows, ood, speed, cfg, command, args, time.time() - t0, peak_mb)
+    seconds = time.time() - t0
+    (args.work / "results.json").write_text(json.dumps({"rows": rows, "ood": {k: {**v, "ood": {f: list(x) for f, x in v["ood"].items()}} for k, v in ood.items()},
+                                                        "speed": speed, "command": command, "seconds": seconds, "peak_mb": peak_mb}, indent=1, default=float))  # fmt: skip
+    write_report(args.out, rows, ood, speed, cfg, command, args, seconds, peak_mb)
 
 
 def _f(x: float, digits: int = 2) -> str:
@@ -201,14 +208,12 @@ def write_report(path: Path, rows, ood, speed, cfg, command, args, seconds, peak
         files = next(iter(ood.values()))["ood"]
         for f in files:
             lines.append(f"| {f} | " + " | ".join(f"{_f(v['ood'][f][1])} / {v['ood'][f][0]:+d}" for v in ood.values()) + " |")
-        drops = []
-        row = []
-        for v in ood.values():
-            mean_ood = float(np.mean([x[1] for x in v["ood"].values()]))
-            drops.append(1 - mean_ood / v["in_domain"][1])
-            row.append(f"{_f(mean_ood)} ({100 * drops[-1]:+.0f}% vs in-domain)")
+        ratios = [float(np.mean([x[1] for x in v["ood"].values()])) / v["in_domain"][1] for v in ood.values()]
+        row = [f"{_f(float(np.mean([x[1] for x in v['ood'].values()])))} ({100 * q:.0f}% of in-domain)" for v, q in zip(ood.values(), ratios)]
         lines.append("| **mean OOD** | " + " | ".join(row) + " |")
-        lines += ["", f"Mean drop of av_corr from in-domain to OOD audio: {100 * np.mean(drops):.0f}% (goal ≤ 15%)."]
+        lines += ["", f"Mean OOD av_corr is {100 * np.mean(ratios):.0f}% of the in-domain value (goal: a drop of at most 15%, "
+                  "i.e. at least 85%). av_corr is a weak signal: the tracked mouth itself reaches only the reference row, "
+                  "and lags at the ±10 search bound mean no clear peak."]  # fmt: skip
     if speed:
         lines += ["", "## Whisper feature throughput", "",
                   f"`audio.encode` with whisper {speed['model']} on {speed['file']} ({speed['seconds']:.0f} s, {speed['windows']} windows of 30 s, hop 20 s) "

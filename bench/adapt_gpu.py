@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pack_clip  # noqa: E402
+import pack_clip
 
-from ggtalker_cli import console  # noqa: E402
-from ggtalker_cli.artifacts import read_meta  # noqa: E402
-from ggtalker_cli.config import load_config  # noqa: E402
-from ggtalker_cli.stages import adapt  # noqa: E402
-from kernels import gsplat_backend  # noqa: E402
+from ggtalker_cli import console
+from ggtalker_cli.artifacts import read_meta
+from ggtalker_cli.config import load_config
+from ggtalker_cli.stages import adapt
+from kernels import gsplat_backend
 
 
 def _strip(avatar: Path) -> np.ndarray:

@@ -21,6 +21,8 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# the head model reads mediapipe's canonical mesh from face_landmarker.task; the pack carries a copy
+if [ -f "$DATA/face_landmarker.task" ]; then export GGTALKER_FACE_LANDMARKER=${GGTALKER_FACE_LANDMARKER:-$(realpath "$DATA/face_landmarker.task")}; fi
 for d in "$DATA"/*/; do
   name=$(basename "$d")
   [ -f "$CLIPS/$name/meta.yaml" ] || python3 bench/pack_clip.py unpack "$d" "$CLIPS/$name"
@@ -28,7 +30,7 @@ done
 # gsplat builds its CUDA extension on first use (~40 s): do it before anything is timed
 python3 -c "from kernels import gsplat_backend as g; r = g.unavailable(); print('gsplat:', r or 'ok'); assert r is None"
 
-ARGS=(fit-prior "$CLIPS"/* --parts e2v --holdout "$HOLDOUT" --steps "$STEPS" --force)
+ARGS=(fit-prior "$CLIPS"/* --parts e2v --holdout "$HOLDOUT" --steps "$STEPS" ${PRESET:+--preset "$PRESET"} --force)
 CUDA_VISIBLE_DEVICES=0 python3 -m ggtalker_cli.cli "${ARGS[@]}" -o out/gpu_prior_1gpu 2>&1 | tr '\r' '\n' | tail -n 40 > "$RESULTS/fit_prior_1gpu.log"
 torchrun --standalone --nproc_per_node=2 -m ggtalker_cli.cli "${ARGS[@]}" -o out/gpu_prior_2gpu 2>&1 | tr '\r' '\n' | tail -n 40 > "$RESULTS/fit_prior_2gpu.log"
 cp out/gpu_prior_2gpu/val_loss.png "$RESULTS/val_loss_2gpu.png"

@@ -9,6 +9,10 @@ every k-th frame kept (k = ceil(n / max)): the expression→visual prior wants m
 expressions per identity more than neighbouring frames. Thinning divides the frame rate by k and
 keeps the audio whole (or drops it: `--drop-audio`), so the folder is still a valid clip;
 a frame that was a test frame (the last 10%) stays one. The tracking is stored compressed.
+
+`face_landmarker.task` is copied beside the clips: the GPU image has no mediapipe model, and the
+head model reads its canonical mesh from it (point GGTALKER_FACE_LANDMARKER at the copy there;
+bench/fit_prior_gpu.sh and bench/train_default_prior.sh do).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
+
+from ggtalker_cli import assets
 
 
 def shrink(clip: Path, dest: Path, size: int, max_frames: int, crf: int, drop_audio: bool) -> int:
@@ -85,6 +91,8 @@ def main() -> None:
     parser.add_argument("--crf", type=int, default=14)
     parser.add_argument("--drop-audio", action="store_true", help="leave audio and its features out (the e2v prior does not read them)")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(assets.resolve("face_landmarker"), args.out / "face_landmarker.task")
     for clip in args.clips:
         n = shrink(clip, args.out / clip.name, args.size, args.max_frames, args.crf, args.drop_audio)
         mb = sum(f.stat().st_size for f in (args.out / clip.name).rglob("*") if f.is_file()) / 2**20

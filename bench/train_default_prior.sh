@@ -6,7 +6,7 @@
 # Here (CPU), once (clips at 256², ≤200 frames each, to fit the 64 MiB carry):
 #   python bench/pack_prior_data.py $(ls -d out/clips/* | grep -v macron_50s) -o out/carry/prior --size 256 --max-frames 200 --drop-audio
 # There (device tool, nvidia-h100-x1 or nvidia-h200; carry [".whl", "out/carry/prior"]):
-#   STEPS=4000 bash bench/train_default_prior.sh          # RESUME=1 continues an interrupted run
+#   STEPS=4000 bash bench/train_default_prior.sh          # RESUME=1 continues an interrupted run; PRESET=file.yaml overrides settings
 # Back here: cp <files_at>/default/* priors/default/      (e2v_grid.png beside it shows real people: never commit it)
 # On a machine with the clips at hand: DATA=out/clips bash bench/train_default_prior.sh
 set -euo pipefail
@@ -24,6 +24,8 @@ if [ -d .whl ] && command -v nvidia-smi >/dev/null; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# the head model reads mediapipe's canonical mesh from face_landmarker.task; the pack carries a copy
+if [ -f "$DATA/face_landmarker.task" ]; then export GGTALKER_FACE_LANDMARKER=${GGTALKER_FACE_LANDMARKER:-$(realpath "$DATA/face_landmarker.task")}; fi
 CLIPS=()
 for d in "$DATA"/*/; do
   name=$(basename "$d")
@@ -39,7 +41,7 @@ done
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 LAUNCH=(python3)
 [ "$GPUS" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node="$GPUS")
-CMD=(-m ggtalker_cli.cli fit-prior "${CLIPS[@]}" -o "$RUN" --parts e2v --holdout "$HOLDOUT" --steps "$STEPS" --force ${RESUME:+--resume})
+CMD=(-m ggtalker_cli.cli fit-prior "${CLIPS[@]}" -o "$RUN" --parts e2v --holdout "$HOLDOUT" --steps "$STEPS" ${PRESET:+--preset "$PRESET"} --force ${RESUME:+--resume})
 echo "${LAUNCH[*]} ${CMD[*]}" > "$RESULTS/command.txt"
 "${LAUNCH[@]}" "${CMD[@]}" 2>&1 | tr '\r' '\n' | tail -n 60 > "$RESULTS/train.log"
 
@@ -68,7 +70,7 @@ Trained by `bench/train_default_prior.sh` on {device}, {e2v['steps']} steps, {e2
 parts are and copies colours from the reference frames. `ggtalker fit-prior --parts e2v` on a large
 corpus (e.g. VFHQ, HDTF) is how to get the paper's generalisation.
 
-Research / non-commercial only: {meta['note']}
+{meta['note']}
 """)
 print((dest / "README.md").read_text())
 EOF

@@ -22,7 +22,15 @@ from . import console
 from .artifacts import atomic_write_bytes
 from .config import A2EConfig
 from .errors import Exit, GGError
-from .models.a2e import A2E, ClipData, fit_lip_basis, from_state, load_clip, make_meta, to_state
+from .models.a2e import (
+    A2E,
+    ClipData,
+    fit_lip_basis,
+    from_state,
+    load_clip,
+    make_meta,
+    to_state,
+)
 
 Span = tuple[int, int, int]  # (clip index, first frame, end frame) at the model frame rate
 

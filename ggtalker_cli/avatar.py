@@ -31,7 +31,7 @@ class Avatar(nn.Module):
         self.head, self.gmap, self.color = head, gmap, color
 
     @classmethod
-    def create(cls, head: HeadModel, uv_res: int, feature_dim: int, hidden: int, seed: int) -> "Avatar":
+    def create(cls, head: HeadModel, uv_res: int, feature_dim: int, hidden: int, seed: int) -> Avatar:
         return cls(head, GaussianMap(head, uv_res, feature_dim, seed), ColorMLP(feature_dim, hidden=hidden))
 
     def gaussians(self, base: Tensor, pose: Tensor, expr: Tensor) -> tuple[Gaussians, dict[str, Tensor]]:
@@ -54,7 +54,7 @@ class Avatar(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
-    def from_state(cls, state: dict[str, Tensor], device: torch.device | str = "cpu") -> "Avatar":
+    def from_state(cls, state: dict[str, Tensor], device: torch.device | str = "cpu") -> Avatar:
         head = HeadModel(**{k[5:]: v for k, v in state.items() if k.startswith("head.")}).to(device)
         gmap = GaussianMap.from_state(head, state).to(device)
         mlp = {k[10:]: v for k, v in state.items() if k.startswith("color_mlp.")}
@@ -67,7 +67,7 @@ class Avatar(nn.Module):
         save_file(self.state(), str(path))
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device | str = "cpu") -> "Avatar":
+    def load(cls, folder: Path, device: torch.device | str = "cpu") -> Avatar:
         """Load an avatar folder written by `ggtalker adapt` (format-checked)."""
         artifacts.read_meta(folder, "avatar")
         path = artifacts.inside(folder, WEIGHTS)

@@ -42,10 +42,10 @@ class PreprocessConfig:
 
 @dataclass
 class AdaptConfig:
-    steps: int = 3000
-    size: int = 512  # training render size (frames are resized from the clip's size)
+    steps: int = 4000
+    size: int = 512  # training render size (frames are resized from the clip's size, never up)
     batch: int = 1  # frames per step
-    uv_res: int = 128  # UV Gaussian map resolution (one Gaussian per covered texel)
+    uv_res: int = 256  # UV Gaussian map resolution (one Gaussian per covered texel: ~52k at 256)
     upsample_at: float = 0.0  # fraction of steps at which the UV map doubles its resolution (0: never)
     feature_dim: int = 16  # per-Gaussian feature fed to the colour MLP
     hidden: int = 64  # colour MLP width

@@ -42,7 +42,7 @@ from .config import Config, E2VConfig
 from .errors import Exit, GGError
 from .face_model import HeadModel, Shell, canonical_mesh
 from .losses import hinge_sq, photometric
-from .models.e2v import COLOR, WEIGHTS, E2V, unwrap, with_topology
+from .models.e2v import COLOR, E2V, WEIGHTS, unwrap, with_topology
 from .stages.adapt import Data, _fit_head
 
 CHECKPOINT = "e2v.ckpt"
@@ -66,7 +66,7 @@ def landmark_mirror() -> np.ndarray:
 def blendshape_mirror(names: list[str]) -> np.ndarray:
     """(52,) index of each blendshape's mirror (eyeBlinkLeft ↔ eyeBlinkRight, others themselves)."""
     where = {n: i for i, n in enumerate(names)}
-    swap = lambda n: n.replace("Left", "\0").replace("Right", "Left").replace("\0", "Right")  # noqa: E731
+    swap = lambda n: n.replace("Left", "\0").replace("Right", "Left").replace("\0", "Right")
     return np.array([where.get(swap(n), i) for i, n in enumerate(names)])
 
 
@@ -270,7 +270,7 @@ def evaluate(objective: Objective, loader: DataLoader, identities: list[Identity
     objective.train()
     if grid is not None and rows:
         image = (torch.cat(rows, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        _, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         atomic_write_bytes(grid, png.tobytes())
     return sum(losses) / len(psnrs), float(np.mean(psnrs))
 

@@ -374,7 +374,7 @@ class HeadModel:
             setattr(self, key, tensors[key])
 
     @classmethod
-    def from_neutral(cls, neutral: np.ndarray, basis: np.ndarray | None = None, shell: Shell = Shell()) -> "HeadModel":
+    def from_neutral(cls, neutral: np.ndarray, basis: np.ndarray | None = None, shell: Shell = Shell()) -> HeadModel:
         geo = _build(np.asarray(neutral, np.float64), shell)
         basis = np.zeros((N_BLENDSHAPES, N_BASE, 3), np.float32) if basis is None else basis
         return cls(
@@ -384,11 +384,11 @@ class HeadModel:
         )
 
     @classmethod
-    def template(cls) -> "HeadModel":
+    def template(cls) -> HeadModel:
         return cls.from_neutral(template_landmarks())
 
     @classmethod
-    def fit(cls, verts: np.ndarray, blendshapes: np.ndarray, ridge: float = 1.0) -> "HeadModel":
+    def fit(cls, verts: np.ndarray, blendshapes: np.ndarray, ridge: float = 1.0) -> HeadModel:
         """Least squares `verts ≈ neutral + blendshapes @ basis` over tracked frames.
 
         verts (N, 478, 3) face-space landmarks, blendshapes (N, 52). The ridge term (on the basis
@@ -408,7 +408,7 @@ class HeadModel:
     def state(self) -> dict[str, Tensor]:
         return {key: getattr(self, key).contiguous() for key in self.KEYS}
 
-    def to(self, device) -> "HeadModel":
+    def to(self, device) -> HeadModel:
         return HeadModel(**{k: v.to(device) for k, v in self.state().items()})
 
     @property
@@ -421,7 +421,7 @@ class HeadModel:
 
     def vertices(self, base: Tensor) -> Tensor:
         """(..., 478, 3) landmarks -> (..., 478 + E, 3) all head vertices."""
-        extra = torch.einsum("ev,...vc->...ec", self.extra_w, base) + self.extra_c
+        extra = self.extra_w @ base + self.extra_c
         return torch.cat([base, extra], dim=-2)
 
 

@@ -4,7 +4,8 @@ The head's parameters live in one (C, R, R) tensor laid over the head's UV atlas
 (`face_model.CHARTS`): every texel whose centre falls inside a triangle's UV footprint is one
 Gaussian, bound to that triangle at the texel's barycentric coordinates. A network can then
 predict a whole head as an image (the expression→visual prior), and adaptation optimises the
-same map. Channels (`GROUPS`, then per-Gaussian features), all in the triangle's local frame (GaussianAvatars):
+same map. Channels (`GROUPS`, then per-Gaussian features), all in the triangle's local frame
+(GaussianAvatars):
 
     position = Σ bary·v_tri + s_tri · R_tri · offset      rotation = R_tri · quat
     scale    = s_tri · exp(log_scale)                     opacity  = sigmoid(opacity_logit)
@@ -246,7 +247,7 @@ class GaussianMap(nn.Module):
         return {"uv_map": self.map.detach().contiguous(), "uv_alive": self.alive.to(torch.uint8).contiguous()}
 
     @classmethod
-    def from_state(cls, head: HeadModel, state: dict[str, Tensor]) -> "GaussianMap":
+    def from_state(cls, head: HeadModel, state: dict[str, Tensor]) -> GaussianMap:
         full = state["uv_map"]
         g = cls(head, full.shape[-1], full.shape[0] - sum(GROUPS.values()))
         g._set_map(full)

@@ -97,3 +97,20 @@ def tiny_avatar(tmp_path_factory, clip_128):
         torch.set_num_threads(threads)
     shutil.copy(root / "prior" / "a2e.safetensors", root / "avatar" / "a2e.safetensors")
     return root / "avatar", root / "prior", clip
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tmp_path_factory) -> Path:
+    """A 1-layer, 32-wide whisper with random weights in openai-whisper's checkpoint format: it
+    exercises the real `whisper.load_model` path (test_audio, test_a2e) in milliseconds."""
+    import dataclasses
+
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+
+    torch.manual_seed(0)
+    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
+                           n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)  # fmt: skip
+    path = tmp_path_factory.mktemp("whisper") / "tiny-random.pt"
+    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": Whisper(dims).state_dict()}, path)
+    return path

@@ -143,7 +143,7 @@ def test_fit_prior_writes_prior_and_learns(prior, clips):
     part = meta["parts"]["a2e"]
     curve = [c["val"] for c in part["curve"]]
     assert part["identities"] == ["id0", "id1", "id2"]
-    assert min(curve) < curve[0] and part["best_val_loss"] == min(curve)
+    assert min(curve) < curve[0] and part["best_val_loss"] == min(curve) == summary["a2e_best_val_loss"]
     from safetensors.torch import load_file
 
     model = a2e.from_state(load_file(out / "a2e.safetensors"))

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from ggtalker_cli import artifacts
 from ggtalker_cli.avatar import Avatar
-from ggtalker_cli.clip import Clip
 from ggtalker_cli.cli import app
+from ggtalker_cli.clip import Clip
 from ggtalker_cli.config import load_config
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.gaussians import read_ply

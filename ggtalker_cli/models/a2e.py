@@ -22,7 +22,9 @@ sampled with classifier-free guidance. This model is deterministic, so it predic
 conditional mean: motion of ambiguous sounds is averaged (under-articulated, damped lips,
 especially on out-of-distribution audio), it cannot sample varied takes of the same audio, and
 there is no guidance scale to trade diversity for sync. Temporal smoothness comes only from the
-Huber loss on frame differences, not from a learned distribution of motion.
+Huber loss on frame differences, not from a learned distribution of motion. And the paper's
+prior sees thousands of speakers; ours a dozen, so on a new voice the prior alone tracks mouth
+opening only loosely (r ≈ 0.5) and adaptation does the rest (docs/a2e.md, a2e_results.md).
 
 Loss = expression L2 (standardised blendshapes) + lip-vertex L2 (mm², reconstructed through the
 PCA basis against the tracked offsets) + Huber on frame-to-frame differences of both.

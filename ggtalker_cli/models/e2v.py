@@ -66,12 +66,6 @@ def with_topology(head: HeadModel, template: HeadModel) -> HeadModel:
     same texel to differently oriented frames; a map meant to transfer between identities must
     use one topology.
     """
-    if head.extra_w.shape != template.extra_w.shape or head.faces.shape != template.faces.shape:
-        raise GGError(
-            f"the e2v prior was made for another head model ({len(template.faces)} triangles, {len(template.extra_w)} added vertices; "
-            f"this ggtalker builds {len(head.faces)} and {len(head.extra_w)}); re-train it with `ggtalker fit-prior --parts e2v`",
-            Exit.ARTIFACT,
-        )
     return HeadModel(**{**head.state(), **{k: getattr(template, k).to(head.neutral.device) for k in TOPOLOGY}})
 
 
@@ -245,18 +239,29 @@ class E2V(nn.Module):
                   metadata={"arch": json.dumps(self.arch), "meta": json.dumps(meta)})  # fmt: skip
 
     @classmethod
-    def load(cls, path: Path, device: torch.device | str = "cpu") -> tuple["E2V", dict]:
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> tuple[E2V, dict]:
         try:
             with safe_open(str(path), "pt") as f:
                 info = f.metadata() or {}
                 state = {k: f.get_tensor(k) for k in f.keys()}
             arch, meta = json.loads(info["arch"]), json.loads(info.get("meta", "{}"))
-            head = HeadModel(**{k[5:]: v for k, v in state.items() if k.startswith("head.")}).to(device)
-            model = cls(head, **arch).to(device)
-            model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
-        except (OSError, SafetensorError, KeyError, ValueError, TypeError, RuntimeError) as e:
+            head = HeadModel(**{k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        except (OSError, SafetensorError, KeyError, ValueError, TypeError) as e:
             raise GGError(f"{path}: unreadable e2v prior weights ({e.__class__.__name__}: {e}); re-run ggtalker fit-prior --parts e2v", Exit.ARTIFACT) from e
-        return model.to(device), meta
+        current = HeadModel.template()
+        if not (torch.equal(head.faces, current.faces) and torch.equal(head.charts, current.charts)
+                and head.face_uvs.shape == current.face_uvs.shape and torch.allclose(head.face_uvs, current.face_uvs, atol=1e-6)):  # fmt: skip
+            raise GGError(
+                f"{path}: made for another head model ({len(head.faces)} triangles; this ggtalker builds {len(current.faces)} "
+                "or lays out the UV atlas differently); re-train it with `ggtalker fit-prior --parts e2v`",
+                Exit.ARTIFACT,
+            )
+        model = cls(head.to(device), **arch).to(device)
+        try:
+            model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
+        except RuntimeError as e:
+            raise GGError(f"{path}: e2v prior weights do not match their architecture ({e}); re-run ggtalker fit-prior --parts e2v", Exit.ARTIFACT) from e
+        return model, meta
 
 
 def choose_prior(prior: Path | None, no_prior: bool) -> Path | None:
@@ -267,6 +272,11 @@ def choose_prior(prior: Path | None, no_prior: bool) -> Path | None:
             raise GGError("--prior and --no-prior exclude each other; pass one of them", Exit.USAGE)
         return None
     if prior is None and (DEFAULT_PRIOR / artifacts.META).is_file():
+        try:  # a default prior outdated by a newer head model must not stop adapt
+            E2V.load(DEFAULT_PRIOR / WEIGHTS)
+        except GGError as e:
+            console.warn(f"{e.message}; adapting from scratch (bench/train_default_prior.sh re-trains it)")
+            return None
         console.info(f"adapt: starting from the default prior {DEFAULT_PRIOR} (--no-prior: from scratch)")
         return DEFAULT_PRIOR
     return prior
@@ -284,7 +294,10 @@ def init_from_prior(prior_dir: Path, clip: Clip, head: HeadModel, cfg: Config) -
     """The avatar adapt starts from: the prior's map predicted from the clip's training frames.
 
     `head` is the identity's fitted head (on the training device); the returned avatar uses the
-    prior's topology and UV resolution and carries the prior's colour MLP.
+    prior's topology and carries the prior's colour MLP. When `adapt.uv_res` is the prior's
+    resolution times a power of two, the predicted map is upsampled to it (each texel's children
+    copy it, `GaussianMap.upsample`) and re-coloured from the references at the finer resolution
+    plus the prior's colour correction; otherwise the prior's resolution is kept.
     """
     from ..stages.adapt import Data
 
@@ -294,22 +307,33 @@ def init_from_prior(prior_dir: Path, clip: Clip, head: HeadModel, cfg: Config) -
     device = head.neutral.device
     model, meta = E2V.load(path, device)
     model.eval()
-    res = model.arch["uv_res"]
-    if res != cfg.adapt.uv_res:
-        console.info(f"adapt: using the prior's {res}² UV map (adapt.uv_res {cfg.adapt.uv_res} applies to scratch avatars)")
     head = with_topology(head, model.head)
     data = Data(clip, int(meta.get("size", cfg.e2v.size)), device)
     frames = reference_frames(clip.tracking["pose"], data.train, cfg.e2v.adapt_sources)
     views = [data.load(i) for i in frames]
-    images = torch.as_tensor(np.stack([v[0] for v in views]), device=device)[None]
-    masks = torch.as_tensor(np.stack([v[1] for v in views]), device=device)[None]
     idx = torch.as_tensor(frames, device=device)
-    verts = head.vertices(data.verts[idx])[None]
     M = len(frames)
-    inputs = unwrap(model.template, images, masks, verts, data.pose[idx][None], data.K.expand(1, M, 3, 3), torch.ones(1, M, dtype=torch.bool, device=device))
+    refs = (
+        torch.as_tensor(np.stack([v[0] for v in views]), device=device)[None],
+        torch.as_tensor(np.stack([v[1] for v in views]), device=device)[None],
+        head.vertices(data.verts[idx])[None],
+        data.pose[idx][None],
+        data.K.expand(1, M, 3, 3),
+        torch.ones(1, M, dtype=torch.bool, device=device),
+    )
+    inputs = unwrap(model.template, *refs)
     uv_map = model(inputs)[0]
-    gmap = GaussianMap.from_state(head, {"uv_map": uv_map, "uv_alive": model.template.alive})
+    gmap = GaussianMap.from_state(head, {"uv_map": uv_map, "uv_alive": model.template.alive}).to(device)
+    res, factor = gmap.res, cfg.adapt.uv_res // gmap.res
+    if factor > 1 and factor * res == cfg.adapt.uv_res and factor & (factor - 1) == 0:
+        for _ in range(factor.bit_length() - 1):
+            gmap.upsample()
+        correction = torch.where(model.template.alive, uv_map[COLOR] - torch.logit(inputs[0, :3].clamp(0.02, 0.98)), 0.0)
+        fine = torch.logit(unwrap(gmap, *refs)[0, :3].clamp(0.02, 0.98))
+        gmap.groups["color"].data.copy_(fine + correction.repeat_interleave(factor, -2).repeat_interleave(factor, -1))
+    elif res != cfg.adapt.uv_res:
+        console.info(f"adapt: using the prior's {res}² UV map (adapt.uv_res {cfg.adapt.uv_res} is not {res}² × a power of two)")
     color = ColorMLP(model.arch["feature_dim"], hidden=model.arch["hidden"]).to(device)
     color.load_state_dict(model.color.state_dict())
-    console.info(f"adapt: initial map from the e2v prior {prior_dir} ({M} reference frames)")
-    return Avatar(head, gmap.to(device), color)
+    console.info(f"adapt: initial {gmap.res}² map from the e2v prior {prior_dir} ({M} reference frames)")
+    return Avatar(head, gmap, color)

@@ -552,7 +552,7 @@ def run(
 
                 avatar = init_from_prior(prior, clip, head.to(dev), cfg)
             else:
-                avatar = Avatar.create(head.to(dev), acfg.uv_res, acfg.feature_dim, acfg.hidden, acfg.seed)
+                avatar = Avatar.create(head.to(dev), acfg.uv_res, acfg.feature_dim, acfg.hidden, acfg.seed).to(dev)
                 paint(avatar, data, data.train[np.linspace(0, len(data.train) - 1, SHELL_FRAMES).astype(int)])
             trainer, start, seconds = Trainer(data, acfg, avatar.to(dev)), 0, 0.0
             initial = evaluate(trainer.avatar, data, eval_frames)
