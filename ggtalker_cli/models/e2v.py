@@ -53,9 +53,17 @@ RADII = (1.15, 1.4, 1.8)  # colour + head-mask samples at these multiples of the
 ANGLE_BINS = 72  # angular resolution of the face outline in the image
 FILL_EPS = 0.05  # below this much head in the radial samples, an unseen texel takes the mean seen colour
 IN_CHANNELS = 3 + 2 + len(PROBES_CM) + 4 * len(RADII)
+FACING_MIN = 0.3  # texels seen more obliquely than this cosine are not sampled (silhouette pixels mix)
 ZBUF_CELL = 4  # z-buffer cell side in pixels (texel points are sparse, a coarse grid has no holes)
-ZBUF_TOL_CM = 0.5  # a texel this far behind the front-most one in its cell is occluded
-COLOR = slice(sum(list(GROUPS.values())[:4]), sum(GROUPS.values()))  # the colour-logit channels
+ZBUF_TOL_CM = 0.5  # a texel this far behind the front-most one in its cell is occluded, plus...
+ZBUF_SLOPE = 2.0  # ...this many cell widths (in cm at the texel's depth): a sloped surface spans depths in a cell
+def _channels(group: str) -> slice:
+    """Channels of a GaussianMap group in the (C, R, R) map."""
+    start = sum(c for k, c in GROUPS.items() if list(GROUPS).index(k) < list(GROUPS).index(group))
+    return slice(start, start + GROUPS[group])
+
+
+COLOR, LOG_SCALE = _channels("color"), _channels("log_scale")
 TOPOLOGY = ("faces", "face_uvs", "charts")
 
 
@@ -120,18 +128,19 @@ def unwrap(binding: GaussianMap, images: Tensor, masks: Tensor, verts: Tensor, p
         w = w.view(B, M, -1, 1)
         return (x.view(B, M, -1, x.shape[-1]) * w).sum(1) / w.sum(1).clamp(min=1e-6)
 
-    def total(w: Tensor) -> Tensor:
-        return w.view(B, M, -1).sum(1).clamp(max=1)[..., None]
+    def total(w: Tensor) -> Tensor:  # confidence: one frame seen within 60° is full
+        return (w.view(B, M, -1).sum(1) / 0.5).clamp(max=1)[..., None]
 
     # surface: facing the camera and in front in a coarse z-buffer of the texel points
     px = project(cam)
-    front = inside(px) & (cam[..., 2] > 0.01) & (facing > 0)
+    front = inside(px) & (cam[..., 2] > 0.01) & (facing > FACING_MIN)
     cells = max(min(H, W) // ZBUF_CELL, 1)
     ij = (px / size * cells).long().clamp(0, cells - 1)
     idx = ij[..., 1] * cells + ij[..., 0]
     z = torch.where(front, cam[..., 2], torch.inf)
     zbuf = torch.full((len(z), cells * cells), torch.inf, device=z.device, dtype=z.dtype).scatter_reduce(1, idx, z, "amin")
-    visible = front & (cam[..., 2] <= zbuf.gather(1, idx) + ZBUF_TOL_CM)
+    cell_cm = (min(H, W) / cells) * cam[..., 2] / Kf[:, None, 0, 0]
+    visible = front & (cam[..., 2] <= zbuf.gather(1, idx) + ZBUF_TOL_CM + ZBUF_SLOPE * cell_cm)
     w_geo = facing.clamp(0, 1) * front * real
     w_vis = w_geo * visible
     head_here = sample(msk, px)
@@ -294,10 +303,9 @@ def init_from_prior(prior_dir: Path, clip: Clip, head: HeadModel, cfg: Config) -
     """The avatar adapt starts from: the prior's map predicted from the clip's training frames.
 
     `head` is the identity's fitted head (on the training device); the returned avatar uses the
-    prior's topology and carries the prior's colour MLP. When `adapt.uv_res` is the prior's
-    resolution times a power of two, the predicted map is upsampled to it (each texel's children
-    copy it, `GaussianMap.upsample`) and re-coloured from the references at the finer resolution
-    plus the prior's colour correction; otherwise the prior's resolution is kept.
+    prior's topology and carries the prior's colour MLP. When `adapt.uv_res` is a multiple of
+    the prior's resolution, the prediction is carried over to it (`_finer`); otherwise the
+    prior's resolution is kept.
     """
     from ..stages.adapt import Data
 
@@ -323,17 +331,38 @@ def init_from_prior(prior_dir: Path, clip: Clip, head: HeadModel, cfg: Config) -
     )
     inputs = unwrap(model.template, *refs)
     uv_map = model(inputs)[0]
-    gmap = GaussianMap.from_state(head, {"uv_map": uv_map, "uv_alive": model.template.alive}).to(device)
-    res, factor = gmap.res, cfg.adapt.uv_res // gmap.res
-    if factor > 1 and factor * res == cfg.adapt.uv_res and factor & (factor - 1) == 0:
-        for _ in range(factor.bit_length() - 1):
-            gmap.upsample()
-        correction = torch.where(model.template.alive, uv_map[COLOR] - torch.logit(inputs[0, :3].clamp(0.02, 0.98)), 0.0)
-        fine = torch.logit(unwrap(gmap, *refs)[0, :3].clamp(0.02, 0.98))
-        gmap.groups["color"].data.copy_(fine + correction.repeat_interleave(factor, -2).repeat_interleave(factor, -1))
-    elif res != cfg.adapt.uv_res:
-        console.info(f"adapt: using the prior's {res}² UV map (adapt.uv_res {cfg.adapt.uv_res} is not {res}² × a power of two)")
+    res = model.arch["uv_res"]
+    if cfg.adapt.uv_res > res and cfg.adapt.uv_res % res == 0:
+        gmap = _finer(uv_map, inputs, GaussianMap(head, res, model.arch["feature_dim"]), GaussianMap(head, cfg.adapt.uv_res, model.arch["feature_dim"]), refs)
+    else:
+        if res != cfg.adapt.uv_res:
+            console.info(f"adapt: using the prior's {res}² UV map (adapt.uv_res {cfg.adapt.uv_res} is not a multiple of it)")
+        gmap = GaussianMap.from_state(head, {"uv_map": uv_map, "uv_alive": model.template.alive})
+    gmap = gmap.to(device)
     color = ColorMLP(model.arch["feature_dim"], hidden=model.arch["hidden"]).to(device)
     color.load_state_dict(model.color.state_dict())
     console.info(f"adapt: initial {gmap.res}² map from the e2v prior {prior_dir} ({M} reference frames)")
     return Avatar(head, gmap, color)
+
+
+def _finer(uv_map: Tensor, inputs: Tensor, coarse: GaussianMap, fine: GaussianMap, refs: tuple[Tensor, ...]) -> GaussianMap:
+    """A map predicted at `coarse`'s resolution carried over to `fine`'s (fresh maps of the same head).
+
+    Each fine texel takes its coarse parent's prediction, except: scales keep the fine map's own
+    surface-tiling sizes plus the prediction's change over the coarse initial sizes (a child may
+    bind to another triangle than its parent, and sizes are relative to the triangle), colours
+    are unwrapped from the references at the fine resolution plus the prediction's correction of
+    the coarse unwrap, and texels covered only at the fine resolution keep their initial values.
+    """
+    f = fine.res // coarse.res
+
+    def up(x: Tensor) -> Tensor:
+        return x.repeat_interleave(f, -2).repeat_interleave(f, -1)
+
+    base = coarse.map.to(uv_map)
+    parent = up(coarse.alive.to(uv_map.device))
+    out = torch.where(parent, up(uv_map), fine.map.to(uv_map))
+    out[LOG_SCALE] = fine.map[LOG_SCALE].to(uv_map) + torch.where(parent, up(uv_map[LOG_SCALE] - base[LOG_SCALE]), 0.0)
+    correction = torch.where(parent, up(uv_map[COLOR] - torch.logit(inputs[0, :3].clamp(0.02, 0.98))), 0.0)
+    out[COLOR] = torch.logit(unwrap(fine.to(uv_map.device), *refs)[0, :3].clamp(0.02, 0.98)) + correction
+    return GaussianMap.from_state(fine.head, {"uv_map": out, "uv_alive": fine.alive})
