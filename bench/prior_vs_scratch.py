@@ -49,33 +49,40 @@ def run_one(clip: Path, folder: Path, steps: int, prior: Path | None, args) -> d
 
 
 @torch.no_grad()
-def consistency(avatar_dir: Path, clip: Path, device: str) -> tuple[dict, np.ndarray]:
-    """Novel yaw views of test frames: mediapipe detection rate and landmark re-projection error
-    per yaw; plus the views of the middle test frame side by side."""
-    from ggtalker_cli.metrics import detect_landmarks
-
+def novel_views(avatar_dir: Path, clip: Path, device: str) -> tuple[dict[int, tuple[list[np.ndarray], np.ndarray]], np.ndarray]:
+    """Test frames turned by NOVEL_YAWS: per yaw the renders and the avatar's own landmarks
+    projected at that view; plus the middle test frame's views side by side."""
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     avatar = Avatar.load(avatar_dir, dev)
     meta = yaml.safe_load((avatar_dir / "meta.yaml").read_text())
     data = Data(Clip(clip), int(meta["size"]), dev)
     frames = data.test[np.linspace(0, len(data.test) - 1, min(CONSISTENCY_FRAMES, len(data.test))).astype(int)]
     centre = avatar.head.vertices(avatar.head.neutral).mean(0)
-    rows, strip = {}, []
+    views = {}
     for yaw in NOVEL_YAWS:
         images, projected = [], []
         for i in frames:
             pose = data.pose[i] @ _yaw_about(centre, yaw)
             out, _ = avatar.render(data.verts[i], pose, data.blendshapes[i], data.K, data.size, data.plate)
             images.append((out.rgb[0].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
-            cam = data.verts[i] @ pose[:3, :3].T + pose[:3, 3]
-            q = cam @ data.K.T
+            q = (data.verts[i] @ pose[:3, :3].T + pose[:3, 3]) @ data.K.T
             projected.append((q[:, :2] / q[:, 2:]).cpu().numpy())
+        views[yaw] = (images, np.asarray(projected))
+    return views, np.concatenate([views[yaw][0][len(frames) // 2] for yaw in NOVEL_YAWS], 1)
+
+
+def consistency(views: dict[int, tuple[list[np.ndarray], np.ndarray]]) -> dict[str, dict[str, float]]:
+    """Per yaw: share of renders where mediapipe finds a face, and the mean distance (px) of its
+    landmarks to the avatar's own projected landmarks."""
+    from ggtalker_cli.metrics import detect_landmarks
+
+    rows = {}
+    for yaw, (images, projected) in views.items():
         found, _ = detect_landmarks(images)
         ok = ~np.isnan(found[:, 0, 0])
-        err = np.linalg.norm(found[ok] - np.asarray(projected)[ok], axis=-1).mean() if ok.any() else math.nan
+        err = np.linalg.norm(found[ok] - projected[ok], axis=-1).mean() if ok.any() else math.nan
         rows[str(yaw)] = {"detected": round(float(ok.mean()), 3), "reprojection_px": round(float(err), 2)}
-        strip.append(images[len(images) // 2])
-    return rows, np.concatenate(strip, 1)
+    return rows
 
 
 def plot(results: dict, budgets: list[int], path: Path) -> None:
@@ -142,15 +149,13 @@ def main() -> None:
         "prior_first_budget_head_psnr_30": at30,
         "prior_seconds_to_head_psnr_30": results["prior"][str(at30)]["seconds"] if at30 else None,
     }
+    rendered = {init: novel_views(args.out / f"{init}_{top}", args.clip, args.device) for init in ("prior", "scratch")}
+    strips = np.concatenate([rendered[init][1] for init in ("prior", "scratch")], 0)
+    cv2.imwrite(str(args.out / "novel_views.png"), cv2.cvtColor(strips, cv2.COLOR_RGB2BGR))
     if not args.no_consistency:
         try:
-            views = []
-            for init in ("prior", "scratch"):
-                rows, strip = consistency(args.out / f"{init}_{top}", args.clip, args.device)
-                summary.setdefault("consistency", {})[init] = rows
-                views.append(strip)
-            cv2.imwrite(str(args.out / "novel_views.png"), cv2.cvtColor(np.concatenate(views, 0), cv2.COLOR_RGB2BGR))
-        except (ImportError, OSError, RuntimeError) as e:  # mediapipe absent or without libEGL
+            summary["consistency"] = {init: consistency(rendered[init][0]) for init in ("prior", "scratch")}
+        except (ImportError, OSError, RuntimeError) as e:  # mediapipe absent, or without libEGL on a GPU machine
             summary["consistency"] = f"not measured: {e.__class__.__name__}: {str(e)[:200]}"
 
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))

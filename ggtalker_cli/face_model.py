@@ -229,15 +229,17 @@ class _Builder:
             self.triangle((last[b], last[(b + 1) % n], apex[b]), uv, chart, outward(self.position(last[b])))
 
 
-def _border_loop(faces: np.ndarray) -> list[int]:
-    """The mesh's single open boundary (the face oval), ordered, starting at the chin (152)."""
+@functools.lru_cache(maxsize=1)
+def _border_loop() -> tuple[int, ...]:
+    """The canonical mesh's single open boundary (the face oval), ordered, from the chin (152)."""
+    faces = canonical_mesh().faces
     edges = {(int(a), int(b)) for f in faces for a, b in ((f[0], f[1]), (f[1], f[2]), (f[2], f[0]))}
     nxt = {a: b for a, b in edges if (b, a) not in edges}
     loop, v = [152], nxt[152]
     while v != 152:
         loop.append(v)
         v = nxt[v]
-    return loop
+    return tuple(loop)
 
 
 def _slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
@@ -266,7 +268,7 @@ class Shell:
 def _shell_points(neutral: np.ndarray, shell: Shell) -> tuple[np.ndarray, np.ndarray]:
     """Rigid shell vertices: SHELL_RINGS rings swept from the border over the ellipsoid, then the
     pole behind the head -> ((SHELL_RINGS · len(border) + 1, 3) points, ellipsoid centre)."""
-    border = _border_loop(canonical_mesh().faces)
+    border = list(_border_loop())
     pts = neutral[border]
     height = pts[:, 1].max() - pts[:, 1].min()
     top, bottom = pts[:, 1].max() + shell.top * height, pts[:, 1].min() - shell.bottom * height
@@ -320,7 +322,7 @@ def _topology() -> dict[str, np.ndarray]:
         bld.tube(rings, [iris] * len(ring), chart, lambda p: front)
 
     # shell: the border ring swept over an ellipsoid to a pole behind the head
-    border = _border_loop(mesh.faces)
+    border = list(_border_loop())
     points, middle = _shell_points(base, Shell())
     first = N_BASE + len(bld.W)
     ids = [bld.vertex([], q) for q in points]

@@ -40,7 +40,7 @@ def test_adapt_beats_the_initial_render_on_held_out_frames(adapted):
     meta = artifacts.read_meta(out, "avatar")
     m, m0 = meta["metrics"], meta["initial_metrics"]
     assert m["psnr_head"] > HEAD_PSNR_MIN > m0["psnr_head"] + 2.5
-    assert m["ssim_head"] > m0["ssim_head"] + 0.2
+    assert m["ssim_head"] > m0["ssim_head"] + 0.1
     assert m["psnr_full"] > m0["psnr_full"] and m["psnr_face"] > m0["psnr_face"]
     # the blendshape-driven mesh (what audio will drive) renders nearly as well as the tracked one
     assert m["psnr_head_driven"] > m["psnr_head"] - 2.0

@@ -125,7 +125,7 @@ def test_adapt_from_prior_starts_better_than_scratch(prior, macron_128, tmp_path
     assert start["prior"]["prior"] == str(prior[0].resolve()) and start["scratch"]["prior"] is None
     assert start["prior"]["uv_res"] == start["scratch"]["uv_res"] == 64
     p0, s0 = start["prior"]["initial_metrics"]["psnr_head"], start["scratch"]["initial_metrics"]["psnr_head"]
-    assert p0 > s0 + 0.5, (p0, s0)  # 20.3 vs 19.2 dB here (the scratch start is painted from 8 frames too)
+    assert p0 > s0 + 0.5, (p0, s0)  # 23.9 vs 22.7 dB here (the scratch start is painted from 8 frames too)
     assert with_prior["test_psnr_head"] > scratch["test_psnr_head"]
 
 

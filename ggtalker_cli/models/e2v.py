@@ -57,6 +57,8 @@ FACING_MIN = 0.3  # texels seen more obliquely than this cosine are not sampled 
 ZBUF_CELL = 4  # z-buffer cell side in pixels (texel points are sparse, a coarse grid has no holes)
 ZBUF_TOL_CM = 0.5  # a texel this far behind the front-most one in its cell is occluded, plus...
 ZBUF_SLOPE = 2.0  # ...this many cell widths (in cm at the texel's depth): a sloped surface spans depths in a cell
+
+
 def _channels(group: str) -> slice:
     """Channels of a GaussianMap group in the (C, R, R) map."""
     start = sum(c for k, c in GROUPS.items() if list(GROUPS).index(k) < list(GROUPS).index(group))
