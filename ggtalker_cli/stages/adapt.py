@@ -87,6 +87,21 @@ def _check_prior(prior: Path) -> None:
         )
 
 
+def _adapt_speech(prior: Path | None, clip: Clip, folder: Path, cfg: Config, dev: torch.device) -> dict[str, Any]:
+    """Fine-tune the prior's audio→expression part to this person (issue: style adaptation) and
+    store it as the avatar's `a2e.safetensors`, which `synth` reads. Without a prior a2e part, or a
+    clip without audio features, the avatar has none and says why (synth then needs --a2e)."""
+    if prior is None or "a2e" not in (artifacts.read_meta(prior, "prior").get("parts") or {}):
+        return {"file": None, "reason": "no a2e part in the prior; synth needs --a2e PRIOR_DIR"}
+    if clip.meta.get("files", {}).get("audio_features") is None:
+        return {"file": None, "reason": "the clip has no audio features (whisper weights were missing at preprocess)"}
+    from ..a2e_train import adapt_a2e
+
+    state, log = adapt_a2e(load_file(str(artifacts.inside(prior, "a2e.safetensors"))), clip.path, cfg.a2e, device=dev.type)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "a2e.safetensors"))
+    return {"file": "a2e.safetensors", "prior": str(Path(prior).resolve()), "log": log}
+
+
 def _file_hash(*paths: Path) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -572,6 +587,9 @@ def run(
         tic = time.perf_counter()
         inpainter = train_avatar_inpainter(trainer.avatar, data, folder, cfg.inpainter)  # needs export's synthesis track
         timings["inpainter"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        speech = _adapt_speech(prior, clip, folder, cfg, dev)
+        timings["a2e"] = time.perf_counter() - tic
         shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
         started = json.loads((folder / START).read_text())
         meta = {
@@ -594,6 +612,7 @@ def run(
             },
             **exported,
             "inpainter": inpainter,
+            "a2e": speech,
             "files": {"weights": WEIGHTS, "ply": "head.ply", "log": LOG, "loss_plot": "loss.png", "previews": "previews",
                       "novel_views": "novel_views.png", "track": "synthesis/track.npz"},  # fmt: skip
             "synthesis": {"body_frames": [int(clip.train_indices[0]), int(clip.train_indices[-1]) + 1], "fps": clip.fps,
