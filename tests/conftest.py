@@ -114,3 +114,15 @@ def tiny_whisper(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("whisper") / "tiny-random.pt"
     torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": Whisper(dims).state_dict()}, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread; two threads on a busy 2-core box spin-wait
+    many times slower. Modules of tiny-model tests opt in with `pytestmark`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

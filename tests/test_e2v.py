@@ -35,13 +35,7 @@ def tiny_cfg(**e2v):
     return load_config("fast", {"e2v": e2v, "adapt": {"size": 64, "uv_res": 64, "steps": 2, "eval_frames": 3}, "inpainter": {"steps": 2}})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core box spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

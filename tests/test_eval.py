@@ -11,7 +11,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 from conftest import ffmpeg
 
 from ggtalker_cli import report
@@ -21,12 +20,7 @@ PIXEL = ("psnr", "ssim", "psnr_face", "ssim_face", "psnr_seam")
 LANDMARK = ("lmd", "mouth_open_r", "av_lag", "av_corr", "blink_rate")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
