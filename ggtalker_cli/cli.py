@@ -27,6 +27,9 @@ app = typer.Typer(
 
 PresetOpt = typer.Option(None, "--preset", help="Preset name (fast, balanced, quality) or a YAML file.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output folder.")
+SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same result).")
+DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 
 
 @app.callback()
@@ -90,10 +93,10 @@ def adapt(
     no_prior: bool = typer.Option(False, "--no-prior", help="Adapt from scratch, even when the default prior exists."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (preset default otherwise)."),
     size: Optional[int] = typer.Option(None, "--size", help="Training/render resolution in pixels (square)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same result)."),
+    seed: Optional[int] = SeedOpt,
     preset: Optional[str] = PresetOpt,
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    device: str = DeviceOpt,
+    resume: bool = ResumeOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Fit a Gaussian head avatar to one clip (held-out metrics, previews, PLY export)."""
@@ -111,10 +114,10 @@ def fit_prior(
     parts: str = typer.Option("a2e", "--parts", help="Comma-separated parts to train: a2e, e2v."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Comma-separated clip names held out for validation (default: every k-th clip)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per part (preset default otherwise)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (same seed, same result)."),
+    seed: Optional[int] = SeedOpt,
     preset: Optional[str] = PresetOpt,
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    device: str = DeviceOpt,
+    resume: bool = ResumeOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Train the cross-identity priors (audio→expression; expression→visual) on many clips."""
@@ -146,7 +149,7 @@ def synth(
     start: float = typer.Option(0.0, "--start", help="Start this many seconds into the audio."),
     end: Optional[float] = typer.Option(None, "--end", help="Stop at this many seconds into the audio."),
     crf: int = typer.Option(18, "--crf", help="x264 quality (0 lossless … 51 worst; 18 ≈ visually lossless)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available)."),
+    device: str = DeviceOpt,
     stream: bool = typer.Option(False, "--stream", help="Read audio as it arrives (file or stdin) and write frames as they are ready."),
     whisper: Optional[str] = typer.Option(None, "--whisper", help="Whisper model name or .pt (default: the one the A2E was trained with)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
@@ -167,7 +170,7 @@ def eval_(
     a2e: Optional[Path] = typer.Option(None, "--a2e", help="Audio→expression model: a prior folder or a2e .safetensors (default: the avatar's)."),
     size: Optional[int] = typer.Option(None, "--size", help="Evaluation side in pixels (default: the avatar's, normally the clip's)."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Score only the first N test frames (quick runs)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available)."),
+    device: str = DeviceOpt,
     score: str = typer.Option("auto", "--score", help="Landmark scoring: auto (where mediapipe is), yes (required), no (render only)."),
     score_only: bool = typer.Option(False, "--score-only", help="Finish the landmark scoring of an existing report folder (-o)."),
     force: bool = ForceOpt,
