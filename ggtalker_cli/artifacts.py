@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,7 +21,10 @@ import yaml
 from .errors import Exit, GGError
 
 FORMAT_VERSIONS = {"clip": 1, "prior": 1, "avatar": 1}
+MAKERS = {"clip": "ggtalker preprocess", "prior": "ggtalker fit-prior", "avatar": "ggtalker adapt"}  # named in the fixes
 META = "meta.yaml"
+# what np.load raises on a damaged .npy/.npz (a truncated .npz is a broken zip archive)
+NUMPY_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
 def check_output_dir(path: Path, force: bool) -> None:
@@ -38,13 +42,19 @@ def check_output_dir(path: Path, force: bool) -> None:
 
 
 def check_disk_space(path: Path, need_bytes: int) -> None:
-    """Fail before a large write rather than halfway through it."""
-    free = shutil.disk_usage(Path(path).resolve().parent).free
+    """Fail before a large write rather than halfway through it (a full disk mid-run costs the
+    whole run and can leave the drive unusable for the next one)."""
+    folder = next(p for p in Path(path).resolve().parents if p.exists())  # the target's folder may not exist yet
+    free = shutil.disk_usage(folder).free
     if free < need_bytes:
         raise GGError(
-            f"{path}: only {free / 2**30:.2f} GiB free, about {need_bytes / 2**30:.2f} GiB needed; free disk space or choose another -o",
+            f"{path}: {folder} has {_human(free)} free but about {_human(need_bytes)} is needed; free disk space there or choose another -o",
             Exit.OUTPUT,
         )
+
+
+def _human(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 @contextmanager
@@ -112,19 +122,38 @@ def read_meta(folder: Path, kind: str) -> dict[str, Any]:
         raise GGError(f"{folder}: no such {kind} folder; check the path", Exit.INPUT_MISSING)
     path = folder / META
     if not path.is_file():
-        raise GGError(f"{folder}: not a ggtalker {kind} (no {META}); create it with the matching ggtalker command", Exit.ARTIFACT)
+        raise GGError(f"{folder}: not a ggtalker {kind} (no {META}); pass a folder made by `{MAKERS[kind]}`", Exit.ARTIFACT)
     try:
         meta = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise GGError(f"{path}: unreadable YAML ({e.__class__.__name__}); re-create the {kind}", Exit.ARTIFACT) from e
     if not isinstance(meta, dict) or meta.get("format") != f"ggtalker-{kind}":
-        raise GGError(f"{path}: not a ggtalker {kind} (format {meta.get('format') if isinstance(meta, dict) else None!r})", Exit.ARTIFACT)
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise GGError(f"{path}: not a ggtalker {kind} (format {found!r}); pass a folder made by `{MAKERS[kind]}`", Exit.ARTIFACT)
     if meta.get("version") != FORMAT_VERSIONS[kind]:
         raise GGError(
             f"{path}: {kind} format version {meta.get('version')} but this ggtalker reads version {FORMAT_VERSIONS[kind]}; re-create it with this version",
             Exit.ARTIFACT,
         )
     return meta
+
+
+def load_checkpoint(path: Path, device: Any = "cpu") -> Any:
+    """A torch checkpoint as plain tensors and containers (`weights_only=True`).
+
+    Checkpoints sit in folders that get copied between machines and people; a pickle that asks
+    to build any other object (which is how a pickle runs code) is refused before any of it runs.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise GGError(f"{path}: refused: this checkpoint holds more than tensors (a foreign or tampered file); delete it and rerun without --resume", Exit.ARTIFACT) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise GGError(f"{path}: unreadable checkpoint ({e.__class__.__name__}, truncated or not a torch file); delete it and rerun without --resume", Exit.ARTIFACT) from e
 
 
 def inside(folder: Path, relative: str) -> Path:

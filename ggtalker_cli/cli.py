@@ -7,9 +7,10 @@ exit code (errors.Exit). Stages are imported lazily so `ggtalker --help` stays i
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 
@@ -44,13 +45,25 @@ def _global(
     console.configure(quiet=quiet, json_mode=json_out)
 
 
-def _run(stage: Callable[[], dict[str, Any]]) -> None:
-    """Call a stage, print its summary, map failures to one line and an exit code."""
+def _fail(e: GGError) -> NoReturn:
+    console.err.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
+    raise typer.Exit(int(e.code))
+
+
+def _run(stage: Callable[[], dict[str, Any]], out: Path | str | None = None) -> None:
+    """Call a stage, print its summary, map failures to one line and an exit code.
+
+    A disk that fills up mid-run (ENOSPC/EDQUOT from any write) is an expected failure too: the
+    stages write through temporary folders, so the target `out` is untouched.
+    """
     try:
         summary = stage()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _fail(GGError(f"{e.filename or out}: disk full ({e.strerror}); free disk space there or choose another -o, then run again", Exit.OUTPUT))
     except GGError as e:
-        console.err.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
-        raise typer.Exit(int(e.code))
+        _fail(e)
     except KeyboardInterrupt:
         console.err.print("[red]interrupted[/red]: partial work kept; re-run with --resume to continue")
         raise typer.Exit(int(Exit.INTERRUPTED))
@@ -73,7 +86,7 @@ def preprocess(
 
     overrides = {"preprocess": {k: v for k, v in {"fps": fps, "size": size}.items() if v is not None}}
     _run(
-        lambda: stage.run(video, out, load_config(preset, overrides), allow_no_audio=allow_no_audio, resume=resume, force=force)
+        lambda: stage.run(video, out, load_config(preset, overrides), allow_no_audio=allow_no_audio, resume=resume, force=force), out
     )
 
 
@@ -104,7 +117,7 @@ def adapt(
     from .stages import adapt as stage
 
     overrides = {"adapt": {k: v for k, v in {"steps": steps, "size": size, "seed": seed}.items() if v is not None}}
-    _run(lambda: stage.run(clip, out, load_config(preset, overrides), prior=choose_prior(prior, no_prior), device=device, resume=resume, force=force))
+    _run(lambda: stage.run(clip, out, load_config(preset, overrides), prior=choose_prior(prior, no_prior), device=device, resume=resume, force=force), out)
 
 
 @app.command("fit-prior")
@@ -128,7 +141,8 @@ def fit_prior(
     names = [h.strip() for h in holdout.split(",") if h.strip()] if holdout else None
     _run(
         lambda: stage.run(clips, out, load_config(preset, overrides), parts=parts, holdout=names, resume=resume, force=force,
-                          device=None if device == "auto" else device)  # fmt: skip
+                          device=None if device == "auto" else device),  # fmt: skip
+        out,
     )
 
 
@@ -158,7 +172,7 @@ def synth(
     from .stages import synth as stage
 
     _run(lambda: stage.run(avatar, audio, out, a2e_path=a2e, clip=clip, pose=pose, yaw=yaw, pitch=pitch, orbit=orbit, background=background,
-                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force))  # fmt: skip
+                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force), out)  # fmt: skip
 
 
 @app.command("eval")
@@ -178,10 +192,8 @@ def eval_(
     """Score an avatar on its clip's held-out frames and any audio: report.json/md/html, plots, videos."""
     from .stages import eval as stage
 
-    if score not in ("auto", "yes", "no"):
-        raise GGError(f"--score {score}: expected auto, yes or no", Exit.USAGE)
     _run(lambda: stage.run(avatar, clip, out, audios=audio, a2e_path=a2e, device=device, size=size, max_frames=frames, score=score,
-                           score_only=score_only, force=force))  # fmt: skip
+                           score_only=score_only, force=force), out)  # fmt: skip
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .artifacts import inside, read_meta
+from .artifacts import NUMPY_ERRORS, inside, read_meta
 from .errors import Exit, GGError
 
 TRACKING_KEYS = ("landmarks", "verts", "blendshapes", "pose", "valid", "interpolated", "blink", "mouth_open")
@@ -84,11 +84,13 @@ class Clip:
         try:
             with np.load(self.tracking_path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
+        except NUMPY_ERRORS as e:
             raise GGError(f"{self.tracking_path}: unreadable ({e.__class__.__name__}); re-create the clip", Exit.ARTIFACT) from e
         missing = [k for k in TRACKING_KEYS if k not in arrays]
-        if missing or len(arrays["pose"]) != self.n_frames:
-            raise GGError(f"{self.tracking_path}: missing {missing or 'frames'}; re-create the clip", Exit.ARTIFACT)
+        if missing:
+            raise GGError(f"{self.tracking_path}: no {', '.join(missing)} arrays; re-create the clip", Exit.ARTIFACT)
+        if len(arrays["pose"]) != self.n_frames:
+            raise GGError(f"{self.tracking_path}: {len(arrays['pose'])} frames of tracking for {self.n_frames} frames; re-create the clip", Exit.ARTIFACT)
         return arrays
 
     @cached_property
@@ -98,4 +100,9 @@ class Clip:
 
     def audio_features(self) -> np.ndarray | None:
         """(n_frames, D) float16 whisper features, one row per frame; None when not made."""
-        return None if self.features_path is None else np.load(self.features_path, allow_pickle=False)
+        if self.features_path is None:
+            return None
+        try:
+            return np.load(self.features_path, allow_pickle=False)
+        except NUMPY_ERRORS as e:
+            raise GGError(f"{self.features_path}: unreadable ({e.__class__.__name__}); re-create the clip", Exit.ARTIFACT) from e

@@ -39,8 +39,9 @@ def info(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    """Warnings are shown even with --quiet: they change what the artifact means."""
-    err.print(f"[yellow]warning:[/yellow] {message}")
+    """Warnings are shown even with --quiet: they change what the artifact means. One line each
+    (no wrapping at the terminal width), so logs can be grepped."""
+    err.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
 
 
 def emit(summary: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import console, metrics
-from .artifacts import atomic_write_bytes
+from .artifacts import atomic_write_bytes, load_checkpoint
 from .clip import Clip
 from .config import Config, E2VConfig
 from .errors import Exit, GGError
@@ -332,7 +332,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: C
     step, curve, best, best_state, seconds = 0, [], math.inf, None, 0.0
     ckpt = work / CHECKPOINT
     if resume and ckpt.is_file():
-        saved = torch.load(ckpt, map_location=dev, weights_only=True)
+        saved = load_checkpoint(ckpt, dev)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])

@@ -7,6 +7,8 @@ is mirrored in docs/errors.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import IntEnum
 
 
@@ -34,3 +36,18 @@ class GGError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+@contextmanager
+def out_of_memory(what: str, fix: str) -> Iterator[None]:
+    """CUDA out-of-memory as one RESOURCE line: what was running and which setting to lower.
+
+    The allocator's own message is a paragraph about fragmentation that never names the preset
+    setting that caused it, and a traceback reads like a bug rather than a size to change.
+    """
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise GGError(f"CUDA out of memory {what}; {fix}", Exit.RESOURCE) from e

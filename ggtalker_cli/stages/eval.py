@@ -580,6 +580,8 @@ def run(
     force: bool = False,
 ) -> dict[str, Any]:
     """score: 'auto' (when mediapipe is available), 'yes' (required), 'no' (render phase only)."""
+    if score not in ("auto", "yes", "no"):
+        raise GGError(f"--score {score}: expected auto, yes or no", Exit.USAGE)
     out = Path(out)
     if score_only:
         if not (out / "report.json").is_file():

@@ -24,7 +24,7 @@ import torch
 
 from .. import artifacts, console
 from ..config import Config
-from ..errors import Exit, GGError
+from ..errors import Exit, GGError, out_of_memory
 
 PRIOR_NOTE = (
     "Research/non-commercial: trained on third-party footage of real people (see the clips' sources); "
@@ -121,6 +121,9 @@ def _plot(path: Path, parts: dict[str, dict]) -> None:
 def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: list[str] | None = None,
         resume: bool = False, force: bool = False, device: str | None = None) -> dict[str, Any]:  # fmt: skip
     names = parse_parts(parts)
+    for name in names:
+        if getattr(cfg, name).steps < 1:
+            raise GGError(f"{name}.steps {getattr(cfg, name).steps}: a prior needs at least 1 training step; raise --steps or the preset's {name}.steps", Exit.USAGE)
     for c in clips:
         artifacts.read_meta(c, "clip")  # fail on a wrong folder before any training
     held = choose_holdout(clips, holdout or [], cfg.a2e.holdout_fraction)
@@ -134,9 +137,16 @@ def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: 
     if world > 1:
         torch.distributed.barrier()
     summaries = {}
-    for name in names:
-        console.info(f"fit-prior: training {name} on {len(clips) - len(held)} identities, validating on {len(held) or 'their own late frames'}")
-        summaries[name] = TRAINERS[name](clips, held, work, cfg, device, resume, rank, world)
+    try:
+        for name in names:
+            console.info(f"fit-prior: training {name} on {len(clips) - len(held)} identities, validating on {len(held) or 'their own late frames'}")
+            with out_of_memory(f"training the {name} prior (batch {getattr(cfg, name).batch} per GPU)",
+                               f"lower {name}.batch in a preset YAML (--preset FILE), then re-run with --resume"):  # fmt: skip
+                summaries[name] = TRAINERS[name](clips, held, work, cfg, device, resume, rank, world)
+    except (GGError, OSError):
+        if rank == 0 and not any(work.glob("*.ckpt")):  # refused before the first checkpoint: nothing to resume
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     if rank != 0:
         return {}
     _plot(work / "val_loss.png", summaries)

@@ -138,7 +138,7 @@ def read_pose_file(path: Path) -> np.ndarray:
             pose = np.tile(np.eye(4, dtype=np.float32), (len(rows), 1, 1))
             pose[:, :3, :3] = Rotation.from_euler("xyz", rows[:, [1, 0, 2]], degrees=True).as_matrix() @ FRONTAL
             pose[:, :3, 3] = rows[:, 3:6]
-    except (KeyError, ValueError, IndexError, OSError) as e:
+    except (KeyError, IndexError, *artifacts.NUMPY_ERRORS) as e:
         raise GGError(f"{path}: unreadable pose file ({e.__class__.__name__}); expected an .npz with 'pose' (N,4,4) or a CSV of yaw,pitch,roll,tx,ty,tz", Exit.INPUT_INVALID) from e
     if pose.ndim != 3 or pose.shape[1:] != (4, 4) or len(pose) == 0 or not np.isfinite(pose).all():
         raise GGError(f"{path}: poses must be a finite (N, 4, 4) array with N ≥ 1, got {pose.shape}", Exit.INPUT_INVALID)
@@ -430,6 +430,12 @@ class _Output:
             p.unlink(missing_ok=True)
 
 
+def _mp4_need(frames: int, size: int, seconds: float) -> int:
+    """Bytes an mp4 needs while it is made, generously: H.264 at CRF 18 (counted as 0.1 B/px),
+    held twice (the video temp and the muxed copy), plus the 16 kHz 16-bit wav temp."""
+    return int(2 * frames * 0.1 * size**2 + seconds * 32_000)
+
+
 def check_target(target: str, force: bool) -> None:
     """Refuse an unusable -o before any work: existing (without --force), a folder, unwritable."""
     if target == "-":
@@ -518,6 +524,8 @@ def run(
         samples = _file_samples(Path(audio_source), start, end)
         step = int(CHUNK_S * audio.SAMPLE_RATE)
         chunks, total = (samples[i : i + step] for i in range(0, len(samples), step)), math.ceil(len(samples) / audio.SAMPLE_RATE * fps)
+        if synth is not None and out != "-":  # an mp4 of known length
+            artifacts.check_disk_space(Path(out), _mp4_need(total, synth.size, len(samples) / audio.SAMPLE_RATE))
     timings: dict[str, float] = {}
     kept: list[Frames] = []
     output = None
