@@ -4,8 +4,8 @@
 
 Protocol (written into the report):
 - k-fold by identity (one clip = one identity): fold k's prior trains on the other folds'
-  identities (`fit-prior --holdout <fold k>`), selecting its checkpoint on fold k's *training*
-  frames; every clip is then scored by the prior that never trained on its identity.
+  identities (`fit-prior --holdout <fold k>`), selecting its checkpoint and output scale on fold
+  k's *training* frames; every clip is then scored by the prior that never trained on its identity.
 - Scores are on each clip's test frames (last 10%), never used by training, validation or early
   stopping: (a) the prior with its null ("any speaker") style, (b) the prior adapted to the clip
   (`adapt_a2e`: early stopping on the last 10% of the training frames), (c) no audio: the
@@ -173,10 +173,11 @@ def write_report(path: Path, rows, ood, speed, cfg, command, args, seconds, peak
         "",
         re.sub(r"\n\s+(?!- )", " ", __doc__.split("Protocol (written into the report):")[1].split("- Whisper throughput")[0].strip()),
         "",
-        "Short clips have 12-20 test frames, so their per-clip correlations are noisy; the 50-71 s clips carry the weight.",
+        "Short clips have 12-25 test frames, so their per-clip correlations are noisy; the 50-71 s clips carry the weight.",
         "",
-        f"Model: d_model {cfg.a2e.d_model}, {cfg.a2e.layers} layers, window {cfg.a2e.window} frames at {cfg.a2e.fps:g} fps, "
-        f"{cfg.a2e.steps} prior steps, adaptation ≤ {cfg.a2e.adapt_steps} steps at lr {cfg.a2e.adapt_lr:g}; whisper features as stored in the clips.",
+        (f"Model: d_model {cfg.a2e.d_model}, {cfg.a2e.layers} layers, window {cfg.a2e.window} frames at {cfg.a2e.fps:g} fps, "
+         f"{cfg.a2e.steps} prior steps, adaptation ≤ {cfg.a2e.adapt_steps} steps at lr {cfg.a2e.adapt_lr:g}; loss weights lip {cfg.a2e.lip_weight:g}, "
+         f"mouth-opening {cfg.a2e.gap_weight:g}, temporal {cfg.a2e.temporal_weight:g}; whisper features as stored in the clips."),
         "",
         "## Held-out test frames per clip",
         "",

@@ -121,6 +121,7 @@ class A2EConfig:
     lr: float = 3e-4
     lip_weight: float = 1.0  # lip-vertex L2 (mm²) against the expression L2 (standardised)
     temporal_weight: float = 0.5  # Huber on frame-to-frame differences
+    gap_weight: float = 2.0  # L2 (mm²) of the inner-lip opening vector: the mouth opening weighs above the other lip points
     val_every: int = 25
     checkpoint_every: int = 200
     holdout_fraction: float = 0.2  # identities held out for validation when none are named
@@ -197,6 +198,8 @@ def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> Non
             value = float(value)
         if kind in (int, float, str, bool) and type(value) is not kind:
             raise GGError(f"{source}: '{dotted}' must be {kind.__name__}, got {value!r}", Exit.USAGE)
+        if kind is int and value < 0:  # every int setting is a count, a size or a seed
+            raise GGError(f"{source}: '{dotted}' must be ≥ 0, got {value}", Exit.USAGE)
         setattr(obj, key, value)
 
 

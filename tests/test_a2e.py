@@ -108,6 +108,7 @@ def test_load_clip_targets(clips):
 def test_state_round_trip():
     cfg = small_cfg().a2e
     model = a2e.A2E(a2e.make_meta(cfg, D, {"model": "synthetic"}, ["a", "b"]))
+    torch.nn.init.normal_(model.head[1].weight)  # the head starts at zero (the mean expression)
     state = a2e.to_state(model)
     again = a2e.from_state(state)
     x = torch.randn(2, 20, D)
@@ -117,6 +118,36 @@ def test_state_round_trip():
     with pytest.raises(GGError) as e:
         a2e.from_state({"weight": torch.zeros(3)})
     assert e.value.code == Exit.ARTIFACT
+
+
+def test_starts_at_mean_and_keeps_upper_face_there():
+    """A new model predicts the identity mean; eyes and brows stay there whatever the audio."""
+    model = a2e.A2E(a2e.make_meta(small_cfg().a2e, D, {"model": "synthetic"}, ["a"]))
+    model.bs_neutral.fill_(0.3)
+    bs, mouth = a2e.run(model, np.random.default_rng(0).normal(size=(50, D)))
+    assert np.allclose(bs, 0.3) and np.allclose(mouth, 0)
+    torch.nn.init.normal_(model.head[1].weight)
+    bs, _ = a2e.run(model, np.random.default_rng(0).normal(size=(50, D)))
+    upper = list(a2e.UPPER_FACE)
+    assert np.allclose(bs[:, upper], 0.3) and not np.allclose(bs[:, 25], 0.3)  # jawOpen moves
+
+
+def test_shrink_falls_back_to_mean_when_audio_does_not_help(prior, clips):
+    """On audio unrelated to the mouth, the validation-chosen output scale goes to (near) zero."""
+    from safetensors.torch import load_file
+
+    from ggtalker_cli.a2e_train import _evaluate, _shrink
+
+    cfg = small_cfg().a2e
+    model = a2e.from_state(load_file(prior[0] / "a2e.safetensors"))
+    data = a2e.load_clip(clips[3], 25.0)
+    unrelated = dataclasses.replace(data, features=np.random.default_rng(1).permutation(data.features))
+    spans = [(0, 0, data.n_train)]
+    before = _evaluate(model, [unrelated], spans, None, cfg, "cpu")
+    factor = _shrink(model, [unrelated], spans, None, cfg, "cpu")
+    assert factor <= 0.3 and _evaluate(model, [unrelated], spans, None, cfg, "cpu") < before
+    fresh = a2e.from_state(load_file(prior[0] / "a2e.safetensors"))
+    assert _shrink(fresh, [data], spans, None, cfg, "cpu") >= 0.5  # its own audio: kept
 
 
 def test_parts_parsing(monkeypatch):

@@ -13,6 +13,9 @@ person's own once adapted.
 Model: whisper features → LayerNorm → two 1-D convolutions (±2 frames of local context) →
 sinusoidal positions + a projected 64-d style embedding → a pre-norm transformer encoder over a
 window of frames → one linear head to standardised blendshapes and whitened lip coefficients.
+The head starts at zero, so an untrained model is the no-audio baseline (the identity mean), and
+training and adaptation (`a2e_train`) finish by shrinking its output toward that mean by the
+factor their validation prefers. Eye and brow blendshapes (`UPPER_FACE`) are not predicted.
 The style table has one learned row per training identity and a last "null" row trained on a
 share of windows in place of the speaker's row (like the unconditional branch of classifier-free
 guidance): the prior uses it for a voice it never saw, adaptation starts a new row from it.
@@ -26,8 +29,10 @@ Huber loss on frame differences, not from a learned distribution of motion. And 
 prior sees thousands of speakers; ours a dozen, so on a new voice the prior alone tracks mouth
 opening only loosely (r ≈ 0.5) and adaptation does the rest (docs/a2e.md, a2e_results.md).
 
-Loss = expression L2 (standardised blendshapes) + lip-vertex L2 (mm², reconstructed through the
-PCA basis against the tracked offsets) + Huber on frame-to-frame differences of both.
+Loss = expression L2 (standardised, audio-driven blendshapes) + lip-vertex L2 (mm², reconstructed
+through the PCA basis against the tracked offsets) + mouth-opening L2 (mm², the inner-lip
+13→14 vector, weighted above the other lip points: it is what lip-sync is judged by) + Huber on
+frame-to-frame differences of blendshapes and lips.
 
 The whole model travels as one tensor dict (`state`): weights, buffers and a `meta.json` uint8
 tensor with its hyper-parameters, the whisper model its features come from, the model frame
@@ -56,6 +61,10 @@ JAW = (152, 148, 176, 149, 377, 400, 378)  # chin and lower jaw line: the jaw dr
 MOUTH = tuple(metrics.LIPS) + JAW
 N_LIPS = len(metrics.LIPS)  # the first N_LIPS rows of MOUTH are the lip points (lip-vertex error)
 _UPPER, _LOWER = MOUTH.index(13), MOUTH.index(14)  # inner-lip centres, as in metrics' mouth_open
+# mediapipe order: _neutral, 5 brow, then 14 eye blendshapes (9-22). Audio does not determine
+# them (blinks, gaze), and synth takes them from the replayed frame, so the model keeps them at
+# the identity mean instead of spending capacity on, and overfitting to, their noise.
+UPPER_FACE = (0, 1, 2, 3, 4, 5, *range(9, 23))
 STATE_VERSION = 2  # 2: targets are deviations from identity means (bs_neutral)
 
 
@@ -164,6 +173,11 @@ class A2E(nn.Module):
         layer = nn.TransformerEncoderLayer(d, meta["heads"], 2 * d, meta["dropout"], activation="gelu", batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, meta["layers"], enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, N_BLENDSHAPES + k))
+        nn.init.zeros_(self.head[1].weight)  # starts at the identity mean: the no-audio baseline
+        nn.init.zeros_(self.head[1].bias)
+        audio_driven = torch.ones(N_BLENDSHAPES + k)
+        audio_driven[list(UPPER_FACE)] = 0
+        self.register_buffer("audio_driven", audio_driven, persistent=False)
         self.register_buffer("bs_std", torch.ones(N_BLENDSHAPES))  # of deviations, across identities
         self.register_buffer("lip_basis", torch.zeros(k, m * 3))
         self.register_buffer("lip_std", torch.ones(k))
@@ -197,7 +211,7 @@ class A2E(nn.Module):
             x = F.dropout(x, drop, training=True)
         x = self.front(x.transpose(1, 2)).transpose(1, 2)
         x = x + _sinusoids(x.shape[1], x.shape[2]).to(x) + self.style_proj(style)[:, None]
-        return self.head(self.encoder(x))
+        return self.head(self.encoder(x)) * self.audio_driven
 
     def decode(self, code: Tensor) -> tuple[Tensor, Tensor]:
         """Standardised code → blendshapes (..., 52) around `bs_neutral` (unclamped) and mouth
@@ -206,27 +220,30 @@ class A2E(nn.Module):
         lips = (code[..., N_BLENDSHAPES:] * self.lip_std) @ self.lip_basis
         return bs, lips.reshape(*lips.shape[:-1], len(MOUTH), 3)
 
-    def loss(self, code: Tensor, blendshapes: Tensor, mouth: Tensor, valid: Tensor, lip_weight: float, temporal_weight: float) -> tuple[Tensor, dict[str, float]]:
-        """Expression L2 + lip-vertex L2 + temporal-difference Huber over valid frames.
+    def loss(self, code: Tensor, blendshapes: Tensor, mouth: Tensor, valid: Tensor, lip_weight: float, temporal_weight: float, gap_weight: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+        """Expression L2 + lip-vertex L2 + mouth-opening L2 + temporal-difference Huber over valid frames.
 
         code (B, T, 52+K); targets (deviations) blendshapes (B, T, 52), mouth (B, T, M, 3) cm;
         valid (B, T).
         """
-        target_bs = blendshapes / self.bs_std
+        mask = self.audio_driven[:N_BLENDSHAPES]
+        target_bs = blendshapes / self.bs_std * mask
         pred_bs = code[..., :N_BLENDSHAPES]
         _, pred_mouth = self.decode(code)
         v = valid.float()
         n = v.sum().clamp(min=1)
-        expr = (((pred_bs - target_bs) ** 2).mean(-1) * v).sum() / n
+        expr = (((pred_bs - target_bs) ** 2).sum(-1) / mask.sum() * v).sum() / n
         lip_mm = ((pred_mouth - mouth) * 10).pow(2).sum(-1).mean(-1)  # squared mm per vertex
         lip = (lip_mm * v).sum() / n
+        gap_err = ((pred_mouth[..., _UPPER, :] - pred_mouth[..., _LOWER, :]) - (mouth[..., _UPPER, :] - mouth[..., _LOWER, :])) * 10
+        gap = (gap_err.pow(2).sum(-1) * v).sum() / n
         pair = v[:, 1:] * v[:, :-1]
         np_ = pair.sum().clamp(min=1)
-        d_bs = F.huber_loss(pred_bs.diff(dim=1), target_bs.diff(dim=1), reduction="none", delta=0.5).mean(-1)
+        d_bs = F.huber_loss(pred_bs.diff(dim=1), target_bs.diff(dim=1), reduction="none", delta=0.5).sum(-1) / mask.sum()
         d_lip = F.huber_loss((pred_mouth.diff(dim=1) * 10), (mouth.diff(dim=1) * 10), reduction="none", delta=0.5).mean((-1, -2))
         temporal = ((d_bs + d_lip) * pair).sum() / np_
-        total = expr + lip_weight * lip + temporal_weight * temporal
-        return total, {"expr": expr.item(), "lip_mm2": lip.item(), "temporal": temporal.item()}
+        total = expr + lip_weight * lip + gap_weight * gap + temporal_weight * temporal
+        return total, {"expr": expr.item(), "lip_mm2": lip.item(), "gap_mm2": gap.item(), "temporal": temporal.item()}
 
 
 def make_meta(cfg, feature_dim: int, whisper: dict, identities: list[str]) -> dict:
@@ -276,30 +293,33 @@ def from_state(state: dict[str, Tensor], source: str = "A2E weights") -> A2E:
 
 
 @torch.no_grad()
-def run(model: A2E, features: np.ndarray, style: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-sequence prediction at the model rate: (T, 52) blendshapes in [0, 1] and (T, M, 3)
-    mouth offsets (cm) from the model's `neutral`.
-
-    Runs windows of the training length with half overlap, cross-faded with a triangular
-    weight, so any length works in bounded memory and every frame sees context on both sides.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    w = model.meta["window"]
-    x = torch.as_tensor(np.asarray(features, np.float32), device=device)
-    style = model.style_vector() if style is None else style
-    n = len(x)
+def codes(model: A2E, features: Tensor, style: Tensor) -> Tensor:
+    """(T, D) features → (T, 52 + K) standardised codes, as inference makes them: windows of the
+    training length with half overlap, cross-faded with a triangular weight, so any length works
+    in bounded memory and every frame sees context on both sides (stream.py does the same in
+    pieces). Training validates on these, not on isolated windows, to select what runs."""
+    w, n = model.meta["window"], len(features)
     starts = list(range(0, max(n - w, 0) + 1, w // 2))
     if starts[-1] + w < n:
         starts.append(n - w)
-    out = torch.zeros(n, N_BLENDSHAPES + model.meta["lip_components"], device=device)
-    total = torch.zeros(n, 1, device=device)
+    out = torch.zeros(n, N_BLENDSHAPES + model.meta["lip_components"], device=features.device)
+    total = torch.zeros(n, 1, device=features.device)
     for s in starts:
-        chunk = x[s : s + w]
-        weight = 1.0 - (torch.arange(len(chunk), device=device) + 0.5 - len(chunk) / 2).abs() / (len(chunk) / 2) * 0.98
+        chunk = features[s : s + w]
+        weight = 1.0 - (torch.arange(len(chunk), device=features.device) + 0.5 - len(chunk) / 2).abs() / (len(chunk) / 2) * 0.98
         out[s : s + len(chunk)] += model(chunk[None], style)[0] * weight[:, None]
         total[s : s + len(chunk)] += weight[:, None]
-    bs, mouth = model.decode(out / total)
+    return out / total
+
+
+@torch.no_grad()
+def run(model: A2E, features: np.ndarray, style: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-sequence prediction at the model rate: (T, 52) blendshapes in [0, 1] and (T, M, 3)
+    mouth offsets (cm) from the model's `neutral` (`codes` says how)."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.as_tensor(np.asarray(features, np.float32), device=device)
+    bs, mouth = model.decode(codes(model, x, model.style_vector() if style is None else style))
     return bs.clamp(0, 1).cpu().numpy(), mouth.cpu().numpy()
 
 
