@@ -13,7 +13,9 @@ gives exactly `n_frames` rows at any frame rate.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
 import pickle
 import shutil
 import subprocess
@@ -116,9 +118,7 @@ def _load(path: str, device: str):
         model = whisper.load_model(path, device=device)  # torch.load(weights_only=True) inside
     except (RuntimeError, KeyError, TypeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise GGError(f"{path}: not a loadable openai-whisper checkpoint ({e.__class__.__name__}); delete it or pass another --whisper", Exit.ASSET) from e
-    if device.startswith("cuda"):
-        model = model.half()
-    return model.eval()
+    return model.eval()  # fp32 weights: whisper's LayerNorm needs them; its Linear/Conv1d cast to the input's dtype
 
 
 def default_device() -> str:
@@ -149,26 +149,84 @@ def window_starts(n_samples: int) -> list[int]:
     return starts
 
 
-@torch.no_grad()
+class Encoder:
+    """whisper's encoder over one 30 s window at a time, the one way every path computes features.
+
+    The checkpoint loads on the first window actually computed. With GGTALKER_FEATURE_CACHE set to
+    a folder, each window's rows are kept there by content (window samples + model), so synth and
+    eval of speech seen before need no whisper at all: the GPU machines have no whisper weights, and
+    the features of every bench audio are made once on a machine that has them.
+    """
+
+    def __init__(self, model: str | Path | None = None, device: str | None = None, dim: int | None = None):
+        self.model, self.device, self.dim = model or DEFAULT_MODEL, device or default_device(), dim
+        self.name, self.source, self._net = str(self.model), "feature cache", None
+        path_like = isinstance(self.model, Path) or self.name.endswith(".pt") or "/" in self.name
+        if path_like:  # a file: resolve (and check) now, and key the cache by its content
+            self._resolve()
+        self.key = hashlib.sha256(Path(self.path).read_bytes()).hexdigest() if path_like else f"whisper-{self.name}"
+        cache = os.environ.get("GGTALKER_FEATURE_CACHE")
+        self.cache = Path(cache) if cache else None
+        self.used: list[Path] = []  # cache files read or written (what another machine needs)
+
+    def _resolve(self) -> None:
+        path, self.name, self.source = resolve_model(self.model)
+        self.path = str(path)
+
+    def net(self):
+        if self._net is None:
+            if not hasattr(self, "path"):
+                self._resolve()
+            self._net = _load(self.path, self.device)
+            self._check(self._net.dims.n_audio_state)
+        return self._net
+
+    def _check(self, dim: int) -> None:
+        if self.dim is not None and dim != self.dim:
+            raise GGError(f"whisper '{self.name}' gives {dim}-d features but the A2E was trained on {self.dim}-d; pass that whisper model", Exit.USAGE)
+        self.dim = dim
+
+    @torch.no_grad()
+    def window(self, chunk: np.ndarray) -> torch.Tensor:
+        """(1500, D) encoder rows of WINDOW samples (zero padded by the caller), float32 holding
+        float16 values: what the GPU computes in half precision, and half the cache's size."""
+        file = None
+        if self.cache is not None:
+            digest = hashlib.sha256(chunk.astype(np.float32).tobytes() + self.key.encode()).hexdigest()
+            file = self.cache / f"{digest}.npy"
+            self.used.append(file)
+            if file.is_file():
+                rows = np.load(file)
+                self._check(rows.shape[1])
+                return torch.from_numpy(rows.astype(np.float32)).to(self.device)
+        import whisper  # slow import (numba): only when features are really computed
+
+        net = self.net()
+        mel = whisper.log_mel_spectrogram(torch.from_numpy(chunk), net.dims.n_mels, device=self.device)
+        half = torch.float16 if self.device.startswith("cuda") else torch.float32  # whisper's own fp16 inference
+        rows = net.encoder(mel[None].to(half))[0].half()
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, rows.cpu().numpy())
+            tmp.replace(file)  # atomic: a concurrent reader sees all of it or nothing
+        return rows.float()
+
+
 def encode(audio: np.ndarray, n_frames: int, fps: float, model: str | Path | None = None, device: str | None = None) -> tuple[np.ndarray, dict]:
     """Whisper encoder features of 16 kHz mono `audio`, one float16 row per video frame.
 
     Frames past the end of the audio see whisper's zero padding (silence).
     """
-    import whisper
-
     if n_frames <= 0 or fps <= 0:
         raise GGError(f"need a positive frame count and frame rate, got {n_frames} frames at {fps} fps", Exit.USAGE)
-    device = device or default_device()
-    path, name, source = resolve_model(model)
-    net = _load(str(path), device)
+    encoder = Encoder(model, device)
     n_samples = max(len(audio), math.ceil(n_frames / fps * SAMPLE_RATE))
     starts = window_starts(n_samples)
     centres = np.array([(s + WINDOW / 2) / SAMPLE_RATE for s in starts])
     frame_centres = (np.arange(n_frames) + 0.5) / fps
     owner = np.searchsorted((centres[1:] + centres[:-1]) / 2, frame_centres)  # nearest window centre
-    out = np.zeros((n_frames, net.dims.n_audio_state), np.float16)
-    dtype = next(net.parameters()).dtype
+    out = None
     begin = time.perf_counter()
     with console.progress() as bar:
         task = bar.add_task("whisper features", total=len(starts))
@@ -177,21 +235,22 @@ def encode(audio: np.ndarray, n_frames: int, fps: float, model: str | Path | Non
             chunk = np.zeros(WINDOW, np.float32)
             piece = audio[start : start + WINDOW]
             chunk[: len(piece)] = piece
-            mel = whisper.log_mel_spectrogram(torch.from_numpy(chunk), net.dims.n_mels, device=device)
-            rows = net.encoder(mel[None].to(dtype))[0].float()  # (1500, D) on the device
+            rows = encoder.window(chunk)  # (1500, D) on the device
+            if out is None:
+                out = np.zeros((n_frames, rows.shape[1]), np.float16)
             w = torch.from_numpy(frame_weights(frames, fps, start / SAMPLE_RATE, len(rows))).to(rows.device)
             out[frames] = (w @ rows).half().cpu().numpy()
             bar.advance(task)
     seconds = len(audio) / SAMPLE_RATE
     wall = time.perf_counter() - begin
     info = {
-        "model": name,
-        "source": source,
+        "model": encoder.name,
+        "source": encoder.source,
         "dim": int(out.shape[1]),
         "layer": "encoder output",
         "seconds": round(seconds, 3),
         "windows": len(starts),
-        "device": device,
+        "device": encoder.device,
         "realtime_factor": round(seconds / max(wall, 1e-9), 2),
     }
     return out, info

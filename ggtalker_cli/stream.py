@@ -50,8 +50,8 @@ class Frames:
 class _Whisper:
     """Samples in, feature rows (one per model frame, consecutive) out, as audio.encode makes them."""
 
-    def __init__(self, net, fps: float, device: str):
-        self.net, self.fps, self.device = net, fps, device
+    def __init__(self, encoder: audio.Encoder, fps: float):
+        self.encoder, self.fps, self.dim = encoder, fps, encoder.dim
         self.samples = 0
         self.buf, self.buf0 = np.zeros(0, np.float32), 0  # audio kept, from sample buf0 on
         self.windows: list[tuple[int, torch.Tensor]] = []  # (start, rows) of the last two windows
@@ -61,26 +61,22 @@ class _Whisper:
     def centre(self, start: int) -> float:
         return (start + audio.WINDOW / 2) / audio.SAMPLE_RATE
 
-    @torch.no_grad()
     def rows(self, start: int) -> torch.Tensor:
         """(1500, D) encoder output of the 30 s window at `start` (zero padded past the audio)."""
-        import whisper
-
         for s, r in self.windows:
             if s == start:
                 return r
         chunk = np.zeros(audio.WINDOW, np.float32)
         piece = self.buf[start - self.buf0 : start - self.buf0 + audio.WINDOW]
         chunk[: len(piece)] = piece
-        mel = whisper.log_mel_spectrogram(torch.from_numpy(chunk), self.net.dims.n_mels, device=self.device)
-        return self.net.encoder(mel[None].to(next(self.net.parameters()).dtype))[0].float()
+        return self.encoder.window(chunk)
 
     def features(self, end: int, starts: list[int]) -> np.ndarray:
         """Rows of frames [n, end), each from the window of `starts` with the nearest centre."""
         frames = np.arange(self.n, end)
         centres = np.array([self.centre(s) for s in starts])
         owner = np.searchsorted((centres[1:] + centres[:-1]) / 2, (frames + 0.5) / self.fps)
-        out = np.zeros((len(frames), self.net.dims.n_audio_state), np.float16)
+        out = np.zeros((len(frames), self.dim), np.float16)
         for j, start in enumerate(starts):
             mask = owner == j
             if mask.any():
@@ -93,7 +89,7 @@ class _Whisper:
     def push(self, samples: np.ndarray) -> np.ndarray:
         self.buf = np.concatenate([self.buf, samples.astype(np.float32)])
         self.samples += len(samples)
-        out = [np.zeros((0, self.net.dims.n_audio_state), np.float16)]
+        out = [np.zeros((0, self.dim), np.float16)]
         while self.k * audio.HOP + audio.WINDOW <= self.samples:
             start = self.k * audio.HOP
             self.windows = (self.windows + [(start, self.rows(start))])[-2:]
@@ -107,7 +103,7 @@ class _Whisper:
     def finish(self, n_frames: int) -> np.ndarray:
         """The remaining frames of audio.encode(audio, n_frames, fps)."""
         n_samples = max(self.samples, math.ceil(n_frames / self.fps * audio.SAMPLE_RATE))
-        return self.features(n_frames, audio.window_starts(n_samples)) if n_frames > self.n else np.zeros((0, self.net.dims.n_audio_state), np.float16)
+        return self.features(n_frames, audio.window_starts(n_samples)) if n_frames > self.n else np.zeros((0, self.dim), np.float16)
 
 
 class _A2E:
@@ -172,15 +168,8 @@ class Expressions:
     def __init__(self, state: dict[str, torch.Tensor], fps: float, whisper: str | Path | None = None, device: str = "cpu"):
         self.model = a2e.from_state(state).to(device)
         self.fps, self.mfps = float(fps), float(self.model.meta["fps"])
-        path, name, _ = audio.resolve_model(whisper or self.model.meta["whisper"]["model"])
-        net = audio._load(str(path), device)
-        if net.dims.n_audio_state != self.model.meta["feature_dim"]:
-            raise GGError(
-                f"whisper '{name}' gives {net.dims.n_audio_state}-d features but this A2E was trained on {self.model.meta['feature_dim']}-d "
-                f"({self.model.meta['whisper']['model']}); pass that whisper model",
-                Exit.USAGE,
-            )
-        self.whisper = _Whisper(net, self.mfps, device)
+        encoder = audio.Encoder(whisper or self.model.meta["whisper"]["model"], device, dim=self.model.meta["feature_dim"])
+        self.whisper = _Whisper(encoder, self.mfps)
         self.a2e = _A2E(self.model, device)
         self.neutral = self.model.neutral.cpu().numpy()
         self.bs, self.mouth, self.m0 = np.zeros((0, a2e.N_BLENDSHAPES), np.float32), np.zeros((0, len(a2e.MOUTH), 3), np.float32), 0

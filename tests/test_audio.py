@@ -195,3 +195,22 @@ def test_real_features_differ_between_speech_and_silence(base_checkpoint):
     fh = audio.encode(half, 100, 25.0, base_checkpoint, device="cpu")[0].astype(np.float32)
     d = np.linalg.norm(fh - fs, axis=1)
     assert d[55:].mean() > 4 * d[:45].mean()
+
+
+def test_feature_cache_replaces_the_model(tmp_path, tiny_whisper, monkeypatch):
+    """With GGTALKER_FEATURE_CACHE, audio seen before needs no whisper load (the GPU machines have
+    no weights); the cached rows give the same features, and other audio or weights miss."""
+    x = np.random.default_rng(1).normal(0, 0.1, int(31.0 * SR)).astype(np.float32)  # two windows
+    monkeypatch.setenv("GGTALKER_FEATURE_CACHE", str(tmp_path / "cache"))
+    first = audio.encode(x, 775, 25.0, tiny_whisper, device="cpu")[0]
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+    def no_load(*args):
+        raise AssertionError("whisper loaded despite the cache")
+
+    monkeypatch.setattr(audio, "_load", no_load)
+    again, info = audio.encode(x, 775, 25.0, tiny_whisper, device="cpu")
+    np.testing.assert_array_equal(again, first)
+    assert info["dim"] == 32
+    with pytest.raises(AssertionError, match="despite the cache"):
+        audio.encode(x * 0.5, 775, 25.0, tiny_whisper, device="cpu")  # other audio: computed
