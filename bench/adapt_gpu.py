@@ -116,7 +116,7 @@ def main() -> None:
             cv2.imwrite(str(args.out / f"{stem}.png"), _strip(avatar))
         m = result["metrics"]
         print(
-            f"{stem}: head PSNR {m['psnr_head']:.2f} SSIM {m['ssim_head']:.3f} | full PSNR {m['psnr_full']:.2f} "
+            f"{stem}: head PSNR {m['psnr_head']:.2f} SSIM {m['ssim_head']:.3f} (inner {m['psnr_head_inner']:.2f}) | full PSNR {m['psnr_full']:.2f} "
             f"SSIM {m['ssim_full']:.3f} | face PSNR {m['psnr_face']:.2f} | driven head PSNR {m['psnr_head_driven']:.2f} | "
             f"train {result['train_seconds']} s, adapt {result['adapt_wall_seconds']} s, {result['gaussians']} Gaussians, "
             f"VRAM {result['peak_vram_gib']} GiB, RSS {result['peak_rss_gib']} GiB  ({summary['device']})",

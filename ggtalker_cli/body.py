@@ -27,10 +27,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import console
+from . import artifacts, console
 from .config import InpainterConfig
 from .errors import Exit, GGError
-from .models.inpainter import Inpainter, blank_mask, train_inpainter
+from .models.inpainter import Inpainter, blank_mask, paste, train_inpainter
 
 if TYPE_CHECKING:
     from .avatar import Avatar
@@ -46,7 +46,7 @@ def load_track(folder: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             track = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
+    except artifacts.NUMPY_ERRORS as e:
         raise GGError(f"{path}: missing or unreadable synthesis track ({e.__class__.__name__}); re-run ggtalker adapt", Exit.ARTIFACT) from e
     if "pose" not in track or "blendshapes" not in track:
         raise GGError(f"{path}: no pose/blendshapes arrays; re-run ggtalker adapt", Exit.ARTIFACT)
@@ -120,7 +120,7 @@ class Body:
         self.plate, self.model = plate, None
         self.dilate = float(info["dilate"]) if info else InpainterConfig.dilate
         if info:
-            path = Path(folder) / info["file"]
+            path = artifacts.inside(folder, info["file"])  # meta.yaml is shared data: no ../ escapes
             try:
                 state = load_file(str(path))
             except (OSError, SafetensorError) as e:
@@ -144,7 +144,7 @@ class Body:
 
     def paste(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor) -> Tensor:
         """Without the inpainter: the head over the frame, the blanked region from the plate."""
-        return head_rgb + (1 - alpha) * (frame * (1 - blank) + self.plate * blank)
+        return paste(head_rgb, alpha, frame, blank, self.plate)
 
     @torch.no_grad()
     def __call__(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, head_mask: Tensor) -> Tensor:

@@ -63,6 +63,10 @@ class AdaptConfig:
     # loss weights
     ssim_weight: float = 0.2
     alpha_weight: float = 0.1  # rendered alpha vs the head mask (silhouette)
+    # band just outside the head mask (fraction of the side) where no image or silhouette loss
+    # applies: segmentation jitters by a few px frame to frame, and forcing the render to follow it
+    # leaves the head's own border half transparent
+    edge_ignore: float = 0.006  # 3 px at 512²
     offset_weight: float = 0.01  # Gaussians further than offset_margin triangle sizes from their triangle
     offset_margin: float = 1.0
     scale_weight: float = 0.01  # Gaussians larger than scale_max triangle sizes

@@ -45,12 +45,16 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU(inplace=True))
 
 
-def paste(head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor) -> Tensor:
-    """The plain composite: head (premultiplied, rendered over black) over the blanked frame.
+def paste(head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor, fill: Tensor | None = None) -> Tensor:
+    """The plain composite: head (premultiplied, rendered over black) over the frame, its blanked
+    region taken from `fill` (the clip's clean background plate; black without one).
 
-    This is the "without inpainter" baseline and the network's starting point.
+    Black fill is the network's starting point (it learns every fill from there: started from
+    the plate, an H200 run left it stuck at the plate paste); the plate fill is the "without
+    inpainter" baseline eval reports.
     """
-    return head_rgb + (1 - alpha) * frame * (1 - blank)
+    hidden = frame * (1 - blank) if fill is None else frame * (1 - blank) + fill * blank
+    return head_rgb + (1 - alpha) * hidden
 
 
 def blank_mask(head_mask: Tensor, alpha: Tensor, radius: int | Sequence[int]) -> Tensor:

@@ -50,9 +50,9 @@ from ..avatar import WEIGHTS, Avatar
 from ..body import train_avatar_inpainter
 from ..clip import Clip
 from ..config import AdaptConfig, Config
-from ..errors import Exit, GGError
+from ..errors import Exit, GGError, out_of_memory
 from ..face_model import HeadModel, fit_shell
-from ..gaussians import write_ply
+from ..gaussians import GROUPS, write_ply
 from ..losses import hinge_sq, photometric
 
 CHECKPOINT = "checkpoint"
@@ -100,6 +100,14 @@ def _adapt_speech(prior: Path | None, clip: Clip, folder: Path, cfg: Config, dev
     state, log = adapt_a2e(load_file(str(artifacts.inside(prior, "a2e.safetensors"))), clip.path, cfg.a2e, device=dev.type)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "a2e.safetensors"))
     return {"file": "a2e.safetensors", "prior": str(Path(prior).resolve()), "log": log}
+
+
+def _disk_need(cfg: AdaptConfig) -> int:
+    """Bytes adapt writes at most: a checkpoint is the float32 UV map (a row of channels per
+    texel, at the final resolution after any upsample) with Adam's two moments; two checkpoints
+    coexist while one replaces the other, then the exported avatar."""
+    texels = (cfg.uv_res * (2 if cfg.upsample_at > 0 else 1)) ** 2
+    return (sum(GROUPS.values()) + cfg.feature_dim) * texels * 4 * (2 * 3 + 1)
 
 
 def _file_hash(*paths: Path) -> str:
@@ -300,10 +308,11 @@ class Trainer:
             _, head, target = d.tensors(sample)
             base, pose, expr = self.frame_inputs(i, refine)
             out, s = self.avatar.render(base, pose, expr, d.K, d.size, background=d.plate)
+            free = self.edge_band(head)
             parts = {
-                "photo": photometric(out.rgb, target, c.ssim_weight),
+                "photo": photometric(out.rgb, torch.where(free, out.rgb.detach(), target), c.ssim_weight),
                 "mse_head": ((out.rgb - target).square() * head).sum().detach() / (3 * head.sum()).clamp(min=1),
-                "alpha": c.alpha_weight * (out.alpha - head).abs().mean(),
+                "alpha": c.alpha_weight * ((out.alpha - head).abs() * ~free).mean(),
                 "offset": c.offset_weight * hinge_sq(s["offset"].norm(dim=-1), c.offset_margin),
                 "scale": c.scale_weight * hinge_sq(torch.exp(s["log_scale"]), c.scale_max),
             }
@@ -321,6 +330,11 @@ class Trainer:
         if c.prune_every > 0 and step > 0 and step % c.prune_every == 0 and step < 0.9 * c.steps:
             self.avatar.gmap.prune(c.prune_opacity)
         return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    def edge_band(self, head: Tensor) -> Tensor:
+        """(1, H, W, 1) bool: the cfg.edge_ignore band just outside the head mask, loss-free."""
+        r = round(self.cfg.edge_ignore * self.data.size)
+        return (metrics.dilate(head[..., 0], r)[..., None] > 0.5) & (head < 0.5)
 
     def upsample(self) -> None:
         """Double the UV map; keep the Adam state of everything that did not change shape."""
@@ -364,7 +378,7 @@ class Trainer:
             with torch.no_grad():
                 trainer.pose_delta.copy_(state["refine.pose"])
                 trainer.expr_delta.copy_(state["refine.expr"])
-            trainer.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=data.device, weights_only=True))
+            trainer.optimizer.load_state_dict(artifacts.load_checkpoint(ckpt / "optimizer.pt", data.device))
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise GGError(f"{ckpt}: unusable checkpoint ({e.__class__.__name__}: {e}); rerun without --resume to start over", Exit.ARTIFACT) from e
         return trainer, int(progress["step"]), float(progress["seconds"])
@@ -463,6 +477,9 @@ def evaluate(avatar: Avatar, data: Data, frames: np.ndarray, preview_dir: Path |
             "psnr_face": metrics.psnr(comp, f, box=fbox),
             "ssim_face": metrics.ssim(comp, f, box=fbox),
             "psnr_head_driven": metrics.psnr(dr, t, mask=hm),
+            # diagnostic: the head without its border band (metrics.seam_band), where segmentation
+            # jitter of the ground-truth mask dominates the error
+            "psnr_head_inner": metrics.psnr(a, t, mask=hm & ~metrics.seam_band(hm)),
         })  # fmt: skip
         if preview_dir is not None and int(i) in shown:
             strip = torch.cat([f, comp, a], 1)
@@ -554,7 +571,10 @@ def run(
     eval_frames = data.test if acfg.eval_frames <= 0 else data.test[np.linspace(0, len(data.test) - 1, min(acfg.eval_frames, len(data.test))).astype(int)]
     timings: dict[str, float] = {}
     tic = time.perf_counter()
-    with artifacts.atomic_dir(out, force=force, work=work) as folder:
+    artifacts.check_disk_space(out, _disk_need(acfg))
+    oom = out_of_memory(f"adapting at {data.size}² (adapt.uv_res {acfg.uv_res}, adapt.batch {acfg.batch})",
+                        "lower --size, adapt.uv_res or adapt.batch (--preset fast is the smallest), then re-run with --resume")
+    with oom, artifacts.atomic_dir(out, force=force, work=work) as folder:
         if (folder / CHECKPOINT).exists() or (folder / f"{CHECKPOINT}.old").exists():
             trainer, start, seconds = Trainer.load(folder, data, acfg)
             console.info(f"resuming at step {start} of {acfg.steps}")
@@ -608,7 +628,8 @@ def run(
                 "protocol": "held-out test frames (last 10%), tracked landmarks and pose, no refinement; head = head over the "
                 "background plate vs frame head pasted on it, inside the GT head mask (SSIM on its box); full = render "
                 "composited over the frame with the GT head region replaced by the plate (no inpainter); face = DESIGN.md "
-                "face box; *_driven = mesh driven by the tracked blendshapes through the fitted basis",
+                "face box; *_driven = mesh driven by the tracked blendshapes through the fitted basis; head_inner = head "
+                "mask minus its border band of round(0.02·size) px (metrics.seam_band), a diagnostic of mask-edge error",
             },
             **exported,
             "inpainter": inpainter,
