@@ -1,32 +1,24 @@
-"""`make bench`: preprocess → fit-prior → adapt → synth → eval over every real clip, one summary table.
+"""`make bench`: preprocess → adapt → synth → eval over every real clip, one summary table.
 
     python bench/run_all.py                                          # everything, on this machine
-    python bench/run_all.py --steps adapt,speed --device cuda --clips A,B   # the GPU part (device tool)
-    python bench/run_all.py --steps a2e,synth,eval,score,summary     # the rest, where ffmpeg/whisper/mediapipe are
+    python bench/run_all.py --steps preprocess,features              # CPU part before a GPU run
+    python bench/run_all.py --steps adapt,eval,speed --device cuda --clips A,B   # the GPU part (device tool)
+    python bench/run_all.py --steps score,summary                    # finish where mediapipe is
 
 Every step reuses what an earlier run left in `--work` (default out/bench; clips in out/clips),
 so a run can be split across machines. The device tool's GPU machines have no ffmpeg, whisper
-or mediapipe and carry 64 MiB, so there the useful steps are `adapt` and `speed` (render +
-inpainter + encode of every avatar at its size, expressions from its own track: synthesis minus
-whisper/A2E, which cost little next to it). A batch of clips through the device tool, clips
-packed here with bench/pack_clip.py into an ignored folder (carry [".whl", ".devdata/packed"]):
+weights or mediapipe and carry 64 MiB, hence: `features` (here) converts the bench's other speech
+to 16 kHz mono wav in work/audio and fills the whisper feature cache (GGTALKER_FEATURE_CACHE) with
+every window eval and synth will encode, so the GPU needs no whisper; eval there writes its videos
+with OpenCV and leaves the landmark scoring pending; `score` (here) finishes it. `bench/gpu_bench.sh`
+does one batch of packed clips through the device tool (its header has the recipe).
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-    export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 && \
-    for c in .devdata/packed/*; do python3 bench/pack_clip.py unpack $c out/clips/$(basename $c); done && \
-    python3 bench/run_all.py --steps adapt,speed --device cuda --clips $(ls .devdata/packed | paste -sd,) && \
-    tar czf - -C out/bench avatars state | split -b 15M - $OUT/bench.tgz.
-
-then here: `cat bench.tgz.* | tar xzf - -C out/bench` and the remaining steps (avatars and
-synth/eval find the clip in --clip-dir, whatever path adapt recorded on the GPU machine).
-
-Steps: preprocess (each video → clip), prior (fit-prior a2e over all clips' training frames),
-adapt (head + inpainter), a2e (adapt the prior's A2E to each clip and store it in the avatar as
-`a2e.safetensors`; stands in until adapt does so itself from a prior's a2e part), synth (OOD
-speech → mp4, end-to-end speed), eval (report per avatar, OOD audio included), score (finish
-reports whose landmark scoring was deferred), speed, summary (bench/results/summary.{md,json}:
-quality, lip-sync, speed, the no-audio baseline, devices, date). One clip failing is recorded
-and the others go on.
+Steps: preprocess (each video → clip), features (as above), adapt (from --prior: head, inpainter,
+the prior's A2E fine-tuned into the avatar), synth (other speech → mp4 through the CLI), eval
+(report per avatar, OOD audio included), score (finish reports whose landmark scoring was
+deferred), speed (render + inpainter + encode at the avatar's size), summary
+(bench/results/summary.{md,json}: quality, lip-sync, speed, the no-audio baseline, devices,
+date). One clip failing is recorded and the others go on.
 """
 
 from __future__ import annotations
@@ -45,9 +37,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
-STEPS = ("preprocess", "prior", "adapt", "a2e", "synth", "eval", "score", "speed", "summary")
+STEPS = ("preprocess", "features", "adapt", "synth", "eval", "score", "speed", "summary")
 OOD = ("de_german_9s.wav", "zh_chinese_news_8s.wav")  # eval's out-of-distribution speech (other languages)
 SYNTH_AUDIO = "en_hallo2_12s.wav"
+PRIOR = REPO / "priors" / "default"
 
 
 def ggtalker(*args: str, log: Path) -> dict:
@@ -70,19 +63,45 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def attach_a2e(prior: Path, clip: Path, avatar: Path, device: str) -> dict:
-    """Adapt the prior's A2E to the clip (a2e_train.adapt_a2e) and store it in the avatar."""
-    from safetensors.torch import load_file, save_file
+def speech_files(work: Path) -> list[Path]:
+    """The bench's other speech as 16 kHz mono 16-bit wav in work/audio: what a machine without
+    ffmpeg (the GPU ones) can read, and the same samples on every machine."""
+    out = []
+    for name in (*OOD, SYNTH_AUDIO):
+        wav = work / "audio" / name
+        if not wav.is_file():
+            from ggtalker_cli import audio, media
 
-    from ggtalker_cli.a2e_train import adapt_a2e
-    from ggtalker_cli.config import load_config
+            wav.parent.mkdir(parents=True, exist_ok=True)
+            media.write_wav(wav, audio.load_audio(REAL / "audio" / name))
+        out.append(wav)
+    return out
 
-    state, log = adapt_a2e(load_file(str(prior / "a2e.safetensors")), clip, load_config().a2e, device)
-    tmp = avatar / ".a2e.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(avatar / "a2e.safetensors")
-    (avatar / "a2e_log.json").write_text(json.dumps(log, indent=1))
-    return {k: log[k] for k in ("best_step", "best_val_loss", "prior_val_loss")}
+
+def warm_features(prior: Path, clip_dir: Path, work: Path) -> dict:
+    """Whisper features of every audio eval and synth will see for this clip, into the feature
+    cache (GGTALKER_FEATURE_CACHE): its held-out speech and the bench's other speech. A machine with
+    the cache needs no whisper weights (stream.Expressions computes the same windows whatever the
+    chunking, and the prior's A2E fixes the model rate and whisper model the avatar's keeps)."""
+    from safetensors.torch import load_file
+
+    from ggtalker_cli.clip import Clip
+    from ggtalker_cli.stages import eval as eval_stage
+    from ggtalker_cli.stages.synth import read_audio
+    from ggtalker_cli.stream import Expressions
+
+    if not os.environ.get("GGTALKER_FEATURE_CACHE"):
+        raise RuntimeError("set GGTALKER_FEATURE_CACHE to the folder to fill")
+    clip, state = Clip(clip_dir), load_file(str(prior / "a2e.safetensors"))
+    test = eval_stage._test_audio(clip, clip.test_indices, work / "audio" / f".test_{clip_dir.name}.wav")
+    seconds, files = 0.0, []
+    for samples in (test, *(read_audio(p) for p in speech_files(work))):
+        expressions = Expressions(state, clip.fps, device="cpu")
+        expressions.push(samples)
+        expressions.finish()
+        seconds += len(samples) / 16000
+        files += [p.name for p in expressions.whisper.encoder.used]
+    return {"seconds": round(seconds, 2), "cache_files": sorted(set(files))}
 
 
 def speed(avatar: Path, clip: Path, device: str, frames: int = 250) -> dict:
@@ -183,8 +202,6 @@ def finished(step: str, name: str, state: dict, args: argparse.Namespace, device
     avatar, report = args.work / "avatars" / name, args.work / "eval" / name / "report.json"
     if step == "adapt":
         return (avatar / "meta.yaml").is_file()
-    if step == "a2e":
-        return (avatar / "a2e.safetensors").is_file()
     if step == "eval":
         return report.is_file()
     if step == "score":
@@ -201,14 +218,14 @@ def run_step(step: str, name: str, args: argparse.Namespace, prior: Path, device
         from ggtalker_cli.config import load_config
         from ggtalker_cli.stages import adapt
 
-        return adapt.run(clip, avatar, load_config(args.preset), device=device)
-    if step == "a2e":
-        return attach_a2e(prior, clip, avatar, None if device == "auto" else device)
+        return adapt.run(clip, avatar, load_config(args.preset), prior=prior, device=device)
+    if step == "features":
+        return warm_features(prior, clip, args.work)
     if step == "synth":
-        return ggtalker("synth", str(avatar), "--audio", str(REAL / "audio" / SYNTH_AUDIO), "-o", str(args.work / "synth" / f"{name}.mp4"),
+        return ggtalker("synth", str(avatar), "--audio", str(args.work / "audio" / SYNTH_AUDIO), "-o", str(args.work / "synth" / f"{name}.mp4"),
                         "--clip", str(clip), "--device", device, "--force", log=log)  # fmt: skip
     if step == "eval":
-        ood = [x for a in OOD for x in ("--audio", str(REAL / "audio" / a))]
+        ood = [x for a in OOD for x in ("--audio", str(args.work / "audio" / a))]
         size = ["--size", str(args.eval_size)] if args.eval_size else []
         return ggtalker("eval", str(avatar), str(clip), "-o", str(report), "--device", device, "--force", *ood, *size, log=log)
     if step == "score":
@@ -225,7 +242,7 @@ def main() -> None:
     ap.add_argument("--clip-dir", type=Path, default=REPO / "out" / "clips")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--preset", default="balanced")
-    ap.add_argument("--prior", type=Path, default=None, help="an existing prior with an a2e part (default: fit one in --work)")
+    ap.add_argument("--prior", type=Path, default=PRIOR, help="the prior adapt starts from (its a2e part too)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eval-size", type=int, default=None, help="render/score eval at this side (default: the clip's)")
     args = ap.parse_args()
@@ -235,9 +252,9 @@ def main() -> None:
         raise SystemExit(f"unknown steps {unknown}; choose from {STEPS}")
     videos = sorted(args.videos.glob("*.mp4"))
     names = [v.stem for v in videos] if args.clips is None else args.clips.split(",")
-    for sub in ("avatars", "eval", "synth", "state", "logs"):
+    for sub in ("avatars", "eval", "synth", "state", "logs", "audio"):
         (args.work / sub).mkdir(parents=True, exist_ok=True)
-    prior = args.prior or args.work / "prior"
+    prior = args.prior
     device = args.device
 
     def state_of(name: str) -> dict:
@@ -252,13 +269,10 @@ def main() -> None:
             if not (args.clip_dir / name / "meta.yaml").is_file():
                 ggtalker("preprocess", str(args.videos / f"{name}.mp4"), "-o", str(args.clip_dir / name), log=args.work / "logs" / f"{name}.log")
     clips = [n for n in names if (args.clip_dir / n / "meta.yaml").is_file()]
-    if "prior" in steps and not (prior / "meta.yaml").is_file():
-        ggtalker("fit-prior", *[str(args.clip_dir / n) for n in clips], "-o", str(prior), "--preset", args.preset, "--device", device,
-                 log=args.work / "logs" / "prior.log")  # fmt: skip
     for name in clips:
         state = state_of(name)
-        for step in STEPS[2:-1]:
-            if step not in steps or (step != "adapt" and not (args.work / "avatars" / name / "meta.yaml").is_file()):
+        for step in STEPS[1:-1]:
+            if step not in steps or (step not in ("adapt", "features") and not (args.work / "avatars" / name / "meta.yaml").is_file()):
                 continue
             if finished(step, name, state, args, device):
                 continue
