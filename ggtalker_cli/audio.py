@@ -199,8 +199,11 @@ class Encoder:
                 rows = np.load(file)
                 self._check(rows.shape[1])
                 return torch.from_numpy(rows.astype(np.float32)).to(self.device)
-        import whisper  # slow import (numba): only when features are really computed
-
+        try:
+            import whisper  # slow import (numba): only when features are really computed
+        except ImportError as e:
+            cached = f" and {self.cache} holds no features for this audio" if self.cache else ""
+            raise GGError(f"openai-whisper is not installed{cached}; pip install openai-whisper", Exit.ASSET) from e
         net = self.net()
         mel = whisper.log_mel_spectrogram(torch.from_numpy(chunk), net.dims.n_mels, device=self.device)
         half = torch.float16 if self.device.startswith("cuda") else torch.float32  # whisper's own fp16 inference

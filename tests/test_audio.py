@@ -214,3 +214,12 @@ def test_feature_cache_replaces_the_model(tmp_path, tiny_whisper, monkeypatch):
     assert info["dim"] == 32
     with pytest.raises(AssertionError, match="despite the cache"):
         audio.encode(x * 0.5, 775, 25.0, tiny_whisper, device="cpu")  # other audio: computed
+
+
+def test_missing_whisper_package_is_a_clear_asset_error(tmp_path, tiny_whisper, monkeypatch):
+    """A machine without openai-whisper (the GPU images) and a cache miss: one clear line."""
+    monkeypatch.setenv("GGTALKER_FEATURE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "whisper", None)  # import whisper -> ImportError
+    with pytest.raises(GGError, match="openai-whisper is not installed and .*cache holds no features for this audio") as e:
+        audio.encode(np.zeros(SR, np.float32), 25, 25.0, tiny_whisper, device="cpu")
+    assert e.value.code == Exit.ASSET
