@@ -655,24 +655,31 @@ def test_fit_prior_out_of_memory(voices, tmp_path, monkeypatch):
 # ------------------------------------------------------------------ kill -9, --resume, and what --seed guarantees
 
 # Runs the CLI in a fresh process; with GGTALKER_TEST_KILL_AT=k it SIGKILLs itself when the a2e
-# trainer draws the batch of its k-th step: no handler, no finally, exactly a kill -9 or a pre-emption.
+# trainer draws the batch of its k-th step, or (GGTALKER_TEST_KILL_IN=adapt) when adapt starts its
+# k-th step (0-based): no handler, no finally, exactly a kill -9 or a pre-emption.
 DRIVER = """
 import os, signal, sys
 from ggtalker_cli import a2e_train, cli
-sample, calls, kill_at = a2e_train._sample, [0], int(os.environ.get("GGTALKER_TEST_KILL_AT", "0"))
+from ggtalker_cli.stages import adapt
+sample, step, calls = a2e_train._sample, adapt.Trainer.step, [0]
+kill_at, kill_in = int(os.environ.get("GGTALKER_TEST_KILL_AT", "0")), os.environ.get("GGTALKER_TEST_KILL_IN", "a2e")
 def counted(*args):
     calls[0] += 1
-    if calls[0] == kill_at:
+    if kill_in == "a2e" and calls[0] == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return sample(*args)
-a2e_train._sample = counted
+def stepped(self, i, *args):
+    if kill_in == "adapt" and kill_at and i == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, i, *args)
+a2e_train._sample, adapt.Trainer.step = counted, stepped
 sys.argv = ["ggtalker", *sys.argv[1:]]
 cli.main()
 """
 
 
-def start(*args: object, kill_at: int = 0) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GGTALKER_TEST_KILL_AT": str(kill_at)}
+def start(*args: object, kill_at: int = 0, kill_in: str = "a2e") -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GGTALKER_TEST_KILL_AT": str(kill_at), "GGTALKER_TEST_KILL_IN": kill_in}
     return subprocess.Popen([sys.executable, "-c", DRIVER, "-q", *map(str, args)], env=env, stderr=subprocess.PIPE, text=True)
 
 
@@ -701,6 +708,24 @@ def test_fit_prior_kill9_then_resume_is_exact(voices, tmp_path):
     assert same_tensors(straight / "a2e.safetensors", killed / "a2e.safetensors")
     curves = [artifacts.read_meta(p, "prior")["parts"]["a2e"]["curve"] for p in (straight, killed)]
     assert curves[0] == curves[1] and [c["step"] for c in curves[0]] == [4, 8, 12]
+
+
+def test_adapt_kill9_then_resume_is_exact(clip_128, tmp_path):
+    """adapt killed with SIGKILL at step 7 of 8 (last checkpoint: after step 3, checkpoint_every
+    4), then --resume: weights, synthesis track and training log equal an uninterrupted run's."""
+    args = ["adapt", clip_128[0], "--device", "cpu", "--no-prior", "--seed", "3", "--preset", preset(tmp_path, {"adapt": ADAPT, "inpainter": {"steps": 2}})]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    runs = [start(*args, "-o", straight), start(*args, "-o", killed, kill_at=7, kill_in="adapt")]
+    assert [finish(p) for p in runs] == [0, -signal.SIGKILL]
+    work = artifacts.work_dir_for(killed)
+    assert leftovers(killed) == [work.name] and json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert finish(start(*args, "-o", killed, "--resume")) == 0
+    assert leftovers(killed) == ["killed"]
+    assert same_tensors(straight / "weights.safetensors", killed / "weights.safetensors")
+    ta, tb = np.load(straight / "synthesis" / "track.npz"), np.load(killed / "synthesis" / "track.npz")
+    assert all(np.array_equal(ta[k], tb[k]) for k in ta.files)
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (p / "train_log.jsonl").read_text().splitlines()] for p in (straight, killed)]
+    assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == list(range(8))
 
 
 def test_adapt_same_seed_same_avatar_in_separate_processes(clip_128, tmp_path):
