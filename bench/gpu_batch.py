@@ -25,6 +25,7 @@ A clip's folder recorded by adapt on the GPU machine is out/clips/NAME there as 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import shutil
@@ -78,21 +79,21 @@ def table(work: Path = LOCAL_WORK, out: Path = REPO / "bench" / "results") -> No
     """Per clip: adapt's held-out metrics (its own protocol, no inpainter) and speed, from `work`."""
     import yaml
 
-    rows = []
+    rows, protocol, made = [], None, 0.0
     for path in sorted((work / "state").glob("*.json")):
         state, name = json.loads(path.read_text()), path.stem
         meta_path = work / "avatars" / name / "meta.yaml"
         if "adapt" not in state or not meta_path.is_file():
             continue
         meta = yaml.safe_load(meta_path.read_text())
-        m = meta["metrics"]
-        rows.append({"clip": name, "test_frames": len(meta["eval"]["frames"]) if isinstance(meta["eval"]["frames"], list) else meta["eval"]["frames"],
+        m, protocol, made = meta["metrics"], meta["eval"]["protocol"], max(made, meta_path.stat().st_mtime)  # tar keeps the GPU run's times
+        rows.append({"clip": name, "test_frames": len(meta["eval"]["frames"]),
                      **{k: round(m[k], 3) for k in ("psnr_head", "ssim_head", "psnr_head_inner", "psnr_full", "ssim_full", "psnr_face", "ssim_face")},
                      "initial_psnr_head": round(meta["initial_metrics"]["psnr_head"], 2), "gaussians": meta.get("gaussians"),
                      "train_s": meta.get("train_seconds"), "adapt_s": round(sum((meta.get("timings_s") or {}).values()), 1),
                      "device": meta.get("device"), "speed": state.get("speed")})  # fmt: skip
-    doc = {"command": "bench/gpu_batch.py (module docstring), then `python bench/gpu_batch.py table`", "date": "2026-11-21",
-           "protocol": rows and yaml.safe_load((work / "avatars" / rows[0]["clip"] / "meta.yaml").read_text())["eval"]["protocol"], "rows": rows}  # fmt: skip
+    doc = {"command": "bench/gpu_batch.py (module docstring), then `python bench/gpu_batch.py table`",
+           "date": datetime.date.fromtimestamp(made).isoformat(), "protocol": protocol, "rows": rows}  # fmt: skip
     (out / "adapt_all.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = ["| clip | test frames | head PSNR / SSIM | head inner PSNR | full PSNR / SSIM | face PSNR / SSIM | initial head PSNR | train s | adapt s | render+inpaint fps |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

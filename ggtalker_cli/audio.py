@@ -160,13 +160,15 @@ class Encoder:
 
     def __init__(self, model: str | Path | None = None, device: str | None = None, dim: int | None = None):
         self.model, self.device, self.dim = model or DEFAULT_MODEL, device or default_device(), dim
-        self.name, self.source, self._net = str(self.model), "feature cache", None
+        self.name, self.source, self.path, self._net = str(self.model), "feature cache", None, None
         path_like = isinstance(self.model, Path) or self.name.endswith(".pt") or "/" in self.name
-        if path_like:  # a file: resolve (and check) now, and key the cache by its content
+        if path_like:  # a file: resolve (and check) now
             self._resolve()
-        self.key = hashlib.sha256(Path(self.path).read_bytes()).hexdigest() if path_like else f"whisper-{self.name}"
         cache = os.environ.get("GGTALKER_FEATURE_CACHE")
         self.cache = Path(cache) if cache else None
+        self.key = None  # what the cache knows the model by: a name is fixed public weights, a file its content
+        if self.cache is not None:
+            self.key = hashlib.sha256(Path(self.path).read_bytes()).hexdigest() if path_like else f"whisper-{self.name}"
         self.used: list[Path] = []  # cache files read or written (what another machine needs)
 
     def _resolve(self) -> None:
@@ -175,7 +177,7 @@ class Encoder:
 
     def net(self):
         if self._net is None:
-            if not hasattr(self, "path"):
+            if self.path is None:
                 self._resolve()
             self._net = _load(self.path, self.device)
             self._check(self._net.dims.n_audio_state)
@@ -187,9 +189,12 @@ class Encoder:
         self.dim = dim
 
     @torch.no_grad()
-    def window(self, chunk: np.ndarray) -> torch.Tensor:
-        """(1500, D) encoder rows of WINDOW samples (zero padded by the caller), float32 holding
-        float16 values: what the GPU computes in half precision, and half the cache's size."""
+    def window(self, piece: np.ndarray) -> torch.Tensor:
+        """(1500, D) encoder rows of one window of at most WINDOW samples (zero padded here, as
+        whisper pads), float32 holding float16 values: what the GPU computes in half precision,
+        and half the cache's size."""
+        chunk = np.zeros(WINDOW, np.float32)
+        chunk[: len(piece)] = piece
         file = None
         if self.cache is not None:
             digest = hashlib.sha256(chunk.astype(np.float32).tobytes() + self.key.encode()).hexdigest()
@@ -206,8 +211,8 @@ class Encoder:
             raise GGError(f"openai-whisper is not installed{cached}; pip install openai-whisper", Exit.ASSET) from e
         net = self.net()
         mel = whisper.log_mel_spectrogram(torch.from_numpy(chunk), net.dims.n_mels, device=self.device)
-        half = torch.float16 if self.device.startswith("cuda") else torch.float32  # whisper's own fp16 inference
-        rows = net.encoder(mel[None].to(half))[0].half()
+        dtype = torch.float16 if self.device.startswith("cuda") else torch.float32  # whisper's own fp16 inference
+        rows = net.encoder(mel[None].to(dtype))[0].half()
         if file is not None:
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_suffix(f".{os.getpid()}.tmp.npy")
@@ -235,10 +240,7 @@ def encode(audio: np.ndarray, n_frames: int, fps: float, model: str | Path | Non
         task = bar.add_task("whisper features", total=len(starts))
         for k, start in enumerate(starts):
             frames = np.flatnonzero(owner == k)
-            chunk = np.zeros(WINDOW, np.float32)
-            piece = audio[start : start + WINDOW]
-            chunk[: len(piece)] = piece
-            rows = encoder.window(chunk)  # (1500, D) on the device
+            rows = encoder.window(audio[start : start + WINDOW])  # (1500, D) on the device
             if out is None:
                 out = np.zeros((n_frames, rows.shape[1]), np.float16)
             w = torch.from_numpy(frame_weights(frames, fps, start / SAMPLE_RATE, len(rows))).to(rows.device)

@@ -66,10 +66,7 @@ class _Whisper:
         for s, r in self.windows:
             if s == start:
                 return r
-        chunk = np.zeros(audio.WINDOW, np.float32)
-        piece = self.buf[start - self.buf0 : start - self.buf0 + audio.WINDOW]
-        chunk[: len(piece)] = piece
-        return self.encoder.window(chunk)
+        return self.encoder.window(self.buf[start - self.buf0 : start - self.buf0 + audio.WINDOW])
 
     def features(self, end: int, starts: list[int]) -> np.ndarray:
         """Rows of frames [n, end), each from the window of `starts` with the nearest centre."""
