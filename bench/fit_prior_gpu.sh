@@ -6,7 +6,7 @@
 # Here (CPU), once; the clips shrink to 256² and ≤200 frames each so they fit the 64 MiB carry:
 #   python bench/pack_prior_data.py $(ls -d out/clips/* | grep -v macron_50s) -o out/carry/prior --size 256 --max-frames 200 --drop-audio
 # There (device tool, kind nvidia-h200-x2, carry [".whl", "out/carry/prior"]):
-#   STEPS=400 bash bench/fit_prior_gpu.sh
+#   STEPS=300 PRESET=bench/presets/fit_prior_gpu.yaml bash bench/fit_prior_gpu.sh   (32 samples per GPU and step)
 # Comes back in $OUT: fit_prior_scaling.json, the two logs, the 2-GPU prior's val_loss.png.
 set -euo pipefail
 STEPS=${STEPS:-400}

@@ -325,7 +325,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: C
     val = load_identities(clip_dirs, holdout, "train", config, template, dev, False) if holdout else \
         load_identities(clip_dirs, train_names, "late", config, template, dev, False)  # fmt: skip
     objective = Objective(model, cfg)
-    net = nn.parallel.DistributedDataParallel(objective) if world > 1 else objective
+    net = nn.parallel.DistributedDataParallel(objective, gradient_as_bucket_view=True) if world > 1 else objective  # no grad copy into buckets
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     warmup = min(200, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))

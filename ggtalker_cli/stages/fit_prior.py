@@ -147,6 +147,9 @@ def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: 
         if rank == 0 and not any(work.glob("*.ckpt")):  # refused before the first checkpoint: nothing to resume
             shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        if world > 1:  # torchrun's ranks end here; an open NCCL group leaks and warns at exit
+            torch.distributed.destroy_process_group()
     if rank != 0:
         return {}
     _plot(work / "val_loss.png", summaries)
