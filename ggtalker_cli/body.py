@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import artifacts, console
+from . import artifacts, console, metrics
 from .config import InpainterConfig
 from .errors import Exit, GGError
 from .models.inpainter import Inpainter, blank_mask, paste, train_inpainter
@@ -98,9 +98,8 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
                 yield sample
 
         state, log = train_inpainter(counted(), cfg, data.device)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(Path(folder) / INPAINTER))  # channels_last → packed
     (Path(folder) / "inpainter_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    return {
+    info = {
         "file": INPAINTER,
         "log": "inpainter_log.jsonl",
         "channels": list(cfg.channels),
@@ -109,7 +108,38 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
         "train_seconds": round(time.perf_counter() - tic, 1),
         "final_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
         "trained_on": "training frames; head driven by the tracked blendshapes at the refined synthesis pose",
+        "check": held_out_check(state, cfg, avatar, data, track),
     }
+    check = info["check"]
+    if check["psnr"] < check["psnr_paste"] or check["psnr_seam"] < check["psnr_seam_paste"]:
+        # a composite worse than the plain paste is never shipped: synth falls back to the paste
+        console.warn(f"the inpainter did not learn (held-out full PSNR {check['psnr']:.2f} vs paste {check['psnr_paste']:.2f} dB, "
+                     f"seam {check['psnr_seam']:.2f} vs {check['psnr_seam_paste']:.2f}); the avatar composites with the plate "
+                     "paste instead: raise inpainter.steps in a preset and re-run adapt")  # fmt: skip
+        return {**info, "rejected": True}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(Path(folder) / INPAINTER))  # channels_last → packed
+    return info
+
+
+@torch.no_grad()
+def held_out_check(state: dict[str, Tensor], cfg: InpainterConfig, avatar: Avatar, data: Data, track: dict[str, Tensor], frames: int = 8) -> dict[str, float]:
+    """Full-frame and seam-band PSNR of the trained inpainter vs the plate paste on up to `frames`
+    held-out test frames (driven head at the synthesis pose over the frame's own body, as synth
+    composites): the inpainter's training loss cannot say whether it beats the paste it replaces."""
+    model = Inpainter(cfg.channels).to(data.device)
+    model.load_state_dict(state)
+    model.eval()
+    scores: dict[str, list[float]] = {"psnr": [], "psnr_paste": [], "psnr_seam": [], "psnr_seam_paste": []}
+    for i in data.test[np.linspace(0, len(data.test) - 1, min(frames, len(data.test))).astype(int)]:
+        frame, head, _ = data.tensors(data.load(int(i)))
+        rgb, alpha = render_head(avatar, track["blendshapes"][i], track["pose"][i], data.K, data.size)
+        mask = (head > 0.5).float()
+        blank = blank_mask(mask, alpha, round(cfg.dilate * data.size))
+        seam = metrics.seam_band(mask[0, ..., 0])
+        for name, out in (("psnr", model(rgb, alpha, frame, blank).clamp(0, 1)), ("psnr_paste", paste(rgb, alpha, frame, blank, data.plate))):
+            scores[name].append(metrics.psnr(out[0], frame[0]))
+            scores[name.replace("psnr", "psnr_seam")].append(metrics.psnr(out[0], frame[0], mask=seam))
+    return {"frames": len(scores["psnr"]), **{k: round(float(np.mean(v)), 3) for k, v in scores.items()}}
 
 
 class Body:
@@ -117,6 +147,8 @@ class Body:
 
     def __init__(self, folder: Path, meta: dict[str, Any], plate: Tensor, device: torch.device):
         info = meta.get("inpainter") or None
+        if info and info.get("rejected"):  # adapt found it worse than the paste on held-out frames
+            info = None
         self.plate, self.model = plate, None
         self.dilate = float(info["dilate"]) if info else InpainterConfig.dilate
         if info:

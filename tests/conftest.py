@@ -91,7 +91,7 @@ def tiny_avatar(tmp_path_factory, clip_128):
         a2e_cfg = {"window": 16, "d_model": 32, "layers": 1, "heads": 2, "lip_components": 4, "steps": 100, "batch": 4, "val_every": 10}
         fit_prior.run([clip], root / "prior", load_config("fast", {"a2e": a2e_cfg}), parts="a2e", holdout=None, device="cpu")
         cfg = load_config("fast", {"adapt": {"steps": 40, "size": 64, "uv_res": 16, "eval_frames": 2, "log_every": 10},
-                                   "inpainter": {"steps": 20, "log_every": 10}})  # fmt: skip
+                                   "inpainter": {"steps": 300, "log_every": 50}})  # fmt: skip
         adapt.run(clip, root / "avatar", cfg, device="cpu")
     finally:
         torch.set_num_threads(threads)

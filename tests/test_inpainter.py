@@ -44,7 +44,7 @@ def scene(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     return tuple(torch.stack(x) for x in (heads, alphas, frames, masks))
 
 
-def test_shapes_range_and_untrained_model_is_the_paste():
+def test_shapes_range_and_untrained_model_is_the_head_over_a_grey_fill():
     g = torch.Generator().manual_seed(0)
     head, alpha, frame, mask = scene(2, g)
     blank = blank_mask(mask, alpha, 3)
@@ -53,7 +53,10 @@ def test_shapes_range_and_untrained_model_is_the_paste():
         out = model(head, alpha, frame, blank)
     assert out.shape == (2, SIZE, SIZE, 3)
     assert out.min() >= 0 and out.max() <= 1
-    assert (out - paste(head, alpha, frame, blank)).abs().max() < 0.05  # starts at the plain composite
+    grey = torch.full_like(frame, 0.5)
+    assert (out - paste(head, alpha, frame, blank, grey)).abs().max() < 0.05  # head as rendered, flat fill
+    outside = blank[..., 0] == 0  # body pixels are the frame's own, never repainted
+    assert (out[outside] - (head + (1 - alpha) * frame)[outside]).abs().max() < 1e-6
     with pytest.raises(ValueError):
         model(head[:, :60], alpha[:, :60], frame[:, :60], blank[:, :60])
 

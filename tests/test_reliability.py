@@ -737,6 +737,9 @@ def test_adapt_same_seed_same_avatar_in_separate_processes(clip_128, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert same_tensors(a / "weights.safetensors", b / "weights.safetensors")
     assert not same_tensors(a / "weights.safetensors", tmp_path / "other" / "weights.safetensors")
-    assert same_tensors(a / "inpainter.safetensors", b / "inpainter.safetensors")
+    # 2 inpainter steps cannot beat the plate paste, so adapt rejects the inpainter; its held-out
+    # scores still come from its weights and must agree to the last digit
+    inp_a, inp_b = (yaml.safe_load((x / "meta.yaml").read_text())["inpainter"] for x in (a, b))
+    assert inp_a["rejected"] and inp_a["check"] == inp_b["check"]
     ta, tb = np.load(a / "synthesis" / "track.npz"), np.load(b / "synthesis" / "track.npz")
     assert all(np.array_equal(ta[k], tb[k]) for k in ta.files)

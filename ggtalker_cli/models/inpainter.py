@@ -5,9 +5,18 @@ does not ("double chins"), the hair edge flickers. The frame's head region is th
 (dilated, so the neck/jaw gap is blanked too) and a small U-Net redraws the whole frame from the
 rendered head (RGB + alpha) and the blanked frame (+ the blank mask).
 
-The network predicts a colour and a blend weight per pixel over the plain paste
-`alpha·head + (1-alpha)·blanked frame`; the weight starts near 0, so an untrained model already
-gives that paste and training only has to learn the corrections.
+The network predicts, per pixel, a fill colour and a blend weight. The fill is what the blank
+hides (neck, collar, background behind the hair): it goes under the head exactly where a plate
+would, `head + (1-alpha)·(frame outside the blank, fill inside)`, so it learns from the first
+step with nothing to unlock. The weight then lets the fill repaint the head itself inside the
+blank (a jaw edge that does not meet the neck); it is zero outside the blank, so body pixels are
+the frame's own, and starts near zero, so an untrained model is the head over a flat grey fill.
+
+Why this split: an earlier version blended one colour over the black-filled paste with a single
+weight everywhere. Filling the blank then needed that weight opened by gradients that also had to
+keep it shut on every body pixel; from sigmoid(-4) it often never opened (the loss sat at the
+paste's on CPU, and one H200 run left a tinted ring), and opening it wider washed semi-transparent
+heads towards grey.
 
 Cost at 512², channels 16-32-64-128 (the default): every 3x3 conv of c→c channels at a level
 costs the same ~0.6 GMAC (channels double as pixels quarter); 4 encoder levels of two convs, 3
@@ -47,11 +56,10 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 def paste(head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor, fill: Tensor | None = None) -> Tensor:
     """The plain composite: head (premultiplied, rendered over black) over the frame, its blanked
-    region taken from `fill` (the clip's clean background plate; black without one).
+    region taken from `fill` (B,H,W,3 or broadcastable; black without one).
 
-    Black fill is the network's starting point (it learns every fill from there: started from
-    the plate, an H200 run left it stuck at the plate paste); the plate fill is the "without
-    inpainter" baseline eval reports.
+    With the clip's clean background plate as the fill this is the "without inpainter" baseline
+    eval reports; the inpainter uses it with its own predicted fill.
     """
     hidden = frame * (1 - blank) if fill is None else frame * (1 - blank) + fill * blank
     return head_rgb + (1 - alpha) * hidden
@@ -78,7 +86,7 @@ def random_dilated_mask(head_mask: Tensor, alpha: Tensor, radius_range: tuple[in
 
 
 class Inpainter(nn.Module):
-    """A 4-level U-Net (additive skips) predicting colour + blend weight over `paste`."""
+    """A 4-level U-Net (additive skips) predicting the blank's fill + a head-repaint weight."""
 
     def __init__(self, channels: Sequence[int] = (16, 32, 64, 128)):
         super().__init__()
@@ -93,7 +101,7 @@ class Inpainter(nn.Module):
         nn.init.normal_(self.out.weight, std=1e-3)
         nn.init.zeros_(self.out.bias)
         with torch.no_grad():
-            self.out.bias[3] = -4.0  # blend weight sigmoid(-4) ≈ 0.02: start at the plain paste
+            self.out.bias[3] = -4.0  # repaint weight sigmoid(-4) ≈ 0.02: start with the head as rendered
 
     def forward(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor) -> Tensor:
         """BHWC in, BHWC out: head (B,H,W,3) premultiplied, alpha (B,H,W,1), frame (B,H,W,3)
@@ -102,7 +110,6 @@ class Inpainter(nn.Module):
         step = 2 ** (self.levels - 1)
         if h % step or w % step:
             raise ValueError(f"inpainter input {h}x{w}: sides must be multiples of {step}")
-        base = paste(head_rgb, alpha, frame, blank)
         x = torch.cat([head_rgb, alpha, frame * (1 - blank), blank], dim=-1).permute(0, 3, 1, 2)
         skips = []
         for enc in self.enc:
@@ -111,9 +118,10 @@ class Inpainter(nn.Module):
         for i in reversed(range(self.levels - 1)):
             x = F.interpolate(self.lateral[i](x), scale_factor=2, mode="bilinear", align_corners=False)
             x = self.dec[i](x + skips[i])
-        y = self.out(x).permute(0, 2, 3, 1)
-        weight = torch.sigmoid(y[..., 3:])
-        return weight * torch.sigmoid(y[..., :3]) + (1 - weight) * base
+        y = self.out(x).permute(0, 2, 3, 1).float()
+        fill = torch.sigmoid(y[..., :3])
+        weight = torch.sigmoid(y[..., 3:]) * blank
+        return weight * fill + (1 - weight) * paste(head_rgb, alpha, frame, blank, fill)
 
 
 def inpainter_loss(pred: Tensor, target: Tensor, seam: Tensor, ssim_weight: float = 0.2, seam_weight: float = 2.0) -> Tensor:
