@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ffmpeg
+from conftest import ffmpeg, same_tensors
 from safetensors.torch import load_file, save_file
 from test_a2e import make_clip
 from typer.testing import CliRunner, Result
@@ -687,11 +687,6 @@ def finish(proc: subprocess.Popen) -> int:
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode in (0, -signal.SIGKILL), stderr
     return proc.returncode
-
-
-def same_tensors(a: Path, b: Path) -> bool:
-    x, y = load_file(str(a)), load_file(str(b))
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_fit_prior_kill9_then_resume_is_exact(voices, tmp_path):
