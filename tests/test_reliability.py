@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,6 +34,7 @@ from typer.testing import CliRunner, Result
 
 from ggtalker_cli import a2e_train, artifacts
 from ggtalker_cli.cli import app
+from ggtalker_cli.config import Config, load_config
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.models.e2v import E2V
 from ggtalker_cli.stages import adapt
@@ -147,9 +149,11 @@ def verb_args(aoc_cut, clip_128) -> dict[str, list]:
         ("adapt:\n  stepz: 3\n", Exit.USAGE, "unknown key 'adapt.stepz'; valid keys here:"),
         ("adapt:\n  steps: many\n", Exit.USAGE, "'adapt.steps' must be int, got 'many'"),
         ("adapt:\n  seed: -1\n", Exit.USAGE, "'adapt.seed' must be ≥ 0, got -1"),
+        ("adapt:\n  checkpoint_every: 0\n", Exit.USAGE, "'adapt.checkpoint_every' is a step interval and must be ≥ 1, got 0; for the fewest, set it above"),
+        ("a2e:\n  val_every: -2\n", Exit.USAGE, "'a2e.val_every' is a step interval and must be ≥ 1, got -2"),
         ("- adapt\n", Exit.USAGE, "a preset must be a mapping of sections"),
     ],
-    ids=["bad-yaml", "unknown-key", "wrong-type", "negative-int", "not-a-mapping"],
+    ids=["bad-yaml", "unknown-key", "wrong-type", "negative-int", "zero-interval", "negative-interval", "not-a-mapping"],
 )
 def test_bad_preset_file(verb, text, code, words, verb_args, tmp_path):
     path = tmp_path / "preset.yaml"
@@ -170,6 +174,21 @@ def test_negative_steps_and_seed(verb, section, verb_args, tmp_path):
     out = tmp_path / "out"
     refused(cli(*verb_args[verb], "-o", out, "--steps", "-5"), Exit.USAGE, f"command-line flags: '{section}.steps' must be ≥ 0, got -5", target=out)
     refused(cli(*verb_args[verb], "-o", out, "--seed", "-1"), Exit.USAGE, f"'{section}.seed' must be ≥ 0, got -1", target=out)
+
+
+def test_every_step_interval_must_be_positive():
+    """Each `*_every` setting of every section (a modulus in its training loop) refuses 0 at load,
+    so a new one is covered too; prune_every's 0 means never."""
+    cfg = Config()
+    intervals = [(s.name, f.name) for s in fields(cfg) for f in fields(getattr(cfg, s.name)) if f.name.endswith("_every")]
+    assert ("a2e", "val_every") in intervals and ("inpainter", "log_every") in intervals
+    for section, key in intervals:
+        if key == "prune_every":
+            assert load_config(None, {section: {key: 0}}).adapt.prune_every == 0
+            continue
+        with pytest.raises(GGError, match=rf"'{section}\.{key}' is a step interval and must be ≥ 1, got 0") as e:
+            load_config(None, {section: {key: 0}})
+        assert e.value.code == Exit.USAGE
 
 
 def test_fit_prior_needs_a_step(voices, tmp_path):
