@@ -36,7 +36,7 @@ from ggtalker_cli import a2e_train, artifacts
 from ggtalker_cli.cli import app
 from ggtalker_cli.config import Config, load_config
 from ggtalker_cli.errors import Exit, GGError
-from ggtalker_cli.models.e2v import E2V
+from ggtalker_cli.models.e2v import DEFAULT_PRIOR, E2V
 from ggtalker_cli.stages import adapt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -335,6 +335,33 @@ def test_adapt_output_exists_or_unwritable(clip_128, tmp_path):
 def test_adapt_prior_must_exist(clip_128, tmp_path):
     out, prior = tmp_path / "avatar", tmp_path / "no_prior"
     refused(cli("adapt", clip_128[0], "-o", out, "--prior", prior, "--device", "cpu"), Exit.INPUT_MISSING, prior, "no such prior folder", target=out)
+
+
+def _truncated_a2e(prior: Path) -> Path:
+    return truncate(prior / "a2e.safetensors")
+
+
+def _e2v_as_a2e(prior: Path) -> Path:
+    shutil.copy(prior / "e2v.safetensors", prior / "a2e.safetensors")
+    return prior / "a2e.safetensors"
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [(_truncated_a2e, "unreadable A2E weights (SafetensorError); re-run fit-prior"), (_e2v_as_a2e, "not an A2E state (KeyError")],
+    ids=["truncated", "not-an-a2e"],
+)
+def test_adapt_prior_a2e_is_checked_before_training(clip_128, tmp_path, monkeypatch, damage, words):
+    """adapt fine-tunes the prior's a2e part only after the head and inpainter are trained: a
+    damaged one is refused before any of that (it used to fail with a traceback at the end)."""
+    prior = Path(shutil.copytree(DEFAULT_PRIOR, tmp_path / "prior"))
+    evil, out = damage(prior), tmp_path / "avatar"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("adapt began loading frames before refusing the prior")
+
+    monkeypatch.setattr(adapt, "Data", no_training)
+    refused(cli("adapt", clip_128[0], "-o", out, "--prior", prior, "--device", "cpu"), Exit.ARTIFACT, evil, words, target=out)
 
 
 # ------------------------------------------------------------------ fit-prior
