@@ -698,6 +698,23 @@ def test_fit_prior_out_of_memory(voices, tmp_path, monkeypatch):
     refused(result, Exit.RESOURCE, "CUDA out of memory training the a2e prior (batch 4 per GPU); lower a2e.batch in a preset YAML", target=out)
 
 
+@pytest.mark.parametrize(
+    "verb, settings, words, left",
+    [
+        ("fit-prior", {"a2e": {**A2E, "lr": 1e6}}, ("a2e training diverged at step", "lower the preset's a2e.lr"), ()),
+        ("adapt", {"adapt": {**ADAPT, "lr_scale": 1e6}}, ("adapt diverged at step", "lower the learning rates in the preset"), (".avatar.partial",)),
+    ],
+    ids=["fit-prior", "adapt"],
+)
+def test_absurd_learning_rate_is_a_diverged_run(verb, settings, words, left, voices, clip_128, tmp_path):
+    """A learning rate of 1e6 in a preset (a typo'd exponent) drives the loss to NaN/inf within
+    two steps: exit 9 and one line naming the step and the rate to lower. adapt keeps its partial
+    folder (start.json, the log), as on every failure of a resumable stage."""
+    out = tmp_path / {"fit-prior": "prior", "adapt": "avatar"}[verb]
+    inputs = voices if verb == "fit-prior" else [clip_128[0], "--no-prior"]
+    refused(cli(verb, *inputs, "-o", out, "--device", "cpu", "--preset", preset(tmp_path, settings)), Exit.DIVERGED, *words, target=out, left=left)
+
+
 # ------------------------------------------------------------------ kill -9, --resume, and what --seed guarantees
 
 # Runs the CLI in a fresh process; with GGTALKER_TEST_KILL_AT=k it SIGKILLs itself when the a2e
