@@ -93,7 +93,7 @@ def warm_features(prior: Path, clip_dir: Path, work: Path) -> dict:
     if not os.environ.get("GGTALKER_FEATURE_CACHE"):
         raise RuntimeError("set GGTALKER_FEATURE_CACHE to the folder to fill")
     clip, state = Clip(clip_dir), load_file(str(prior / "a2e.safetensors"))
-    test = eval_stage._test_audio(clip, clip.test_indices, work / "audio" / f".test_{clip_dir.name}.wav")
+    test = eval_stage.held_out_audio(clip, clip.test_indices, work / "audio" / f".test_{clip_dir.name}.wav")
     seconds, files = 0.0, []
     for samples in (test, *(read_audio(p) for p in speech_files(work))):
         expressions = Expressions(state, clip.fps, device="cpu")

@@ -144,17 +144,14 @@ def locate(name: str, explicit: str | Path | None = None, download: bool = True)
     if cached.is_file():
         return cached, "cache", tried
     tried.append(str(cached))
-    for known in asset.paths:
-        path = Path(known).expanduser()
-        if path.is_file():
-            return path, str(path), tried
-        tried.append(str(path))
-    for package, relative in asset.packages:
-        path = _package_file(package, relative)
-        if path is not None:
-            if asset.build is None:
-                return path, f"package {package}", tried
-        tried.append(f"package {package}")
+    # other tools' copies, then packages shipping the file as-is (with a build hook a package
+    # holds only the build's input: it is listed as tried, and build() reads it below)
+    places = [(Path(known).expanduser(), str(Path(known).expanduser())) for known in asset.paths]
+    places += [(None if asset.build else _package_file(package, relative), f"package {package}") for package, relative in asset.packages]
+    for path, where in places:
+        if path is not None and path.is_file():
+            return path, where, tried
+        tried.append(where)
     if asset.build is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         if asset.build(cached):

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ffmpeg
@@ -149,6 +150,28 @@ def window_starts(n_samples: int) -> list[int]:
     return starts
 
 
+def frame_features(frames: np.ndarray, fps: float, starts: list[int], rows: Callable[[int], torch.Tensor]) -> np.ndarray:
+    """(len(frames), D) float16 features of video `frames` (not empty), each averaged from the
+    window of `starts` whose centre is nearest (`rows(start)` gives that window's 50 Hz rows).
+
+    The one resampling rule of `encode` and of streaming (stream._Whisper), so both give the same
+    bits. Windows that own no frame are never asked for: a stream no longer holds their audio.
+    """
+    centres = np.array([(s + WINDOW / 2) / SAMPLE_RATE for s in starts])
+    owner = np.searchsorted((centres[1:] + centres[:-1]) / 2, (frames + 0.5) / fps)
+    out = None
+    for k, start in enumerate(starts):
+        mine = owner == k
+        if not mine.any():
+            continue
+        r = rows(start)  # (1500, D) on the device
+        if out is None:
+            out = np.zeros((len(frames), r.shape[1]), np.float16)
+        w = torch.from_numpy(frame_weights(frames[mine], fps, start / SAMPLE_RATE, len(r))).to(r.device)
+        out[mine] = (w @ r).half().cpu().numpy()
+    return out
+
+
 class Encoder:
     """whisper's encoder over one 30 s window at a time, the one way every path computes features.
 
@@ -231,21 +254,16 @@ def encode(audio: np.ndarray, n_frames: int, fps: float, model: str | Path | Non
     encoder = Encoder(model, device)
     n_samples = max(len(audio), math.ceil(n_frames / fps * SAMPLE_RATE))
     starts = window_starts(n_samples)
-    centres = np.array([(s + WINDOW / 2) / SAMPLE_RATE for s in starts])
-    frame_centres = (np.arange(n_frames) + 0.5) / fps
-    owner = np.searchsorted((centres[1:] + centres[:-1]) / 2, frame_centres)  # nearest window centre
-    out = None
     begin = time.perf_counter()
     with console.progress() as bar:
         task = bar.add_task("whisper features", total=len(starts))
-        for k, start in enumerate(starts):
-            frames = np.flatnonzero(owner == k)
-            rows = encoder.window(audio[start : start + WINDOW])  # (1500, D) on the device
-            if out is None:
-                out = np.zeros((n_frames, rows.shape[1]), np.float16)
-            w = torch.from_numpy(frame_weights(frames, fps, start / SAMPLE_RATE, len(rows))).to(rows.device)
-            out[frames] = (w @ rows).half().cpu().numpy()
+
+        def rows(start: int) -> torch.Tensor:
+            window = encoder.window(audio[start : start + WINDOW])
             bar.advance(task)
+            return window
+
+        out = frame_features(np.arange(n_frames), fps, starts, rows)
     seconds = len(audio) / SAMPLE_RATE
     wall = time.perf_counter() - begin
     info = {

@@ -1,8 +1,9 @@
 """Configuration as data: one dataclass per stage, presets as YAML files that override them.
 
 `load_config("fast")` reads presets/fast.yaml; a path to any YAML file works too. Presets may
-set any subset of fields; an unknown section or key, or a value of the wrong type, is an error
-that names the file and the key (a typo must never be silently ignored).
+set any subset of fields; an unknown section or key, a value of the wrong type, a negative count
+or a step interval below 1 is an error that names the file and the key (a typo must never be
+silently ignored, nor a 0 that would only fail mid-training).
 """
 
 from __future__ import annotations
@@ -183,6 +184,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Every `*_every` setting is a step interval the training loops use as `step % every`, where 0
+# would divide by zero: it must be ≥ 1, except these, whose 0 means never (checked before use).
+ZERO_MEANS_NEVER = {"prune_every"}
+
+
 def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
     """Set fields of dataclass `obj` from `data`, recursing into nested sections."""
     hints = get_type_hints(type(obj))
@@ -202,6 +208,8 @@ def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> Non
             value = float(value)
         if kind in (int, float, str, bool) and type(value) is not kind:
             raise GGError(f"{source}: '{dotted}' must be {kind.__name__}, got {value!r}", Exit.USAGE)
+        if kind is int and key.endswith("_every") and key not in ZERO_MEANS_NEVER and value < 1:
+            raise GGError(f"{source}: '{dotted}' is a step interval and must be ≥ 1, got {value}; for the fewest, set it above the step count", Exit.USAGE)
         if kind is int and value < 0:  # every int setting is a count, a size or a seed
             raise GGError(f"{source}: '{dotted}' must be ≥ 0, got {value}", Exit.USAGE)
         setattr(obj, key, value)

@@ -70,16 +70,7 @@ class _Whisper:
 
     def features(self, end: int, starts: list[int]) -> np.ndarray:
         """Rows of frames [n, end), each from the window of `starts` with the nearest centre."""
-        frames = np.arange(self.n, end)
-        centres = np.array([self.centre(s) for s in starts])
-        owner = np.searchsorted((centres[1:] + centres[:-1]) / 2, (frames + 0.5) / self.fps)
-        out = np.zeros((len(frames), self.dim), np.float16)
-        for j, start in enumerate(starts):
-            mask = owner == j
-            if mask.any():
-                rows = self.rows(start)
-                w = torch.from_numpy(audio.frame_weights(frames[mask], self.fps, start / audio.SAMPLE_RATE, len(rows))).to(rows.device)
-                out[mask] = (w @ rows).half().cpu().numpy()
+        out = audio.frame_features(np.arange(self.n, end), self.fps, starts, self.rows)
         self.n = end
         return out
 

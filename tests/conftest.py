@@ -21,6 +21,15 @@ def ffmpeg(*args: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def same_tensors(a: Path, b: Path) -> bool:
+    """Two safetensors files hold the same names and bit-identical tensors (resume tests)."""
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
     if not (REAL / "videos").is_dir():

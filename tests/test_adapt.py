@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import same_tensors
 from typer.testing import CliRunner
 
 from ggtalker_cli import artifacts
@@ -100,8 +100,7 @@ def test_interrupt_then_resume_is_exact(clip_128, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert runner.invoke(app, [*args, "-o", str(resumed), "--resume"]).exit_code == 0
 
-    a, b = load_file(str(straight / "weights.safetensors")), load_file(str(resumed / "weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_tensors(straight / "weights.safetensors", resumed / "weights.safetensors")
     ta, tb = np.load(straight / "synthesis" / "track.npz"), np.load(resumed / "synthesis" / "track.npz")
     assert all(np.array_equal(ta[k], tb[k]) for k in ta.files)
     la = [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (straight / "train_log.jsonl").read_text().splitlines()]

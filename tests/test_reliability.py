@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,15 +27,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ffmpeg
+from conftest import ffmpeg, same_tensors
 from safetensors.torch import load_file, save_file
 from test_a2e import make_clip
 from typer.testing import CliRunner, Result
 
 from ggtalker_cli import a2e_train, artifacts
 from ggtalker_cli.cli import app
+from ggtalker_cli.config import Config, load_config
 from ggtalker_cli.errors import Exit, GGError
-from ggtalker_cli.models.e2v import E2V
+from ggtalker_cli.models.e2v import DEFAULT_PRIOR, E2V
 from ggtalker_cli.stages import adapt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -147,9 +149,11 @@ def verb_args(aoc_cut, clip_128) -> dict[str, list]:
         ("adapt:\n  stepz: 3\n", Exit.USAGE, "unknown key 'adapt.stepz'; valid keys here:"),
         ("adapt:\n  steps: many\n", Exit.USAGE, "'adapt.steps' must be int, got 'many'"),
         ("adapt:\n  seed: -1\n", Exit.USAGE, "'adapt.seed' must be ≥ 0, got -1"),
+        ("adapt:\n  checkpoint_every: 0\n", Exit.USAGE, "'adapt.checkpoint_every' is a step interval and must be ≥ 1, got 0; for the fewest, set it above"),
+        ("a2e:\n  val_every: -2\n", Exit.USAGE, "'a2e.val_every' is a step interval and must be ≥ 1, got -2"),
         ("- adapt\n", Exit.USAGE, "a preset must be a mapping of sections"),
     ],
-    ids=["bad-yaml", "unknown-key", "wrong-type", "negative-int", "not-a-mapping"],
+    ids=["bad-yaml", "unknown-key", "wrong-type", "negative-int", "zero-interval", "negative-interval", "not-a-mapping"],
 )
 def test_bad_preset_file(verb, text, code, words, verb_args, tmp_path):
     path = tmp_path / "preset.yaml"
@@ -170,6 +174,21 @@ def test_negative_steps_and_seed(verb, section, verb_args, tmp_path):
     out = tmp_path / "out"
     refused(cli(*verb_args[verb], "-o", out, "--steps", "-5"), Exit.USAGE, f"command-line flags: '{section}.steps' must be ≥ 0, got -5", target=out)
     refused(cli(*verb_args[verb], "-o", out, "--seed", "-1"), Exit.USAGE, f"'{section}.seed' must be ≥ 0, got -1", target=out)
+
+
+def test_every_step_interval_must_be_positive():
+    """Each `*_every` setting of every section (a modulus in its training loop) refuses 0 at load,
+    so a new one is covered too; prune_every's 0 means never."""
+    cfg = Config()
+    intervals = [(s.name, f.name) for s in fields(cfg) for f in fields(getattr(cfg, s.name)) if f.name.endswith("_every")]
+    assert ("a2e", "val_every") in intervals and ("inpainter", "log_every") in intervals
+    for section, key in intervals:
+        if key == "prune_every":
+            assert load_config(None, {section: {key: 0}}).adapt.prune_every == 0
+            continue
+        with pytest.raises(GGError, match=rf"'{section}\.{key}' is a step interval and must be ≥ 1, got 0") as e:
+            load_config(None, {section: {key: 0}})
+        assert e.value.code == Exit.USAGE
 
 
 def test_fit_prior_needs_a_step(voices, tmp_path):
@@ -316,6 +335,33 @@ def test_adapt_output_exists_or_unwritable(clip_128, tmp_path):
 def test_adapt_prior_must_exist(clip_128, tmp_path):
     out, prior = tmp_path / "avatar", tmp_path / "no_prior"
     refused(cli("adapt", clip_128[0], "-o", out, "--prior", prior, "--device", "cpu"), Exit.INPUT_MISSING, prior, "no such prior folder", target=out)
+
+
+def _truncated_a2e(prior: Path) -> Path:
+    return truncate(prior / "a2e.safetensors")
+
+
+def _e2v_as_a2e(prior: Path) -> Path:
+    shutil.copy(prior / "e2v.safetensors", prior / "a2e.safetensors")
+    return prior / "a2e.safetensors"
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [(_truncated_a2e, "unreadable A2E weights (SafetensorError); re-run fit-prior"), (_e2v_as_a2e, "not an A2E state (KeyError")],
+    ids=["truncated", "not-an-a2e"],
+)
+def test_adapt_prior_a2e_is_checked_before_training(clip_128, tmp_path, monkeypatch, damage, words):
+    """adapt fine-tunes the prior's a2e part only after the head and inpainter are trained: a
+    damaged one is refused before any of that (it used to fail with a traceback at the end)."""
+    prior = Path(shutil.copytree(DEFAULT_PRIOR, tmp_path / "prior"))
+    evil, out = damage(prior), tmp_path / "avatar"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("adapt began loading frames before refusing the prior")
+
+    monkeypatch.setattr(adapt, "Data", no_training)
+    refused(cli("adapt", clip_128[0], "-o", out, "--prior", prior, "--device", "cpu"), Exit.ARTIFACT, evil, words, target=out)
 
 
 # ------------------------------------------------------------------ fit-prior
@@ -652,6 +698,23 @@ def test_fit_prior_out_of_memory(voices, tmp_path, monkeypatch):
     refused(result, Exit.RESOURCE, "CUDA out of memory training the a2e prior (batch 4 per GPU); lower a2e.batch in a preset YAML", target=out)
 
 
+@pytest.mark.parametrize(
+    "verb, settings, words, left",
+    [
+        ("fit-prior", {"a2e": {**A2E, "lr": 1e6}}, ("a2e training diverged at step", "lower the preset's a2e.lr"), ()),
+        ("adapt", {"adapt": {**ADAPT, "lr_scale": 1e6}}, ("adapt diverged at step", "lower the learning rates in the preset"), (".avatar.partial",)),
+    ],
+    ids=["fit-prior", "adapt"],
+)
+def test_absurd_learning_rate_is_a_diverged_run(verb, settings, words, left, voices, clip_128, tmp_path):
+    """A learning rate of 1e6 in a preset (a typo'd exponent) drives the loss to NaN/inf within
+    two steps: exit 9 and one line naming the step and the rate to lower. adapt keeps its partial
+    folder (start.json, the log), as on every failure of a resumable stage."""
+    out = tmp_path / {"fit-prior": "prior", "adapt": "avatar"}[verb]
+    inputs = voices if verb == "fit-prior" else [clip_128[0], "--no-prior"]
+    refused(cli(verb, *inputs, "-o", out, "--device", "cpu", "--preset", preset(tmp_path, settings)), Exit.DIVERGED, *words, target=out, left=left)
+
+
 # ------------------------------------------------------------------ kill -9, --resume, and what --seed guarantees
 
 # Runs the CLI in a fresh process; with GGTALKER_TEST_KILL_AT=k it SIGKILLs itself when the a2e
@@ -687,11 +750,6 @@ def finish(proc: subprocess.Popen) -> int:
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode in (0, -signal.SIGKILL), stderr
     return proc.returncode
-
-
-def same_tensors(a: Path, b: Path) -> bool:
-    x, y = load_file(str(a)), load_file(str(b))
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_fit_prior_kill9_then_resume_is_exact(voices, tmp_path):

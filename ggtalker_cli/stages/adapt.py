@@ -75,8 +75,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _check_prior(prior: Path) -> None:
-    """Accept only a prior with an expression→visual part, the only part adapt can start from."""
+def _check_prior(prior: Path) -> dict[str, Tensor] | None:
+    """Accept only a prior with an expression→visual part, the only part adapt can start from,
+    and read its audio→expression part (when it has one) now: adapt fine-tunes that part only
+    after training the head, and a damaged file must be refused before, not after, all that work.
+    -> the prior's A2E state, or None."""
     meta = artifacts.read_meta(prior, "prior")
     parts = meta.get("parts") or []
     if "e2v" not in parts:
@@ -85,19 +88,28 @@ def _check_prior(prior: Path) -> None:
             "train one with `ggtalker fit-prior`, or drop --prior to adapt from scratch",
             Exit.ARTIFACT,
         )
+    if "a2e" not in parts:
+        return None
+    from ..models.a2e import from_state
+    from .synth import load_a2e
+
+    state, path = load_a2e(prior, explicit=prior)  # a prior folder: its a2e part, one ARTIFACT line if unreadable
+    from_state(state, path)  # another state version or shape: refused now too
+    return state
 
 
-def _adapt_speech(prior: Path | None, clip: Clip, folder: Path, cfg: Config, dev: torch.device) -> dict[str, Any]:
+def _adapt_speech(prior: Path | None, prior_a2e: dict[str, Tensor] | None, clip: Clip, folder: Path, cfg: Config, dev: torch.device) -> dict[str, Any]:
     """Fine-tune the prior's audio→expression part to this person (issue: style adaptation) and
-    store it as the avatar's `a2e.safetensors`, which `synth` reads. Without a prior a2e part, or a
-    clip without audio features, the avatar has none and says why (synth then needs --a2e)."""
-    if prior is None or "a2e" not in (artifacts.read_meta(prior, "prior").get("parts") or {}):
+    store it as the avatar's `a2e.safetensors`, which `synth` reads. Without a prior a2e part
+    (`prior_a2e`, read by _check_prior), or a clip without audio features, the avatar has none and
+    says why (synth then needs --a2e)."""
+    if prior_a2e is None:
         return {"file": None, "reason": "no a2e part in the prior; synth needs --a2e PRIOR_DIR"}
     if clip.meta.get("files", {}).get("audio_features") is None:
         return {"file": None, "reason": "the clip has no audio features (whisper weights were missing at preprocess)"}
     from ..a2e_train import adapt_a2e
 
-    state, log = adapt_a2e(load_file(str(artifacts.inside(prior, "a2e.safetensors"))), clip.path, cfg.a2e, device=dev.type)
+    state, log = adapt_a2e(prior_a2e, clip.path, cfg.a2e, device=dev.type)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / "a2e.safetensors"))
     return {"file": "a2e.safetensors", "prior": str(Path(prior).resolve()), "log": log}
 
@@ -558,8 +570,7 @@ def run(
     acfg = cfg.adapt
     dev = _device(device)
     clip = Clip(clip_dir)
-    if prior is not None:
-        _check_prior(prior)
+    prior_a2e = _check_prior(prior) if prior is not None else None
     work = artifacts.work_dir_for(out)
     if not resume and work.exists():
         console.warn(f"{work}: discarding an interrupted run (pass --resume to continue it)")
@@ -608,7 +619,7 @@ def run(
         inpainter = train_avatar_inpainter(trainer.avatar, data, folder, cfg.inpainter)  # needs export's synthesis track
         timings["inpainter"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        speech = _adapt_speech(prior, clip, folder, cfg, dev)
+        speech = _adapt_speech(prior, prior_a2e, clip, folder, cfg, dev)
         timings["a2e"] = time.perf_counter() - tic
         shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
         started = json.loads((folder / START).read_text())

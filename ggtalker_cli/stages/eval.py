@@ -228,8 +228,10 @@ class _Videos:
         self.writers = {}
 
 
-def _test_audio(clip: Clip, frames: np.ndarray, path: Path) -> np.ndarray:
-    """The clip's audio under `frames` (consecutive) → written to `path`; returns the samples."""
+def held_out_audio(clip: Clip, frames: np.ndarray, path: Path) -> np.ndarray:
+    """The clip's audio under `frames` (consecutive) → written to `path`; returns the samples.
+
+    Public: bench/run_all.py fills the feature cache from exactly the audio eval will encode."""
     if clip.audio_path is None:
         raise GGError(f"{clip.path}: the clip has no audio.wav; eval needs the clip's speech (re-run preprocess on a video with sound)", Exit.INPUT_INVALID)
     samples, rate = read_wav(clip.audio_path)
@@ -285,7 +287,7 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
     state, a2e_source = synth_stage.load_a2e(avatar_dir, a2e_path)
     (folder / "audio").mkdir(exist_ok=True)
     test_wav = folder / "audio" / "test.wav"
-    samples = _test_audio(clip, test, test_wav)
+    samples = held_out_audio(clip, test, test_wav)
     track_pose = torch.as_tensor(synth.track["pose"][test], dtype=torch.float32, device=dev)
     n = len(test)
     mean_bs = np.repeat(trk["blendshapes"][train].mean(0, keepdims=True), n, 0)
