@@ -18,7 +18,7 @@ from kernels import Camera, Gaussians, RenderOutput, render
 
 from . import artifacts
 from .errors import Exit, GGError
-from .face_model import HeadModel
+from .face_model import N_BASE, N_BLENDSHAPES, HeadModel
 from .gaussians import GaussianMap
 from .models.color_mlp import ColorMLP
 
@@ -35,15 +35,22 @@ class Avatar(nn.Module):
         return cls(head, GaussianMap(head, uv_res, feature_dim, seed), ColorMLP(feature_dim, hidden=hidden))
 
     def gaussians(self, base: Tensor, pose: Tensor, expr: Tensor) -> tuple[Gaussians, dict[str, Tensor]]:
-        """One frame: landmarks (478, 3), pose (4, 4), blendshapes (52,) -> Gaussians + raw splats."""
+        """Landmarks (478, 3), pose (4, 4), blendshapes (52,) -> one frame's Gaussians + raw splats;
+        with a leading (B,) on all three, B frames' (Gaussians per camera, for `render`)."""
+        frames = base.shape[:-2]
+        if base.shape[-2:] != (N_BASE, 3) or pose.shape != frames + (4, 4) or expr.shape != frames + (N_BLENDSHAPES,):
+            raise ValueError(f"landmarks {tuple(base.shape)}, poses {tuple(pose.shape)}, blendshapes {tuple(expr.shape)}: "
+                             "expected (478, 3), (4, 4), (52,), each with the same leading batch dims")  # fmt: skip
         s = self.gmap.splats(self.head.vertices(base))
-        colors = self.color(s["color"], s["feature"], expr[None], pose[None])[0]
+        colors = self.color(s["color"], s["feature"], expr, pose)
         return Gaussians(s["means"], s["quats"], s["scales"], s["opacities"], colors), s
 
     def render(
         self, base: Tensor, pose: Tensor, expr: Tensor, K: Tensor, size: int, background: Tensor | None = None, backend: str = "auto"
     ) -> tuple[RenderOutput, dict[str, Tensor]]:
-        """Render one frame seen through `pose` (face → camera) with intrinsics K at size²."""
+        """Render frames seen through `pose` (face → camera) with intrinsics K at size²: one
+        frame -> (1, H, W, ·) images, B frames (base (B, 478, 3), pose (B, 4, 4), expr (B, 52))
+        -> (B, H, W, ·) in one vectorised pass and one rasterizer call."""
         g, s = self.gaussians(base, pose, expr)
         return render(g, Camera(pose, K, size, size), background, backend), s
 

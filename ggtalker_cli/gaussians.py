@@ -189,20 +189,21 @@ class GaussianMap(nn.Module):
         return {k: groups[k].reshape(c, -1)[:, texel].T for k, c in self.sizes.items()}
 
     def splats(self, verts: Tensor, full: Tensor | None = None) -> dict[str, Tensor]:
-        """Posed Gaussians for head vertices (478 + E, 3): means, quats, scales, opacities,
-        plus the raw local values the regularisers and the colour MLP read (`full`: see values)."""
+        """Posed Gaussians for head vertices (..., 478 + E, 3): means, quats, scales, opacities,
+        normals (..., N, ·), plus the raw local values (N, ·) the regularisers and the colour MLP
+        read (`full`: see values). A leading batch of B frames poses all of them in one pass."""
         _, tri, bary = self.bound()
         v = self.values(full)
         R_tri, s_tri = triangle_frames(verts, self.head.faces)
-        corners = verts[self.head.faces[tri]]  # (N, 3, 3)
-        R, s = R_tri[tri], s_tri[tri, None]
-        means = (bary[:, :, None] * corners).sum(1) + s * (R @ v["offset"][:, :, None]).squeeze(-1)
-        quats = quat_multiply(rotmat_to_quat(R_tri)[tri], F.normalize(v["quat"], dim=-1))
+        corners = verts[..., self.head.faces[tri], :]  # (..., N, 3, 3)
+        R, s = R_tri[..., tri, :, :], s_tri[..., tri, None]
+        means = (bary[:, :, None] * corners).sum(-2) + s * (R @ v["offset"][:, :, None]).squeeze(-1)
+        quats = quat_multiply(rotmat_to_quat(R_tri)[..., tri, :], F.normalize(v["quat"], dim=-1))
         return {
             "means": means,
             "quats": quats,
             "scales": s * torch.exp(v["log_scale"]),
-            "opacities": torch.sigmoid(v["opacity"][:, 0]),
+            "opacities": torch.sigmoid(v["opacity"][:, 0]).expand(means.shape[:-1]),
             "normals": R[..., 2],
             **v,
         }

@@ -2,6 +2,10 @@
 
 Both backends share gsplat's classic 3DGS semantics (see `kernels/reference.py`), so a model
 trained on one renders the same on the other; tests/test_kernels.py checks the parity.
+
+A scene is either shared by all cameras (means (N, 3), ...) or given per camera (means
+(B, N, 3), ...: camera b sees scene b). The second renders B different frames of a deforming
+head in one call, where one call per frame would cost more in launches than in rasterization.
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ __all__ = ["Gaussians", "Camera", "RenderOutput", "render"]
 
 @dataclass
 class Gaussians:
-    """N Gaussians in world space (face space, cm). Activated values: no log/sigmoid here."""
+    """N Gaussians in world space (face space, cm). Activated values: no log/sigmoid here.
 
-    means: Tensor  # (N, 3)
-    quats: Tensor  # (N, 4) wxyz, any norm
-    scales: Tensor  # (N, 3) linear standard deviations
-    opacities: Tensor  # (N,) in [0, 1]
+    Shared by all cameras, or one scene per camera with a leading (B,) on every field.
+    """
+
+    means: Tensor  # (N, 3) or (B, N, 3)
+    quats: Tensor  # (N, 4) or (B, N, 4) wxyz, any norm
+    scales: Tensor  # (N, 3) or (B, N, 3) linear standard deviations
+    opacities: Tensor  # (N,) or (B, N) in [0, 1]
     colors: Tensor  # (N, D) or (B, N, D) per camera, usually D = 3
 
     def __len__(self) -> int:
-        return self.means.shape[0]
+        return self.means.shape[-2]
 
 
 @dataclass
@@ -55,7 +62,7 @@ class RenderOutput:
     rgb: Tensor  # (B, H, W, D), background composited
     alpha: Tensor  # (B, H, W, 1) accumulated opacity
     depth: Tensor  # (B, H, W, 1) expected camera z, Σ w·z / Σ w (0 where nothing is drawn)
-    aux: dict = field(default_factory=dict)  # radii (B,N,2) int32, means2d (B,N,2), depths (B,N)
+    aux: dict = field(default_factory=dict)  # radii (B,N,2) int32, means2d (B,N,2), depths (B,N), conics (B,N,3)
 
 
 def render(
@@ -68,20 +75,27 @@ def render(
 ) -> RenderOutput:
     """Render B views. background: None (black), (D,) colour or (B, H, W, D) images.
 
+    Per-camera Gaussians (a leading (B,) on every field) need exactly one camera per scene.
+
     backend "auto" takes gsplat for CUDA tensors when it loads, else the reference; "torch" and
     "gsplat" force one. `aux["means2d"]` is the tensor the 2D positional gradients land in
     (call `.retain_grad()` on it before backward for densification).
     """
     g = gaussians
-    N = len(g)
     viewmats, Ks = camera.batched()
     B = len(viewmats)
-    colors = g.colors if g.colors.dim() == 3 else g.colors[None].expand(B, -1, -1)
+    if g.means.dim() not in (2, 3) or g.means.shape[-1] != 3:
+        raise ValueError(f"Gaussians.means has shape {tuple(g.means.shape)}, expected (N, 3) or (B, N, 3)")
+    N = len(g)
+    scenes = tuple(g.means.shape[:-2])  # () shared, (S,) one scene per camera
+    if scenes not in ((), (B,)):
+        raise ValueError(f"{scenes[0]} per-camera scenes for {B} cameras: pass one camera per scene")
     shapes = {"means": (N, 3), "quats": (N, 4), "scales": (N, 3), "opacities": (N,)}
     for name, shape in shapes.items():
-        if tuple(getattr(g, name).shape) != shape:
-            raise ValueError(f"Gaussians.{name} has shape {tuple(getattr(g, name).shape)}, expected {shape}")
-    if colors.shape[:2] != (B, N):
+        if tuple(getattr(g, name).shape) != scenes + shape:
+            raise ValueError(f"Gaussians.{name} has shape {tuple(getattr(g, name).shape)}, expected {scenes + shape}")
+    colors = g.colors[None].expand(B, -1, -1) if g.colors.dim() == 2 else g.colors
+    if colors.dim() != 3 or colors.shape[:2] != (B, N):
         raise ValueError(f"Gaussians.colors has shape {tuple(g.colors.shape)} for {B} cameras and {N} Gaussians")
 
     if backend == "auto":

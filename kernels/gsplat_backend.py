@@ -31,7 +31,7 @@ def unavailable() -> str | None:
 
 
 def render(
-    means: Tensor,
+    means: Tensor,  # (N, 3) shared by the cameras, or (B, N, 3) one scene per camera; quats... alike
     quats: Tensor,
     scales: Tensor,
     opacities: Tensor,
@@ -43,13 +43,23 @@ def render(
     near: float = 0.01,
     far: float = 1e4,
 ) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """-> rgb (B,H,W,D), alpha (B,H,W,1), expected depth (B,H,W,1), aux; no background."""
+    """-> rgb (B,H,W,D), alpha (B,H,W,1), expected depth (B,H,W,1), aux (B,N,...); no background.
+
+    Per-camera scenes go through gsplat's leading batch dims, B scenes of one camera each (outputs
+    (B, 1, ...)), so all B images still take one projection, one tile sort and one raster launch.
+    """
     from gsplat import rasterization
 
+    per_camera = means.dim() == 3
+    if per_camera:
+        viewmats, Ks = viewmats[:, None], Ks[:, None]
     out, alpha, meta = rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height,
         near_plane=near, far_plane=far, eps2d=EPS2D, packed=False, render_mode="RGB+ED",
         rasterize_mode="classic", sh_degree=None,
     )
     aux = {k: meta[k] for k in ("radii", "means2d", "depths", "conics")}
+    if per_camera:  # (B, 1, ...) -> (B, ...)
+        out, alpha = out[:, 0], alpha[:, 0]
+        aux = {k: v[:, 0] for k, v in aux.items()}
     return out[..., :-1], alpha, out[..., -1:], aux

@@ -13,7 +13,9 @@ by pixel (stable, so depth order survives) and composites with a segmented cumul
 log(1 - alpha). Work is proportional to the pairs that matter, not to pixels × Gaussians, and
 autograd provides the backward pass (one hand-written piece). Rows are split into bands of at
 most `budget` pairs; with several bands each is checkpointed (recomputed in backward), so peak
-memory stays bounded at any resolution.
+memory stays bounded at any resolution. Gaussians are shared by the B cameras ((N, ...)) or
+given per camera ((B, N, ...)): projection broadcasts either against the cameras, and
+rasterization runs camera by camera anyway.
 """
 
 from __future__ import annotations
@@ -58,10 +60,10 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
 
 
 def project(
-    means: Tensor,  # (N, 3) world
-    quats: Tensor,  # (N, 4)
-    scales: Tensor,  # (N, 3)
-    opacities: Tensor,  # (N,)
+    means: Tensor,  # (N, 3) or (B, N, 3) world
+    quats: Tensor,  # (N, 4) or (B, N, 4)
+    scales: Tensor,  # (N, 3) or (B, N, 3)
+    opacities: Tensor,  # (N,) or (B, N)
     viewmats: Tensor,  # (B, 4, 4) world -> camera
     Ks: Tensor,  # (B, 3, 3)
     width: int,
@@ -71,8 +73,8 @@ def project(
 ) -> Projection:
     """EWA splatting: Σ2d = J W Σ Wᵀ Jᵀ + 0.3·I, with culling exactly as gsplat does it."""
     R, t = viewmats[:, None, :3, :3], viewmats[:, None, :3, 3]  # (B, 1, 3, 3), (B, 1, 3)
-    means_c = (R @ means[None, :, :, None]).squeeze(-1) + t  # (B, N, 3)
-    M = R @ (quat_to_rotmat(quats) * scales[:, None, :])  # (B, N, 3, 3): Σ_c = M Mᵀ
+    means_c = (R @ means[..., None]).squeeze(-1) + t  # (B, N, 3)
+    M = R @ (quat_to_rotmat(quats) * scales[..., None, :])  # (B, N, 3, 3): Σ_c = M Mᵀ
     x, y, z = means_c.unbind(-1)
     fx, fy = Ks[:, 0, 0, None], Ks[:, 1, 1, None]  # (B, 1)
     cx, cy = Ks[:, 0, 2, None], Ks[:, 1, 2, None]
@@ -92,13 +94,13 @@ def project(
 
     with torch.no_grad():
         # Opacity-aware radius (gsplat, arXiv 2402.00525 B.2): beyond it alpha < 1/255 anyway.
-        o = opacities.clamp(min=ALPHA_MIN)[None].expand_as(z)
+        o = opacities.clamp(min=ALPHA_MIN).expand_as(z)
         extend = torch.sqrt(2 * torch.log(o / ALPHA_MIN)).clamp(max=EXTEND)
         extent = extend[..., None] * torch.stack([a, c], -1).clamp(min=0).sqrt()
         radii = torch.ceil(extent)
         mx, my = means2d.unbind(-1)
         visible = (
-            (z >= near) & (z <= far) & (det > 0) & (opacities >= ALPHA_MIN)[None]
+            (z >= near) & (z <= far) & (det > 0) & (opacities >= ALPHA_MIN)
             & (mx + radii[..., 0] > 0) & (mx - radii[..., 0] < width)
             & (my + radii[..., 1] > 0) & (my - radii[..., 1] < height)
         )
@@ -223,7 +225,7 @@ def _band(table: Tensor, ell: Tensor, rows: Tensor, ya: int, yb: int, width: int
 
 def rasterize(
     proj: Projection,
-    opacities: Tensor,  # (N,)
+    opacities: Tensor,  # (N,) or (B, N)
     features: Tensor,  # (B, N, D)
     width: int,
     height: int,
@@ -231,10 +233,11 @@ def rasterize(
 ) -> tuple[Tensor, Tensor]:
     """-> accumulated features (B, H, W, D) and alpha (B, H, W, 1), no background."""
     images = []
+    opacities = opacities.expand_as(proj.depths)
     for b in range(features.shape[0]):
         idx = torch.nonzero(proj.radii[b, :, 0] > 0).squeeze(1)
         idx = idx[torch.argsort(proj.depths[b, idx].detach(), stable=True)]
-        means2d, conics, op = proj.means2d[b, idx], proj.conics[b, idx], opacities[idx, None]
+        means2d, conics, op = proj.means2d[b, idx], proj.conics[b, idx], opacities[b, idx, None]
         half = torch.tensor([0.5, 1.0, 0.5], dtype=conics.dtype, device=conics.device)
         ones = torch.ones_like(op)
         table = torch.cat([means2d, conics * half, torch.log(op), features[b, idx], ones], 1).T
@@ -261,7 +264,7 @@ def rasterize(
 
 
 def render(
-    means: Tensor,
+    means: Tensor,  # (N, 3) or (B, N, 3), and so on: shared or per camera
     quats: Tensor,
     scales: Tensor,
     opacities: Tensor,

@@ -78,6 +78,17 @@ def test_gaussians_sit_on_their_triangles_at_zero_offset(head):
     assert torch.allclose(((moved - g["means"]) * g["normals"]).sum(-1), step, atol=1e-5)
 
 
+def test_batched_splats_equal_frame_by_frame(head):
+    """A leading batch of frames poses every frame's Gaussians in one pass, as one by one."""
+    gmap = GaussianMap(head, 24, seed=2)
+    verts = torch.stack([head.vertices(head.neutral) @ _random_similarity(k)[0].T for k in range(3)])
+    batched = gmap.splats(verts)
+    for key in ("means", "quats", "scales", "opacities", "normals"):
+        assert batched[key].shape[:2] == (3, len(gmap)), key
+        assert torch.allclose(batched[key], torch.stack([gmap.splats(v)[key] for v in verts]), atol=1e-6), key
+    assert torch.equal(batched["feature"], gmap.splats(verts[0])["feature"])  # raw values stay per Gaussian
+
+
 def test_prune_and_upsample(head):
     gmap = GaussianMap(head, 32)
     n = len(gmap)

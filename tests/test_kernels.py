@@ -153,6 +153,62 @@ def test_bands_and_batches_change_nothing():
     assert torch.allclose(whole, single, atol=1e-6)
 
 
+def _scenes(n: int, views: int, seed: int) -> Gaussians:
+    """`views` different head scenes of n Gaussians stacked per camera ((B, N, ...) fields)."""
+    parts = [head_scene(n, seed=seed + v) for v in range(views)]
+    return Gaussians(*(torch.stack([getattr(g, k) for g in parts]) for k in ("means", "quats", "scales", "opacities", "colors")))
+
+
+def _single(g: Gaussians, b: int) -> Gaussians:
+    """Scene b of per-camera Gaussians, as an ordinary shared scene."""
+    return Gaussians(g.means[b], g.quats[b], g.scales[b], g.opacities[b], g.colors[b])
+
+
+def test_per_camera_scenes_equal_single_renders():
+    """B scenes, one per camera, in one call == B one-camera renders: images, aux and grads."""
+    g = _scenes(400, 3, seed=7)
+    cam = front_cameras(40, yaws_deg=(-20.0, 0.0, 15.0))
+    params = [t.requires_grad_() for t in (g.means, g.quats, g.scales, g.opacities, g.colors)]
+    weights = torch.rand(3, 40, 40, 5, generator=torch.Generator().manual_seed(8))
+
+    def grads(out, w: torch.Tensor) -> list[torch.Tensor]:
+        return torch.autograd.grad((torch.cat([out.rgb, out.alpha, out.depth / 50], -1) * w).sum(), params)
+
+    batched = render(g, cam, backend="torch")
+    singles = [render(_single(g, b), Camera(cam.viewmat[b], cam.K, 40, 40), backend="torch") for b in range(3)]
+    assert 0.05 < batched.alpha.mean() < 0.95
+    for name in ("rgb", "alpha", "depth"):
+        assert torch.allclose(getattr(batched, name), torch.cat([getattr(o, name) for o in singles]), atol=1e-6), name
+    for key in ("radii", "means2d", "depths", "conics"):
+        assert batched.aux[key].shape[:2] == (3, 400)
+        assert torch.allclose(batched.aux[key].float(), torch.cat([o.aux[key] for o in singles]).float(), atol=1e-5), key
+    # each single render reaches only its own scene's rows of the stacked parameters
+    single_grads = [grads(o, weights[b : b + 1]) for b, o in enumerate(singles)]
+    for name, a, *parts in zip(["means", "quats", "scales", "opacities", "colors"], grads(batched, weights), *single_grads):
+        assert torch.allclose(a, sum(parts), atol=1e-5), name
+
+
+def _bad_shapes() -> dict[str, tuple[Gaussians, Camera]]:
+    g, cam = _scenes(20, 3, seed=0), front_cameras(16, yaws_deg=(0.0, 10.0, 20.0))
+    shared = _single(g, 0)
+    return {
+        "scenes != cameras": (g, front_cameras(16, yaws_deg=(0.0, 10.0))),
+        "shared opacities, per-camera means": (Gaussians(g.means, g.quats, g.scales, shared.opacities, g.colors), cam),
+        "quats of another N": (Gaussians(g.means, g.quats[:, :5], g.scales, g.opacities, g.colors), cam),
+        "colours of 2 views for 3": (Gaussians(g.means, g.quats, g.scales, g.opacities, g.colors[:2]), cam),
+        "means without xyz": (Gaussians(g.means[..., :2], g.quats, g.scales, g.opacities, g.colors), cam),
+        "means with 2 batch dims": (Gaussians(g.means[None], g.quats, g.scales, g.opacities, g.colors), cam),
+        "shared scene, colours of 2 views for 3": (Gaussians(shared.means, shared.quats, shared.scales, shared.opacities, g.colors[:2]), cam),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_shapes()))
+def test_shape_errors_are_value_errors(case):
+    gaussians, camera = _bad_shapes()[case]
+    with pytest.raises(ValueError):
+        render(gaussians, camera, backend="torch")
+
+
 def test_culling_near_plane_and_offscreen():
     g = gaussians(
         [[0, 0, -5.0], [0, 0, 0.005], [100.0, 0, 5.0], [0, 0, 5.0]], [[0.1] * 3] * 4, [0.9] * 4, [[1.0, 1, 1]] * 4
@@ -216,3 +272,30 @@ def test_gsplat_parity_images_and_gradients():
     for name, a, b in zip(["means", "quats", "scales", "opacities", "colors", "viewmats"], ref_grads, grads):
         rel = (a - b).norm() / a.norm()
         assert rel < 1e-2, (name, rel.item())
+
+
+@pytest.mark.cuda
+@cuda
+def test_gsplat_per_camera_scenes_equal_per_frame_calls():
+    """gsplat with one scene per camera (its leading batch dims) == one gsplat call per frame."""
+    g = _scenes(2000, 4, seed=9)
+    cam = front_cameras(128, yaws_deg=(-25.0, -5.0, 10.0, 30.0))
+    weights = torch.rand(4, 128, 128, 5, generator=torch.Generator().manual_seed(10)).cuda()
+
+    def run(scene: Gaussians, camera: Camera, w: torch.Tensor):
+        params = [t.cuda().requires_grad_() for t in (scene.means, scene.quats, scene.scales, scene.opacities, scene.colors)]
+        out = render(Gaussians(*params), Camera(camera.viewmat.cuda(), camera.K.cuda(), 128, 128), backend="gsplat")
+        image = torch.cat([out.rgb, out.alpha, out.depth / 50], -1)
+        grads = torch.autograd.grad((image * w).sum(), params)
+        return image.detach(), out.aux, grads
+
+    image, aux, grads = run(g, cam, weights)
+    singles = [run(_single(g, b), Camera(cam.viewmat[b], cam.K, 128, 128), weights[b : b + 1]) for b in range(4)]
+    assert 0.05 < image[..., 3].mean() < 0.95
+    assert torch.allclose(image, torch.cat([s[0] for s in singles]), atol=1e-5)
+    for key in ("radii", "means2d", "depths", "conics"):
+        assert aux[key].shape[:2] == (4, 2000), (key, aux[key].shape)
+        assert torch.allclose(aux[key].float(), torch.cat([s[1][key] for s in singles]).float(), atol=1e-4), key
+    for k, name in enumerate(["means", "quats", "scales", "opacities", "colors"]):  # atomics: summation order varies
+        expected = torch.stack([s[2][k] for s in singles])
+        assert (grads[k] - expected).norm() <= 1e-4 * expected.norm(), name

@@ -33,8 +33,11 @@ class ColorMLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, base: Tensor, features: Tensor, expr: Tensor, pose: Tensor) -> Tensor:
-        """base (N, 3) colour logits, features (N, F), expr (B, 52), pose (B, 4, 4) -> (B, N, 3) RGB."""
-        cond = self.condition(torch.cat([expr, pose_6d(pose)], -1))  # (B, H)
-        h = torch.relu(self.feature(features)[None] + cond[:, None])  # (B, N, H)
-        h = torch.relu(self.hidden(h))
-        return torch.sigmoid(base[None] + self.out(h))
+        """base (N, 3) colour logits, features (N, F), expr (..., 52), pose (..., 4, 4) -> (..., N, 3)
+        RGB: one frame, or a batch of frames sharing the per-Gaussian half of the first layer."""
+        cond = self.condition(torch.cat([expr, pose_6d(pose)], -1))  # (..., H)
+        # in-place ReLUs: a batch of frames makes (B, N, H) activations, and on CPU every fresh
+        # buffer that large costs more in page faults than the arithmetic filling it
+        h = (self.feature(features) + cond[..., None, :]).relu_()  # (..., N, H)
+        h = self.hidden(h).relu_()
+        return torch.sigmoid(base + self.out(h))

@@ -258,12 +258,9 @@ class Synthesizer:
         for a in range(0, n, BATCH):
             b = min(a + BATCH, n)
             tic = time.perf_counter()
-            heads, alphas = [], []
-            for k in range(a, b):
-                base = self.avatar.head.drive(exprs_t[k]) if bases_t is None else bases_t[k]
-                out, _ = self.avatar.render(base, poses[k], exprs_t[k], self.K, self.size)
-                heads.append(out.rgb)
-                alphas.append(out.alpha)
+            # the whole batch in one pass: per-frame calls cost more in launches than in rasterizing
+            base = self.avatar.head.drive(exprs_t[a:b]) if bases_t is None else bases_t[a:b]
+            out, _ = self.avatar.render(base, poses[a:b], exprs_t[a:b], self.K, self.size)
             sync()
             tac = time.perf_counter()
             loaded = []
@@ -274,7 +271,7 @@ class Synthesizer:
             frame = torch.from_numpy(np.stack([f for f, _ in loaded])).to(self.device)
             mask = torch.from_numpy(np.stack([m for _, m in loaded])).to(self.device)
             toc = time.perf_counter()
-            head, alpha = torch.cat(heads), torch.cat(alphas)
+            head, alpha = out.rgb, out.alpha
             if paste:
                 final = self.body.paste(head, alpha, frame, self.body.blank(mask, alpha))
             else:
