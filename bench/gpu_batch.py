@@ -91,16 +91,17 @@ def table(work: Path = LOCAL_WORK, out: Path = REPO / "bench" / "results") -> No
                      **{k: round(m[k], 3) for k in ("psnr_head", "ssim_head", "psnr_head_inner", "psnr_full", "ssim_full", "psnr_face", "ssim_face")},
                      "initial_psnr_head": round(meta["initial_metrics"]["psnr_head"], 2), "gaussians": meta.get("gaussians"),
                      "train_s": meta.get("train_seconds"), "adapt_s": round(sum((meta.get("timings_s") or {}).values()), 1),
-                     "device": meta.get("device"), "speed": state.get("speed")})  # fmt: skip
+                     "device": meta.get("device"), "speed": state.get("speed"),
+                     "adapted": datetime.datetime.fromtimestamp(meta_path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")})  # fmt: skip
     doc = {"command": "bench/gpu_batch.py (module docstring), then `python bench/gpu_batch.py table`",
            "date": datetime.date.fromtimestamp(made).isoformat(), "protocol": protocol, "rows": rows}  # fmt: skip
     (out / "adapt_all.json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = ["| clip | test frames | head PSNR / SSIM | head inner PSNR | full PSNR / SSIM | face PSNR / SSIM | initial head PSNR | train s | adapt s | render+inpaint fps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| clip | test frames | head PSNR / SSIM | head inner PSNR | full PSNR / SSIM | face PSNR / SSIM | initial head PSNR | train s | adapt s | render+inpaint+encode fps | adapted (UTC) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         sp = r["speed"] or {}
         lines.append(f"| {r['clip']} | {r['test_frames']} | {r['psnr_head']:.2f} / {r['ssim_head']:.3f} | {r['psnr_head_inner']:.2f} | {r['psnr_full']:.2f} / {r['ssim_full']:.3f} "
-                     f"| {r['psnr_face']:.2f} / {r['ssim_face']:.3f} | {r['initial_psnr_head']:.2f} | {r['train_s']} | {r['adapt_s']} | {sp.get('fps', '–')} |")  # fmt: skip
+                     f"| {r['psnr_face']:.2f} / {r['ssim_face']:.3f} | {r['initial_psnr_head']:.2f} | {r['train_s']} | {r['adapt_s']} | {sp.get('fps', '–')} | {r['adapted']} |")  # fmt: skip
     devices = sorted({r["device"] for r in rows})
     (out / "adapt_all.md").write_text(f"# adapt on every real clip — {doc['date']}, {', '.join(devices)}\n\n{doc['command']}\n\nProtocol: {doc['protocol']}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -10,8 +10,8 @@ so a run can be split across machines. The device tool's GPU machines have no ff
 weights or mediapipe and carry 64 MiB, hence: `features` (here) converts the bench's other speech
 to 16 kHz mono wav in work/audio and fills the whisper feature cache (GGTALKER_FEATURE_CACHE) with
 every window eval and synth will encode, so the GPU needs no whisper; eval there writes its videos
-with OpenCV and leaves the landmark scoring pending; `score` (here) finishes it. `bench/gpu_bench.sh`
-does one batch of packed clips through the device tool (its header has the recipe).
+with OpenCV and leaves the landmark scoring pending; `score` (here) finishes it. `bench/gpu_batch.py`
+does one batch of packed clips through the device tool (its docstring has the recipe).
 
 Steps: preprocess (each video → clip), features (as above), adapt (from --prior: head, inpainter,
 the prior's A2E fine-tuned into the avatar), synth (other speech → mp4 through the CLI), eval
@@ -160,11 +160,11 @@ def summary(work: Path, names: list[str], out: Path, device: str) -> None:
         meta_path = work / "avatars" / name / "meta.yaml"
         meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else {}
         adapt_s = (meta.get("train_seconds") or 0) + ((meta.get("inpainter") or {}).get("train_seconds") or 0)
-        row.update(adapt_s=adapt_s or None, adapt_device=meta.get("device"),
+        row.update(adapt_s=adapt_s or None, adapt_device=meta.get("device"), inpainter_rejected=bool((meta.get("inpainter") or {}).get("rejected")),
                    synth_fps=state.get("synth", {}).get("fps_achieved"), synth_device=state.get("synth", {}).get("device"),
                    render_fps=state.get("speed", {}).get("fps"), speed=state.get("speed"))  # fmt: skip
         rows.append(row)
-    result = {"bench": "run_all", "date": datetime.date.today().isoformat(), "device": device_name(device), "protocol": "docs/evaluation.md",
+    result = {"bench": "run_all", "date": datetime.date.today().isoformat(), "scored_on": device_name(device), "protocol": "docs/evaluation.md",
               "rows": rows}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -173,13 +173,13 @@ def summary(work: Path, names: list[str], out: Path, device: str) -> None:
         return "–" if x is None else format(x, spec) if isinstance(x, (int, float)) else str(x)
 
     lines = [
-        f"# ggtalker bench — {result['date']}, {result['device']}",
+        f"# ggtalker bench — {result['date']}; landmarks scored on {result['scored_on']}, other devices below",
         "",
         ("Self-reenactment on each clip's held-out last 10% (docs/evaluation.md): the full system (expressions from the held-out "
          "audio) and the no-audio baseline (mean expression), both composited onto the test frames' own bodies. LMD in px at 512² "
          "(mediapipe lips, centred); lag in frames (mouth after audio > 0; compare with the ground truth's own lag)."),
         "",
-        "| clip | frames | PSNR | SSIM | LMD | mouth r | lag (GT) | no-audio PSNR | no-audio LMD | no-audio mouth r | LMD floor | seam PSNR inpainter / paste | adapt s | synth fps | render+inpaint fps |",
+        "| clip | frames | PSNR | SSIM | LMD | mouth r | lag (GT) | no-audio PSNR | no-audio LMD | no-audio mouth r | LMD floor | seam PSNR inpainter / paste | adapt s | synth fps | render+inpaint+encode fps |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -189,7 +189,7 @@ def summary(work: Path, names: list[str], out: Path, device: str) -> None:
         lines.append(
             f"| {r['clip']} | {r['test_frames']} | {f(r['audio_psnr'])} | {f(r['audio_ssim'], '.3f')} | {f(r['audio_lmd'])} | {f(r['audio_mouth_open_r'], '.3f')} "
             f"| {f(r['audio_av_lag'], '+.0f')} ({f(r['gt_av_lag'], '+.0f')}) | {f(r['no_audio_psnr'])} | {f(r['no_audio_lmd'])} | {f(r['no_audio_mouth_open_r'], '.3f')} "
-            f"| {f(r['lmd_floor'])} | {f(r['seam_inpainter'])} / {f(r['seam_paste'])} | {f(r['adapt_s'], '.0f')} | {f(r['synth_fps'], '.1f')} | {f(r['render_fps'], '.1f')} |"
+            f"| {f(r['lmd_floor'])} | {'rejected by adapt' if r['inpainter_rejected'] else f(r['seam_inpainter'])} / {f(r['seam_paste'])} | {f(r['adapt_s'], '.0f')} | {f(r['synth_fps'], '.1f')} | {f(r['render_fps'], '.1f')} |"
         )
     devices = sorted({f"{k}: {r[k]}" for r in rows for k in ("adapt_device", "synth_device", "eval_device") if r.get(k)})
     lines += ["", "Devices: " + "; ".join(devices) if devices else "", ""]
