@@ -9,6 +9,7 @@ silently ignored, nor a 0 that would only fail mid-training).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -189,6 +190,9 @@ class Config:
 ZERO_MEANS_NEVER = {"prune_every"}
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
     """Set fields of dataclass `obj` from `data`, recursing into nested sections."""
     hints = get_type_hints(type(obj))
@@ -206,6 +210,8 @@ def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> Non
         kind = hints[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if kind is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string; every user writes it so
         if kind in (int, float, str, bool) and type(value) is not kind:
             raise GGError(f"{source}: '{dotted}' must be {kind.__name__}, got {value!r}", Exit.USAGE)
         if kind is int and key.endswith("_every") and key not in ZERO_MEANS_NEVER and value < 1:

@@ -162,6 +162,18 @@ def test_bad_preset_file(verb, text, code, words, verb_args, tmp_path):
     refused(cli(*verb_args[verb], "-o", out, "--preset", path), code, path, words, target=out)
 
 
+def test_float_settings_read_scientific_notation(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a learning rate written that way is a float,
+    while a word in a float setting is still refused."""
+    path = tmp_path / "preset.yaml"
+    path.write_text("e2v:\n  lr: 1e-4\ninpainter:\n  lr: 2E+0\n")
+    cfg = load_config(path)
+    assert (cfg.e2v.lr, cfg.inpainter.lr) == (1e-4, 2.0)
+    path.write_text("e2v:\n  lr: 1e-4x\n")
+    with pytest.raises(GGError, match="'e2v.lr' must be float, got '1e-4x'"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("verb", VERBS)
 def test_preset_name_and_file_must_exist(verb, verb_args, tmp_path):
     out, missing = tmp_path / "out", tmp_path / "mine.yaml"
