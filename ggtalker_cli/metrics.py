@@ -46,11 +46,16 @@ DEFINITIONS: dict[str, str] = {
     "correlation of audio_env[t] with mouth_open[t+k] over overlapping frames; k > 0 means the "
     "mouth moves after the sound. Ties go to the smallest |k|.",
     "av_corr": "Speech-lip intensity correlation: the peak Pearson correlation found by av_lag.",
+    "mouth_lag": "Lip-sync error against the real video in frames: the shift k in [-10, 10] maximising the Pearson "
+    "correlation of the ground truth's mouth_open[t] with the prediction's mouth_open[t+k] over overlapping frames; "
+    "k > 0 means the predicted mouth moves after the real one. Ties go to the smallest |k|.",
     "blink_rate": "Blinks per minute: rising crossings of the blink signal (tracking.signals: mean "
     "of the eyeBlinkLeft/Right blendshapes, 0..1) above 0.5, re-armed only after it falls below "
     "0.3 (hysteresis), divided by the duration in minutes.",
     "render_ms": "Head render time per frame in ms: the avatar's Gaussians for one frame plus rasterisation, wall-clock with "
     "the device synchronised, mean over the frames of one run.",
+    "render_ms_batch": "Head render time per frame in ms: the avatar's Gaussians plus rasterisation for batches of 8 "
+    "frames in one pass (as synth renders), wall-clock with the device synchronised, mean per frame over one run.",
     "composite_ms": "Body composite time per frame in ms: blank mask + inpainter (fp16 on CUDA) or plate paste, and the "
     "conversion to uint8, in batches of 8, mean per frame.",
     "synth_fps": "End-to-end synthesis rate: output frames / wall-clock seconds from the first audio sample to the last "

@@ -28,7 +28,7 @@ from .artifacts import atomic_write_bytes
 from .errors import Exit, GGError
 
 COLUMNS = (("psnr", "PSNR dB"), ("ssim", "SSIM"), ("psnr_face", "PSNR face"), ("ssim_face", "SSIM face"), ("psnr_seam", "PSNR seam"),
-           ("lmd", "LMD px"), ("mouth_open_r", "mouth r"), ("av_lag", "lag fr"), ("av_corr", "A/V r"), ("blink_rate", "blinks/min"))  # fmt: skip
+           ("lmd", "LMD px"), ("mouth_open_r", "mouth r"), ("mouth_lag", "vs GT lag fr"), ("av_lag", "lag fr"), ("av_corr", "A/V r"), ("blink_rate", "blinks/min"))  # fmt: skip
 BARS = (("psnr", "PSNR (dB) ↑"), ("ssim", "SSIM ↑"), ("lmd", "LMD (px at 512²) ↓"), ("mouth_open_r", "mouth-opening r ↑"))
 COLOURS = {"tracked": "tab:blue", "audio": "tab:red", "no_audio": "tab:gray", "tracked_paste": "tab:cyan", "retrieval_landmarks": "tab:olive",
            "retrieval_blendshapes_pose": "tab:brown", "gt": "black", "detector_floor": "tab:green"}  # fmt: skip
@@ -60,7 +60,7 @@ def fmt(entry: dict | None) -> str:
         return "pending" if status.startswith("pending") else "n/a"
     if value in ("inf", "-inf"):
         return "∞" if value == "inf" else "−∞"
-    if entry["definition"] == "av_lag":
+    if entry["definition"] in ("av_lag", "mouth_lag"):
         return f"{int(value):+d}"
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
 

@@ -83,6 +83,11 @@ def test_score_only_fills_landmark_metrics(scored):
             entry = rep["variants"][name]["metrics"][key]
             assert entry["definition"] == key and "status" not in entry, (name, key)
     assert rep["variants"]["gt"]["metrics"]["mouth_open_r"]["value"] == pytest.approx(1.0)
+    for name in ("tracked", "audio", "no_audio", "retrieval_landmarks"):  # lip-sync against the real video
+        lag = rep["variants"][name]["metrics"]["mouth_lag"]
+        assert lag["definition"] == "mouth_lag" and lag["value"] in range(-10, 11), (name, lag)
+    assert "mouth_lag" not in rep["variants"]["gt"]["metrics"]
+    assert rep["speed"]["metrics"]["render_ms"]["definition"] == "render_ms_batch"
     assert rep["variants"]["gt"]["metrics"]["lmd"]["value"] == 0.0
     floor = rep["variants"]["detector_floor"]["metrics"]
     assert 0 < floor["lmd"]["value"] < 5 and floor["lmd_shift"]["definition"] == "lmd"

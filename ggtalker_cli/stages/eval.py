@@ -368,7 +368,7 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
     speed = {
         "device": synth_stage.device_name(dev),
         "metrics": {
-            "render_ms": metric("render_ms", render_ms.get("render", math.nan), "ms", f"{S}² head render, self-reenactment audio run"),
+            "render_ms": metric("render_ms_batch", render_ms.get("render", math.nan), "ms", f"{S}² head render, self-reenactment audio run"),
             "composite_ms": metric("composite_ms", render_ms.get("composite", math.nan), "ms", synth.body.kind),
             "synth_fps": metric("synth_fps", n / synth_seconds, "frames/s", f"held-out audio, {n} frames at {S}²"),
             "adapt_s": metric("adapt_s", adapt_s or None, "s", f"adapted on {meta.get('device', '?')}"),
@@ -537,6 +537,8 @@ def score_phase(folder: Path) -> dict:
             m["mouth_open_r"] = metric("mouth_open_r", metrics.pearson(mouth, gt_mouth))
             m["av_lag"] = metric("av_lag", lag, "frames", "judge against gt's own lag on the same frames" if name != "gt" else None)
             m["av_corr"] = metric("av_corr", corr)
+            if name != "gt":
+                m["mouth_lag"] = metric("mouth_lag", metrics.av_lag(gt_mouth, mouth)[0], "frames")
             m["blink_rate"] = metric("blink_rate", metrics.blink_rate(blink, fps), "blinks/min", "detected on the frames")
         rep["variants"]["gt"]["metrics"]["blink_rate_train"] = metric(
             "blink_rate", metrics.blink_rate(arrays["train_blink"], fps), "blinks/min", "the training frames' tracked blinks: what synth replays")
@@ -625,6 +627,7 @@ def summarize(rep: dict, out: Path) -> dict[str, Any]:
         "report": str(out),
         **{f"{v}_{k}": value(v, k) for v in ("tracked", "audio", "no_audio") for k in ("psnr", "ssim", "lmd", "mouth_open_r")},
         "audio_av_lag": value("audio", "av_lag"),
+        "audio_mouth_lag": value("audio", "mouth_lag"),
         "gt_av_lag": value("gt", "av_lag"),
         "synth_fps": rep["speed"]["metrics"]["synth_fps"]["value"],
         "device": rep["speed"]["device"],
