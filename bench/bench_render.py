@@ -27,6 +27,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -138,16 +139,30 @@ def scene_rows(args: argparse.Namespace, device: str, backend: str, warmup: int,
     return rows
 
 
-def print_scene_table(rows: list[dict], cpu: bool) -> None:
-    cpu_cols = ("| CPU ms fwd | CPU ms fwd+bwd ", "|---:|---:") if cpu else ("", "")
-    print(f"| Gaussians | size | batch | fwd ms | fwd FPS | fwd+bwd ms | fwd+bwd FPS {cpu_cols[0]}|")
-    print(f"|---:|---:|---:|---:|---:|---:|---:{cpu_cols[1]}|")
+Column = tuple[str, Callable[[dict], str]]
+SCENE_COLUMNS: list[Column] = [
+    ("Gaussians", lambda r: f"{r['gaussians']:,}"), ("size", lambda r: f"{r['size']}²"), ("batch", lambda r: str(r["batch"])),
+    ("fwd ms", lambda r: f"{r['fwd_ms']:.2f}"), ("fwd FPS", lambda r: f"{r['fwd_fps']:.1f}"),
+    ("fwd+bwd ms", lambda r: f"{r['fwd_bwd_ms']:.2f}"), ("fwd+bwd FPS", lambda r: f"{r['fwd_bwd_fps']:.1f}"),
+]  # fmt: skip
+SCENE_CPU_COLUMNS: list[Column] = [("CPU ms fwd", lambda r: f"{r['fwd_cpu_ms']:.1f}"), ("CPU ms fwd+bwd", lambda r: f"{r['fwd_bwd_cpu_ms']:.1f}")]
+AVATAR_COLUMNS: list[Column] = [
+    ("Gaussians", lambda r: f"{r['gaussians']:,}"), ("size", lambda r: f"{r['size']}²"), ("B", lambda r: str(r["batch"])),
+    ("ms/frame per-frame", lambda r: f"{r['per_frame_ms_per_frame']:.3f}"), ("ms/frame batched", lambda r: f"{r['batched_ms_per_frame']:.3f}"),
+    ("speedup", lambda r: f"{r['speedup']:.2f}×"), ("batched FPS", lambda r: f"{r['batched_fps']:.1f}"),
+]  # fmt: skip
+AVATAR_CPU_COLUMNS: list[Column] = [
+    ("CPU ms/frame per-frame", lambda r: f"{r['per_frame_cpu_ms_per_frame']:.1f}"),
+    ("CPU ms/frame batched", lambda r: f"{r['batched_cpu_ms_per_frame']:.1f}"),
+]
+
+
+def print_table(rows: list[dict], columns: list[Column]) -> None:
+    """A right-aligned markdown table, one row per result."""
+    print("| " + " | ".join(h for h, _ in columns) + " |")
+    print("|" + "---:|" * len(columns))
     for r in rows:
-        extra = f"| {r['fwd_cpu_ms']:.1f} | {r['fwd_bwd_cpu_ms']:.1f} " if cpu else ""
-        print(
-            f"| {r['gaussians']:,} | {r['size']}² | {r['batch']} | {r['fwd_ms']:.2f} | {r['fwd_fps']:.1f} "
-            f"| {r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_fps']:.1f} {extra}|"
-        )
+        print("| " + " | ".join(cell(r) for _, cell in columns) + " |")
 
 
 def avatar_rows(args: argparse.Namespace, device: str, backend: str, warmup: int, repeats: int) -> list[dict]:
@@ -161,18 +176,6 @@ def avatar_rows(args: argparse.Namespace, device: str, backend: str, warmup: int
             print(f"  avatar {r['gaussians']} Gaussians {size}² B={batch}: per-frame {r['per_frame_ms_per_frame']:.2f} ms/frame, "
                   f"batched {r['batched_ms_per_frame']:.2f} ms/frame", flush=True)  # fmt: skip
     return rows
-
-
-def print_avatar_table(rows: list[dict], cpu: bool) -> None:
-    cpu_cols = ("| CPU ms/frame per-frame | CPU ms/frame batched ", "|---:|---:") if cpu else ("", "")
-    print(f"| Gaussians | size | B | ms/frame per-frame | ms/frame batched | speedup | batched FPS {cpu_cols[0]}|")
-    print(f"|---:|---:|---:|---:|---:|---:|---:{cpu_cols[1]}|")
-    for r in rows:
-        extra = f"| {r['per_frame_cpu_ms_per_frame']:.1f} | {r['batched_cpu_ms_per_frame']:.1f} " if cpu else ""
-        print(
-            f"| {r['gaussians']:,} | {r['size']}² | {r['batch']} | {r['per_frame_ms_per_frame']:.3f} "
-            f"| {r['batched_ms_per_frame']:.3f} | {r['speedup']:.2f}× | {r['batched_fps']:.1f} {extra}|"
-        )
 
 
 def main() -> None:
@@ -214,7 +217,8 @@ def main() -> None:
 
     rows = (avatar_rows if args.avatar else scene_rows)(args, device, backend, warmup, repeats)
     print(f"\n{env['device']} · torch {env['torch']} · gsplat {env['gsplat']} · backend {backend} · median of {repeats}\n")
-    (print_avatar_table if args.avatar else print_scene_table)(rows, cpu)
+    columns = (AVATAR_COLUMNS + AVATAR_CPU_COLUMNS * cpu) if args.avatar else (SCENE_COLUMNS + SCENE_CPU_COLUMNS * cpu)
+    print_table(rows, columns)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         mode = "avatar" if args.avatar else "scenes"
