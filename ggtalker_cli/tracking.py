@@ -165,6 +165,28 @@ def _associate(tracks: list[_Track], faces: list[Face], t: int, max_gap: int) ->
         used.add(best)
 
 
+def _rejoin(tracks: list[_Track]) -> list[_Track]:
+    """Join tracks broken by a gap longer than `_associate`'s max_gap: a track that starts after
+    another ended, within half a face of where it ended, is that face back (the person turned
+    away or was occluded), not a second person. Without this a long mid-clip loss split the one
+    face into two tracks, and the clip was refused as too sparsely tracked or as two people."""
+    joined: list[_Track] = []
+    for track in sorted(tracks, key=lambda tr: min(tr.faces)):
+        first = min(track.faces)
+        x0, y0, x1, y1 = track.faces[first].box
+        centre, size = np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0)
+        ended = [(float(np.linalg.norm(o.center - centre)), k) for k, o in enumerate(joined) if o.last < first]
+        near = [(d, k) for d, k in ended if d < 0.5 * max(size, joined[k].size)]
+        if not near:
+            joined.append(track)
+            continue
+        host = joined[min(near)[1]]
+        host.faces.update(track.faces)
+        host.last, host.center, host.size = track.last, track.center, track.size
+        host.area_sum += track.area_sum
+    return joined
+
+
 @dataclass
 class Tracking:
     """The target face over all frames, in the coordinates of the tracked image."""
@@ -222,7 +244,7 @@ def track(
         names = landmarker.blendshape_names
     if n == 0:
         raise GGError(f"{source}: no frames could be decoded; the file may be corrupt, re-export it", Exit.INPUT_INVALID)
-    ranked = sorted(tracks, key=lambda tr: -tr.area_sum)
+    ranked = sorted(_rejoin(tracks), key=lambda tr: -tr.area_sum)
     detected = len(ranked[0].faces) / n if ranked else 0.0
     if detected < min_tracked_fraction:
         raise GGError(

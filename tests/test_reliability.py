@@ -231,8 +231,7 @@ def test_preprocess_8k_video(aoc_cut, tmp_path):
 
 def test_preprocess_face_lost_for_a_stretch(aoc_cut, tmp_path):
     """The last second black (longer than the 12-frame gaps that are interpolated): accepted, with
-    one warning line, and those frames are flagged so no stage trains on them. (A long gap mid-clip
-    splits the track in two instead: see docs/errors.md, known gaps.)"""
+    one warning line, and those frames are flagged so no stage trains on them."""
     video, out = tmp_path / "lost.mp4", tmp_path / "clip"
     ffmpeg("-i", str(aoc_cut), "-vf", "drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='gte(t,2)'", "-c:v", "libx264",
            "-preset", "ultrafast", "-c:a", "copy", str(video))  # fmt: skip
@@ -243,6 +242,22 @@ def test_preprocess_face_lost_for_a_stretch(aoc_cut, tmp_path):
     assert 20 <= lost <= 30 and f"lost.mp4: the face was lost for {lost} frames" in line and "never trained on" in line
     with np.load(out / "tracking.npz") as d:
         assert (~d["valid"] & ~d["interpolated"]).sum() == lost
+
+
+def test_preprocess_face_lost_mid_clip_is_rejoined(aoc_cut, tmp_path):
+    """0.8 s black in the middle (20 frames, longer than the interpolated gaps): the face before and
+    after is one person, tracked on both sides, the gap flagged; it was refused as 'face found in
+    only 47%' when the gap split the track in two."""
+    video, out = tmp_path / "gap.mp4", tmp_path / "clip"
+    ffmpeg("-i", str(aoc_cut), "-vf", "drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(t,1,1.76)'", "-c:v", "libx264",
+           "-preset", "ultrafast", "-c:a", "copy", str(video))  # fmt: skip
+    result = cli("preprocess", video, "-o", out, "--size", "64")
+    assert result.exit_code == 0, result.stderr
+    tracking_meta = artifacts.read_meta(out, "clip")["tracking"]
+    assert 18 <= tracking_meta["lost_frames"] <= 22 and tracking_meta["detected_fraction"] > 0.7
+    with np.load(out / "tracking.npz") as d:
+        lost = np.flatnonzero(~d["valid"] & ~d["interpolated"])
+        assert d["valid"][:20].all() and d["valid"][-20:].all() and 20 <= lost.min() and lost.max() < 50
 
 
 # ------------------------------------------------------------------ adapt: the clip folder
