@@ -54,6 +54,10 @@ DEFINITIONS: dict[str, str] = {
     "0.3 (hysteresis), divided by the duration in minutes.",
     "render_ms": "Head render time per frame in ms: the avatar's Gaussians for one frame plus rasterisation, wall-clock with "
     "the device synchronised, mean over the frames of one run.",
+    "render_lag": "Pipeline sync in frames: the shift k in [-10, 10] maximising the Pearson correlation of the mouth "
+    "opening the A2E model drove (its inner-lip gap, expression level) at frame t with the mouth_open detected in the "
+    "written video at t+k; k > 0 means the video shows the mouth later than it was driven (render, body replay, "
+    "encode and mux, independent of any model of when lips move). Ties go to the smallest |k|.",
     "render_ms_batch": "Head render time per frame in ms: the avatar's Gaussians plus rasterisation for batches of 8 "
     "frames in one pass (as synth renders), wall-clock with the device synchronised, mean per frame over one run.",
     "composite_ms": "Body composite time per frame in ms: blank mask + inpainter (fp16 on CUDA) or plate paste, and the "

@@ -60,7 +60,7 @@ def fmt(entry: dict | None) -> str:
         return "pending" if status.startswith("pending") else "n/a"
     if value in ("inf", "-inf"):
         return "∞" if value == "inf" else "−∞"
-    if entry["definition"] in ("av_lag", "mouth_lag"):
+    if entry["definition"] in ("av_lag", "mouth_lag", "render_lag"):
         return f"{int(value):+d}"
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
 
@@ -128,11 +128,11 @@ def _variant_rows(rep: dict) -> list[list[str]]:
 
 
 def _ood_rows(rep: dict) -> list[list[str]]:
-    keys = ("av_lag", "av_corr", "a2e_av_lag", "a2e_av_corr", "synth_fps")
+    keys = ("av_lag", "av_corr", "a2e_av_lag", "a2e_av_corr", "render_lag", "synth_fps")
     return [[Path(e["audio"]).name, f"{e['seconds']:.1f}"] + [fmt(e["metrics"].get(k)) for k in keys] for e in rep["ood"]]
 
 
-OOD_HEADER = ["audio", "s", "lag (render)", "A/V r (render)", "lag (A2E)", "A/V r (A2E)", "synth fps"]
+OOD_HEADER = ["audio", "s", "lag (render)", "A/V r (render)", "lag (A2E)", "A/V r (A2E)", "video vs driven lag", "synth fps"]
 
 
 def markdown(rep: dict) -> str:

@@ -94,6 +94,7 @@ def test_score_only_fills_landmark_metrics(scored):
     # the ground truth's own landmarks are much closer to it than any render
     assert rep["variants"]["tracked"]["metrics"]["lmd"]["value"] > floor["lmd_shift"]["value"]
     assert isinstance(rep["ood"][0]["metrics"]["av_lag"]["value"], float)
+    assert rep["ood"][0]["metrics"]["render_lag"]["value"] in range(-10, 11)  # the written video vs what A2E drove
     assert (folder / "scores.npz").is_file()
     assert "pending" not in (folder / "report.md").read_text().split("## Out-of-distribution")[0]
 

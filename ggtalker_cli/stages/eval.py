@@ -557,6 +557,10 @@ def score_phase(folder: Path) -> dict:
             lag, corr = sync(metrics.audio_envelope(wav, wav_rate, fps, len(mouth)), mouth)
             entry["metrics"]["av_lag"] = metric("av_lag", lag, "frames", "rendered video, detected mouth opening")
             entry["metrics"]["av_corr"] = metric("av_corr", corr, None, "rendered video, detected mouth opening")
+            driven = arrays.get(f"ood_{k}_a2e_mouth_open")
+            if driven is not None:  # reports rendered before the A2E track was kept have none
+                shift, peak = metrics.av_lag(driven, mouth)
+                entry["metrics"]["render_lag"] = metric("render_lag", shift, "frames", f"A2E-driven vs detected mouth opening, peak r {peak:.2f}")
             tracks[f"ood_{k}_mouth_open"] = mouth
             bar.advance(task)
     tracks["envelope"] = envelope
