@@ -12,9 +12,10 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -58,12 +59,14 @@ def _human(n: float) -> str:
 
 
 @contextmanager
-def atomic_dir(target: Path, force: bool = False, work: Path | None = None) -> Iterator[Path]:
+def atomic_dir(target: Path, force: bool = False, work: Path | None = None, resumable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success rename it to `target`.
 
     `work` lets a resumable stage keep its partial folder between runs: the same folder is
-    reused (not deleted on failure) so `--resume` can skip finished steps. Without it the
-    temporary folder is removed on any failure.
+    reused (not deleted on failure) so `--resume` can skip finished steps; `resumable(work)`,
+    when given, decides on failure whether it holds anything worth resuming (otherwise it is
+    removed, so a run refused before its first checkpoint leaves nothing beside `target`).
+    Without `work` the temporary folder is removed on any failure.
     """
     target = Path(target)
     check_output_dir(target, force)
@@ -75,7 +78,7 @@ def atomic_dir(target: Path, force: bool = False, work: Path | None = None) -> I
     try:
         yield tmp
     except BaseException:
-        if work is None:
+        if work is None or (resumable is not None and not resumable(tmp)):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if target.exists():

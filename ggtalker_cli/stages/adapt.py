@@ -585,8 +585,11 @@ def run(
     artifacts.check_disk_space(out, _disk_need(acfg))
     oom = out_of_memory(f"adapting at {data.size}² (adapt.uv_res {acfg.uv_res}, adapt.batch {acfg.batch})",
                         "lower --size, adapt.uv_res or adapt.batch (--preset fast is the smallest), then re-run with --resume")
-    with oom, artifacts.atomic_dir(out, force=force, work=work) as folder:
-        if (folder / CHECKPOINT).exists() or (folder / f"{CHECKPOINT}.old").exists():
+    def resumable(folder: Path) -> bool:
+        return (folder / CHECKPOINT).exists() or (folder / f"{CHECKPOINT}.old").exists()
+
+    with oom, artifacts.atomic_dir(out, force=force, work=work, resumable=resumable) as folder:
+        if resumable(folder):
             trainer, start, seconds = Trainer.load(folder, data, acfg)
             console.info(f"resuming at step {start} of {acfg.steps}")
         else:
