@@ -730,13 +730,16 @@ def test_fit_prior_out_of_memory(voices, tmp_path, monkeypatch):
     [
         ("fit-prior", {"a2e": {**A2E, "lr": 1e6}}, ("a2e training diverged at step", "lower the preset's a2e.lr"), ()),
         ("adapt", {"adapt": {**ADAPT, "lr_scale": 1e6}}, ("adapt diverged at step", "lower the learning rates in the preset"), ()),
+        ("adapt", {"adapt": ADAPT, "inpainter": {"steps": 4, "log_every": 2, "lr": 1e6}}, ("inpainter training diverged at step", "lower inpainter.lr"),
+         (".avatar.partial",)),  # the fitted head's checkpoint stays, resumable
     ],
-    ids=["fit-prior", "adapt"],
+    ids=["fit-prior", "adapt", "adapt-inpainter"],
 )
 def test_absurd_learning_rate_is_a_diverged_run(verb, settings, words, left, voices, clip_128, tmp_path):
     """A learning rate of 1e6 in a preset (a typo'd exponent) drives the loss to NaN/inf within
-    two steps: exit 9 and one line naming the step and the rate to lower. Neither leaves a partial
-    folder: both failed before their first checkpoint, so there is nothing to resume."""
+    two steps: exit 9 and one line naming the step and the rate to lower. A run that failed before
+    its first checkpoint leaves no partial folder; the inpainter diverges after the head is fitted,
+    whose checkpoint stays for --resume."""
     out = tmp_path / {"fit-prior": "prior", "adapt": "avatar"}[verb]
     inputs = voices if verb == "fit-prior" else [clip_128[0], "--no-prior"]
     refused(cli(verb, *inputs, "-o", out, "--device", "cpu", "--preset", preset(tmp_path, settings)), Exit.DIVERGED, *words, target=out, left=left)
