@@ -172,3 +172,13 @@ def test_prior_for_another_head_model_is_refused(tmp_path):
     with pytest.raises(GGError) as e:
         E2V.load(tmp_path / WEIGHTS)
     assert e.value.code == Exit.ARTIFACT and "another head model" in e.value.message
+
+
+def test_absurd_learning_rate_is_a_diverged_run(clip_128, tmp_path):
+    """e2v.lr 1e6 (a typo'd exponent): exit 9 naming the step and the setting to lower, and no
+    partial folder (it diverges before its first checkpoint: nothing to resume)."""
+    out = tmp_path / "prior"
+    with pytest.raises(GGError, match=r"e2v training diverged at step \d+ .*lower the preset's e2v.lr") as e:
+        fit_prior.run([clip_128[0]], out, tiny_cfg(lr=1e6, checkpoint_every=100), parts="e2v", device="cpu")
+    assert e.value.code == Exit.DIVERGED
+    assert not out.exists() and not any(tmp_path.glob(".prior*"))
