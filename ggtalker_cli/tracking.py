@@ -142,12 +142,22 @@ class _Track:
     area_sum: float = 0.0
 
 
+def _centre_size(face: Face) -> tuple[np.ndarray, float]:
+    """A detection's box centre (2,) and its larger side: where a track is and how far it may move."""
+    x0, y0, x1, y1 = face.box
+    return np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0)
+
+
+def _area(face: Face) -> float:
+    x0, y0, x1, y1 = face.box
+    return (x1 - x0) * (y1 - y0)
+
+
 def _associate(tracks: list[_Track], faces: list[Face], t: int, max_gap: int) -> None:
     """Greedy nearest-centre matching of this frame's faces to the tracks seen recently."""
     used: set[int] = set()
-    for face in sorted(faces, key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1])):
-        x0, y0, x1, y1 = face.box
-        center, size = np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0)
+    for face in sorted(faces, key=lambda f: -_area(f)):
+        center, size = _centre_size(face)
         best, best_d = None, np.inf
         for k, track in enumerate(tracks):
             d = float(np.linalg.norm(track.center - center))
@@ -161,7 +171,7 @@ def _associate(tracks: list[_Track], faces: list[Face], t: int, max_gap: int) ->
         track = tracks[best]
         track.faces[t] = face
         track.last, track.center, track.size = t, center, size
-        track.area_sum += (x1 - x0) * (y1 - y0)
+        track.area_sum += _area(face)
         used.add(best)
 
 
@@ -173,8 +183,7 @@ def _rejoin(tracks: list[_Track]) -> list[_Track]:
     joined: list[_Track] = []
     for track in sorted(tracks, key=lambda tr: min(tr.faces)):
         first = min(track.faces)
-        x0, y0, x1, y1 = track.faces[first].box
-        centre, size = np.array([(x0 + x1) / 2, (y0 + y1) / 2]), max(x1 - x0, y1 - y0)
+        centre, size = _centre_size(track.faces[first])
         ended = [(float(np.linalg.norm(o.center - centre)), k) for k, o in enumerate(joined) if o.last < first]
         near = [(d, k) for d, k in ended if d < 0.5 * max(size, joined[k].size)]
         if not near:
