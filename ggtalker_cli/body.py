@@ -126,45 +126,50 @@ def held_out_check(state: dict[str, Tensor], cfg: InpainterConfig, avatar: Avata
     """Full-frame and seam-band PSNR of the trained inpainter vs the plate paste on up to `frames`
     held-out test frames (driven head at the synthesis pose over the frame's own body, as synth
     composites): the inpainter's training loss cannot say whether it beats the paste it replaces."""
-    model = Inpainter(cfg.channels).to(data.device)
+    model = Inpainter(cfg.channels)
     model.load_state_dict(state)
-    model.eval()
+    body = Body(model, cfg.dilate, data.plate, data.device, data.size)  # exactly what synth composites with
     scores: dict[str, list[float]] = {"psnr": [], "psnr_paste": [], "psnr_seam": [], "psnr_seam_paste": []}
     for i in data.test[np.linspace(0, len(data.test) - 1, min(frames, len(data.test))).astype(int)]:
         frame, head, _ = data.tensors(data.load(int(i)))
         rgb, alpha = render_head(avatar, track["blendshapes"][i], track["pose"][i], data.K, data.size)
         mask = (head > 0.5).float()
-        blank = blank_mask(mask, alpha, round(cfg.dilate * data.size))
         seam = metrics.seam_band(mask[0, ..., 0])
-        for name, out in (("psnr", model(rgb, alpha, frame, blank).clamp(0, 1)), ("psnr_paste", paste(rgb, alpha, frame, blank, data.plate))):
+        for name, out in (("psnr", body(rgb, alpha, frame, mask)), ("psnr_paste", body.paste(rgb, alpha, frame, body.blank(mask, alpha)))):
             scores[name].append(metrics.psnr(out[0], frame[0]))
             scores[name.replace("psnr", "psnr_seam")].append(metrics.psnr(out[0], frame[0], mask=seam))
     return {"frames": len(scores["psnr"]), **{k: round(float(np.mean(v)), 3) for k, v in scores.items()}}
 
 
 class Body:
-    """Composites rendered heads onto body frames (batched, BHWC float tensors on `device`)."""
+    """Composites rendered heads onto body frames (batched, BHWC float tensors on `device`):
+    with `model`, the inpainter; without, the plate paste."""
 
-    def __init__(self, folder: Path, meta: dict[str, Any], plate: Tensor, device: torch.device):
+    def __init__(self, model: Inpainter | None, dilate: float, plate: Tensor, device: torch.device, trained_size: int = 0):
+        self.model = None if model is None else model.to(device, memory_format=torch.channels_last).eval()
+        self.dilate, self.plate = dilate, plate
+        self.half = device.type == "cuda"
+        self.trained_size = trained_size  # the inpainter learned fills of this scale (0: any)
+
+    @classmethod
+    def load(cls, folder: Path, meta: dict[str, Any], plate: Tensor, device: torch.device) -> Body:
+        """The avatar's compositor as adapt recorded it in meta.yaml (`inpainter`)."""
         info = meta.get("inpainter") or None
         if info and info.get("rejected"):  # adapt found it worse than the paste on held-out frames
             info = None
-        self.plate, self.model = plate, None
-        self.dilate = float(info["dilate"]) if info else InpainterConfig.dilate
-        if info:
-            path = artifacts.inside(folder, info["file"])  # meta.yaml is shared data: no ../ escapes
-            try:
-                state = load_file(str(path))
-            except (OSError, SafetensorError) as e:
-                raise GGError(f"{path}: missing or unreadable inpainter weights ({e.__class__.__name__}); re-run ggtalker adapt", Exit.ARTIFACT) from e
-            model = Inpainter(info["channels"])
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                raise GGError(f"{path}: inpainter weights do not match channels {info['channels']}; re-run ggtalker adapt", Exit.ARTIFACT) from e
-            self.model = model.to(device, memory_format=torch.channels_last).eval()
-        self.half = device.type == "cuda"
-        self.trained_size = int(meta.get("size") or 0)  # the inpainter learned fills of this scale
+        if not info:
+            return cls(None, InpainterConfig.dilate, plate, device)
+        path = artifacts.inside(folder, info["file"])  # meta.yaml is shared data: no ../ escapes
+        try:
+            state = load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise GGError(f"{path}: missing or unreadable inpainter weights ({e.__class__.__name__}); re-run ggtalker adapt", Exit.ARTIFACT) from e
+        model = Inpainter(info["channels"])
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise GGError(f"{path}: inpainter weights do not match channels {info['channels']}; re-run ggtalker adapt", Exit.ARTIFACT) from e
+        return cls(model, float(info["dilate"]), plate, device, int(meta.get("size") or 0))
 
     @property
     def kind(self) -> str:

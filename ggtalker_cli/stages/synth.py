@@ -196,7 +196,7 @@ class Synthesizer:
         self.K = torch.tensor(K, dtype=torch.float32, device=device)
         self.background = None if background is None else parse_background(background, self.size)
         plate = self.background if self.background is not None else self._resize(self.clip.background)
-        self.body = Body(self.folder, self.meta, torch.from_numpy(plate).to(device)[None], device)
+        self.body = Body.load(self.folder, self.meta, torch.from_numpy(plate).to(device)[None], device)
         lo, hi = self.meta.get("synthesis", {}).get("body_frames", [int(self.clip.train_indices[0]), int(self.clip.train_indices[-1]) + 1])
         self.body_frames = np.arange(int(lo), int(hi))
         names = [str(n) for n in self.clip.tracking["blendshape_names"]]
