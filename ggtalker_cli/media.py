@@ -7,11 +7,12 @@ we see is upright and `Probe.width/height` are the upright size.
 
 from __future__ import annotations
 
+import queue
 import shutil
 import threading
 import wave
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -294,6 +295,55 @@ class OpenCVWriter:
         self.close()
         if kind is not None:
             self.path.unlink(missing_ok=True)
+
+
+class Behind:
+    """Calls `write(frame)` in a thread behind a bounded queue, so encoding (x264 through a pipe,
+    OpenCV, stdout) overlaps rendering the next batch instead of following it. A failure in
+    the thread surfaces at the next `put` or at `close`."""
+
+    def __init__(self, write: Callable[[np.ndarray], None], depth: int):
+        self._write, self._error, self._drop = write, None, False
+        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (frame := self._queue.get()) is not None:
+            if self._error is None and not self._drop:
+                try:
+                    self._write(frame)
+                except BaseException as e:  # noqa: BLE001  (handed to the caller's thread)
+                    self._error = e
+            self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, frame: np.ndarray) -> None:
+        self._raise()
+        self._queue.put(frame)
+
+    def drain(self) -> None:
+        """Wait until every queued frame is written; re-raise the thread's failure."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Drain, then end the thread."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def abandon(self) -> None:
+        """Stop without writing what is queued (the output is being thrown away)."""
+        self._drop = True
+        try:
+            self._queue.put(None, timeout=10)
+        except queue.Full:  # the thread is stuck in a write; it is a daemon and dies with us
+            return
+        self._thread.join(timeout=10)
 
 
 def has_ffmpeg() -> bool:

@@ -311,7 +311,7 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
             "tracked": synth.frames(synth.track["blendshapes"][test], track_pose, test, bases=trk["verts"][test]),
             "tracked_paste": synth.frames(synth.track["blendshapes"][test], track_pose, test, bases=trk["verts"][test], paste=True),
             "no_audio": synth.frames(synth.with_eyes(mean_bs, test), track_pose, test),
-            **{name: (_uint8(synth.load(j)[0]) for j in idx) for name, idx in nearest.items()},
+            **{name: (synth.load(j)[0] for j in idx) for name, idx in nearest.items()},
         }
         rows: dict[str, list[dict[str, float]]] = {name: [] for name in ("audio", *streams)}
         shown = set(np.linspace(0, n - 1, min(STRIP_FRAMES, n)).astype(int).tolist())
@@ -319,10 +319,9 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
         with console.progress() as bar:
             task = bar.add_task("eval: render + pixel metrics", total=n)
             for k, i in enumerate(test):
-                frame, head = synth.load(i)
-                gt = _uint8(frame)
+                gt, head = synth.load(i)
                 fbox = metrics.face_box(trk["landmarks"][i] * scale, S)
-                seam = metrics.seam_band(torch.from_numpy(head[..., 0] > 0.5))
+                seam = metrics.seam_band(torch.from_numpy(head[..., 0] > 0))
                 videos.write("gt", gt)
                 preds = {"audio": audio_frames[k], **{name: next(s) for name, s in streams.items()}}
                 for name, pred in preds.items():

@@ -55,8 +55,9 @@ EYE_PREFIXES = ("eye", "brow")  # blendshapes taken from the replayed frame, not
 ORBIT_PERIOD_S = 6.0  # one full left-right-left sweep of --orbit
 CHUNK_S = 2.0  # audio pushed per step
 BATCH = 8  # frames composited per inpainter call
-PREFETCH = 16  # body frames decoded ahead
-WORKERS = 4  # threads decoding body frames (JPEG decode + resize release the GIL)
+PREFETCH = 4 * BATCH  # body frames decoded ahead
+WORKERS = min(8, os.cpu_count() or 1)  # threads decoding body frames (JPEG decode + resize release the GIL)
+ENCODE_QUEUE = 4 * BATCH  # frames waiting for the encoder thread
 
 
 def device_of(name: str) -> torch.device:
@@ -195,7 +196,7 @@ class Synthesizer:
         K[:2] *= self.size / self.clip.size
         self.K = torch.tensor(K, dtype=torch.float32, device=device)
         self.background = None if background is None else parse_background(background, self.size)
-        plate = self.background if self.background is not None else self._resize(self.clip.background)
+        plate = self.background if self.background is not None else self._resize(self.clip.background).astype(np.float32) / 255
         self.body = Body.load(self.folder, self.meta, torch.from_numpy(plate).to(device)[None], device)
         lo, hi = self.meta.get("synthesis", {}).get("body_frames", [int(self.clip.train_indices[0]), int(self.clip.train_indices[-1]) + 1])
         self.body_frames = np.arange(int(lo), int(hi))
@@ -207,20 +208,21 @@ class Synthesizer:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _resize(self, image: np.ndarray, interpolation: int = cv2.INTER_AREA) -> np.ndarray:
-        x = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
-        if x.shape[0] != self.size:
-            x = cv2.resize(x, (self.size, self.size), interpolation=interpolation)
-        return x.reshape(self.size, self.size, -1)
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        """(size, size, C), same dtype; OpenCV's area filter (anti-aliased down, bilinear up)."""
+        if image.shape[0] != self.size:
+            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return image.reshape(self.size, self.size, -1)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Clip frame i at size² (background replaced if asked) and its head mask, float32."""
+        """Clip frame i at size² (background replaced if asked) and its 0/1 head mask, both uint8:
+        decoding threads move a quarter of float32's bytes; the device converts."""
         labels = self.clip.mask(int(i))
         frame = self._resize(self.clip.frame(int(i)))
         if self.background is not None:
             bg = self._resize((labels == 0).astype(np.float32))
-            frame = frame * (1 - bg) + self.background * bg
-        return frame, (self._resize((labels == 2).astype(np.float32)) > 0.5).astype(np.float32)
+            frame = (frame * (1 - bg) + self.background * 255 * bg + 0.5).astype(np.uint8)
+        return frame, (self._resize((labels == 2).astype(np.float32)) > 0.5).astype(np.uint8)
 
     def bodies(self, frames: np.ndarray, fps: float) -> np.ndarray:
         """Clip frame replayed under output frames `frames` (ping-pong over the body frames, in the clip's time)."""
@@ -268,8 +270,8 @@ class Synthesizer:
                 loaded.append(pending.pop(k).result())
                 if k + PREFETCH < n:
                     pending[k + PREFETCH] = self.pool.submit(self.load, bodies[k + PREFETCH])
-            frame = torch.from_numpy(np.stack([f for f, _ in loaded])).to(self.device)
-            mask = torch.from_numpy(np.stack([m for _, m in loaded])).to(self.device)
+            frame = torch.from_numpy(np.stack([f for f, _ in loaded])).to(self.device).float() / 255
+            mask = torch.from_numpy(np.stack([m for _, m in loaded])).to(self.device).float()
             toc = time.perf_counter()
             head, alpha = out.rgb, out.alpha
             if paste:
@@ -289,17 +291,19 @@ class Synthesizer:
 
 
 def read_audio(path: Path) -> np.ndarray:
-    """16 kHz mono float32 samples: audio.load_audio (any format, through ffmpeg), or where no
-    ffmpeg exists (the GPU machines) a 16 kHz mono 16-bit wav read by the standard library."""
-    if media.has_ffmpeg():
-        return audio.load_audio(path)
+    """16 kHz mono float32 samples. A 16 kHz mono 16-bit wav (whisper's own rate) is read by the
+    standard library: exact, no decoder process, and readable where ffmpeg/ffprobe are missing
+    (the GPU machines, static ffmpeg builds); anything else goes through audio.load_audio."""
     try:
         samples, rate = media.read_wav(path)
-    except (wave.Error, EOFError, GGError) as e:
-        raise GGError(f"{path}: without ffmpeg only 16 kHz mono 16-bit wav can be read; install ffmpeg or convert the audio", Exit.RESOURCE) from e
-    if rate != audio.SAMPLE_RATE:
-        raise GGError(f"{path}: {rate} Hz; without ffmpeg only 16 kHz mono 16-bit wav can be read; install ffmpeg or convert the audio", Exit.RESOURCE)
-    return samples
+        if rate == audio.SAMPLE_RATE:
+            return samples
+        why = f"{rate} Hz"
+    except (wave.Error, EOFError, GGError):
+        why = "not a 16 kHz mono 16-bit wav"
+    if media.has_ffmpeg():
+        return audio.load_audio(path)
+    raise GGError(f"{path}: {why}; without ffmpeg only 16 kHz mono 16-bit wav can be read; install ffmpeg or convert the audio", Exit.RESOURCE)
 
 
 def _file_samples(path: Path, start: float, end: float | None) -> np.ndarray:
@@ -369,7 +373,7 @@ class _Output:
         self.kind = "raw" if target == "-" else "npz" if target.endswith(".npz") else "video"
         self.frames = 0
         self.temps: list[Path] = []
-        self.writer = self.wav = None
+        self.writer = self.wav = self.behind = None
         if self.kind == "video":
             path = Path(target)
             stem = f".{path.name}.{os.getpid()}"
@@ -380,29 +384,41 @@ class _Output:
             self.wav.setnchannels(1)
             self.wav.setsampwidth(2)
             self.wav.setframerate(audio.SAMPLE_RATE)
+        self.behind = None if self.kind == "npz" else media.Behind(self._write, ENCODE_QUEUE)
 
     def audio(self, samples: np.ndarray) -> None:
         if self.wav is not None:
             self.wav.writeframes((np.clip(samples, -1, 1) * 32767).astype(np.int16).tobytes())
 
     def write(self, frame: np.ndarray) -> None:
-        if self.kind == "video":
-            self.writer.write(frame)
-        elif self.kind == "raw":
-            try:
-                sys.stdout.buffer.write(frame.tobytes())
-            except BrokenPipeError as e:
-                raise GGError("stdout closed by the reader; raw frames stopped", Exit.OUTPUT) from e
+        """Queue one frame for the encoder thread (`_write`)."""
+        if self.behind is not None:
+            self.behind.put(frame)
         self.frames += 1
 
+    def _write(self, frame: np.ndarray) -> None:
+        if self.kind == "video":
+            self.writer.write(frame)
+            return
+        try:
+            sys.stdout.buffer.write(frame.tobytes())
+        except BrokenPipeError as e:
+            raise GGError("stdout closed by the reader; raw frames stopped", Exit.OUTPUT) from e
+
     def flush(self) -> None:
+        """Raw frames so far reach the reader now (streaming): wait for the queue, then flush stdout."""
         if self.kind == "raw":
+            self.behind.drain()
             sys.stdout.buffer.flush()
 
     def close(self) -> None:
-        """Finish the mp4: close the encoder, mux the speech, rename onto the target."""
+        """Finish the mp4: drain the encoder thread, close the encoder, mux the speech, rename onto the target."""
+        if self.behind is not None:
+            self.behind.close()
+            self.behind = None
         if self.kind != "video":
-            self.flush()
+            if self.kind == "raw":
+                sys.stdout.buffer.flush()
             return
         self.wav.close()
         self.wav = None
@@ -419,6 +435,9 @@ class _Output:
         self.cleanup()
 
     def cleanup(self) -> None:
+        if self.behind is not None:
+            self.behind.abandon()
+            self.behind = None
         if self.wav is not None:
             self.wav.close()
         if self.writer is not None:
