@@ -53,7 +53,7 @@ def stage(names: list[str], cache: Path, call: Path = CALL) -> None:
     print(f"{call}: {size / 2**20:.1f} MiB for {', '.join(names)}")
 
 
-def run(call: Path = CALL) -> None:
+def run(call: Path = CALL, steps: str = "adapt,synth,eval,speed") -> None:
     """On the GPU machine: unpack, bench, pack this batch's results into $OUT."""
     sys.path.insert(0, str(REPO / "bench"))
     import pack_clip
@@ -65,7 +65,7 @@ def run(call: Path = CALL) -> None:
     shutil.copytree(call / "audio", work / "audio", dirs_exist_ok=True)
     env = {**os.environ, "GGTALKER_FEATURE_CACHE": str(call / "features"),
            "GGTALKER_FACE_LANDMARKER": str(REPO / ".devdata" / "assets" / "face_landmarker.task")}  # fmt: skip
-    subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--steps", "adapt,synth,eval,speed", "--device", "cuda",
+    subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--steps", steps, "--device", "cuda",
                     "--work", str(work), "--clips", ",".join(names)], env=env, check=True)  # fmt: skip
     keep = [f"{d}/{n}{x}" for n in names for d, x in (("state", ".json"), ("logs", ".log"), ("eval", ""), ("avatars", "/meta.yaml"), ("avatars", "/train_log.jsonl"))
             if (work / d / f"{n}{x}").exists()]  # fmt: skip
@@ -116,12 +116,13 @@ def main() -> None:
     st.add_argument("--cache", type=Path, default=Path(os.environ.get("GGTALKER_FEATURE_CACHE", REPO / ".devdata" / "bench" / "features")))
     rn = sub.add_parser("run", help="there: the GPU part of the bench for the staged clips")
     rn.add_argument("call", type=Path, nargs="?", default=CALL, help="batch folder staged here")
+    rn.add_argument("--steps", default="adapt,synth,eval,speed", help="run_all steps (a batch re-run for one missing step)")
     sub.add_parser("table", help="here: bench/results/adapt_all.{md,json} from out/bench_gpu")
     args = ap.parse_args()
     if args.cmd == "stage":
         stage(args.clips.split(","), args.cache, args.to)
     elif args.cmd == "run":
-        run(args.call)
+        run(args.call, args.steps)
     else:
         table()
 
