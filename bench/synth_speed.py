@@ -28,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-import run_all  # noqa: E402  (the bench's speech files and the feature-cache warm-up)
+import run_all  # the bench's speech files and the feature-cache warm-up
 
 LONG = "speech_60s.wav"
 SECONDS = 60.0
@@ -65,7 +65,7 @@ def run(avatar: Path, clip: Path, speech: Path, out: Path, device: str) -> None:
         cmd = [sys.executable, "-m", "ggtalker_cli.cli", "--json", "synth", str(avatar), "--audio", str(speech / name),
                "-o", str(target), "--clip", str(clip), "--device", device, "--force"]  # fmt: skip
         tic = time.perf_counter()
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - tic
         if done.returncode != 0:
             raise SystemExit(f"synth exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")

@@ -93,3 +93,36 @@ def test_probe_audio_only(real_dir):
     with pytest.raises(GGError, match="audio-only") as e:
         media.probe(real_dir / "audio" / "en_obama_5s.wav")
     assert e.value.code == Exit.INPUT_INVALID
+
+
+def test_behind_writes_in_order_and_surfaces_the_threads_failure():
+    """The encoder thread keeps frame order; its failure reaches the caller (next put or close)."""
+    written = []
+    behind = media.Behind(written.append, depth=2)
+    for k in range(10):
+        behind.put(np.full(3, k))
+    behind.drain()
+    assert [int(f[0]) for f in written] == list(range(10))
+    behind.close()
+
+    def fail(frame):
+        raise GGError("encoder died", Exit.OUTPUT)
+
+    broken = media.Behind(fail, depth=2)
+    broken.put(np.zeros(3))
+    with pytest.raises(GGError, match="encoder died"):
+        for _ in range(5):  # raised at the first put after the thread failed, at the latest at close
+            broken.put(np.zeros(3))
+        broken.close()
+
+
+def test_behind_abandon_drops_what_is_queued():
+    import threading
+
+    gate, written = threading.Event(), []
+    behind = media.Behind(lambda f: (gate.wait(5), written.append(f)), depth=8)
+    for _ in range(5):
+        behind.put(np.zeros(3))
+    threading.Timer(0.2, gate.set).start()  # the frame in hand finishes after abandon() began
+    behind.abandon()
+    assert len(written) == 1  # the other four were dropped, not written
