@@ -15,7 +15,7 @@ Protocol (written into the report):
   mouth_r: Pearson r of the 3-D mouth opening (inner-lip centres 13-14) with the tracked one.
   bs_l1: mean absolute blendshape error x100.
 - OOD: the adapted models of the `--ood-targets` drive every file in `--audio`; av_corr / av_lag
-  are metrics.av_lag of the audio envelope (metrics.audio_envelope) against the predicted mouth
+  are metrics.peak_shift (the retired av_lag definition) of the audio envelope (metrics.audio_envelope) against the predicted mouth
   opening at 25 fps; in-domain is the same model on its own clip's audio (all frames).
 - Whisper throughput: `audio.encode` on a 60 s file, wall-clock and process-CPU real-time factors.
 """
@@ -137,12 +137,12 @@ def main() -> None:
         d = a2e.load_clip(clip, cfg.a2e.fps)
         env_own = envelope(clip / "audio.wav", len(d.features), cfg.a2e.fps)
         _, mouth_own = a2e.run(model, d.features)
-        lag_own, r_own = metrics.av_lag(env_own, a2e.mouth_gap(mouth_own + d.neutral))
-        lag_gt, r_gt = metrics.av_lag(env_own, np.where(d.valid, a2e.mouth_gap(d.mouth + d.neutral), np.nan))
+        lag_own, r_own = metrics.peak_shift(env_own, a2e.mouth_gap(mouth_own + d.neutral))
+        lag_gt, r_gt = metrics.peak_shift(env_own, np.where(d.valid, a2e.mouth_gap(d.mouth + d.neutral), np.nan))
         per = {}
         for f, (x, env) in feats.items():
             _, mouth = a2e.run(model, x)
-            per[f] = metrics.av_lag(env, a2e.mouth_gap(mouth + d.neutral))
+            per[f] = metrics.peak_shift(env, a2e.mouth_gap(mouth + d.neutral))
         ood[name] = {"in_domain": (lag_own, r_own), "tracked": (lag_gt, r_gt), "ood": per}
         print(name, json.dumps(ood[name]), flush=True)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.signal import butter, sosfiltfilt
 
 DEFINITIONS: dict[str, str] = {
     "psnr": "PSNR in dB, 10*log10(1/MSE) over all pixels and RGB channels of images in [0,1]; "
@@ -42,10 +43,19 @@ DEFINITIONS: dict[str, str] = {
     "inner-lip centre landmarks 13-14 divided by the outer eye-corner distance 33-263.",
     "audio_env": "Audio envelope per video frame t: RMS of the mono waveform over the frame's "
     "interval [t/fps, (t+1)/fps).",
-    "av_lag": "Audio-mouth lag in frames: the shift k in [-10, 10] maximising the Pearson "
-    "correlation of audio_env[t] with mouth_open[t+k] over overlapping frames; k > 0 means the "
-    "mouth moves after the sound. Ties go to the smallest |k|.",
-    "av_corr": "Speech-lip intensity correlation: the peak Pearson correlation found by av_lag.",
+    "av_lag": "Retired (reports before av_sync_lag; too noisy on real clips, docs/evaluation.md): audio-mouth lag in "
+    "frames: the shift k in [-10, 10] maximising the Pearson correlation of audio_env[t] with mouth_open[t+k] over "
+    "overlapping frames; k > 0 means the mouth moves after the sound. Ties go to the smallest |k|.",
+    "av_corr": "Retired with av_lag: the peak Pearson correlation found by av_lag.",
+    "av_sync_lag": "Audio-mouth lag in frames (k > 0: the mouth moves after the sound), on at least 8 s: the speech "
+    "envelope (audio_env of the waveform band-passed to 300-3000 Hz, 4th-order Butterworth, zero-phase) and mouth_open "
+    "(missing frames linearly interpolated; not measured if over 10% are missing) are each mean-removed and band-passed to "
+    "the syllable rate, 2-7 Hz (2nd-order Butterworth, zero-phase); k in [-8, 8] maximises the Pearson correlation of "
+    "envelope[t] with mouth[t+k] over overlapping frames (ties to the smallest |k|), refined by a parabola through the "
+    "correlations at k-1, k, k+1. Not measured (null) below 8 s or when the maximum is at +-8 (no peak in range).",
+    "av_sync_r": "Speech-lip correlation: the peak Pearson correlation found by av_sync_lag (at its integer k).",
+    "av_sync_lag_rel": "av_sync_lag of a video minus av_sync_lag of the avatar's training clip over its whole length "
+    "(tracked mouth_open against the clip's audio.wav): 0 = the audio-mouth timing of the real video the avatar learned from.",
     "mouth_lag": "Lip-sync error against the real video in frames: the shift k in [-10, 10] maximising the Pearson "
     "correlation of the ground truth's mouth_open[t] with the prediction's mouth_open[t+k] over overlapping frames; "
     "k > 0 means the predicted mouth moves after the real one. Ties go to the smallest |k|.",
@@ -76,6 +86,11 @@ LMD_SIZE = 512  # LMD is reported in pixels of a 512x512 frame
 SEAM_FRACTION = 0.02  # seam band radius as a fraction of the frame side
 FACE_BOX_MARGIN = 0.1
 MAX_LAG = 10  # frames: 0.4 s at 25 fps covers lips leading speech and small mux offsets; a peak at ±10 means look wider
+SPEECH_BAND = (300.0, 3000.0)  # Hz: formant energy; drops low-frequency hum, breath and room rumble
+SYLLABLE_BAND = (2.0, 7.0)  # Hz: the syllable rhythm where lip and envelope movements are coupled
+SYNC_MAX_LAG = 8  # frames: 0.32 s at 25 fps, wider than the lip lead and offsets seen on real clips (to 0.22 s)
+SYNC_MIN_SECONDS = 8.0  # below this a real clip's own lag is not reproducible within ±1 frame (bench/av_lag_gt.py)
+SYNC_MAX_MISSING = 0.1  # fraction of frames without a detected mouth above which no lag is measured
 BLINK_HIGH, BLINK_LOW = 0.5, 0.3
 
 
@@ -256,27 +271,79 @@ def audio_envelope(samples: np.ndarray, sample_rate: int, fps: float, n_frames: 
     return np.sqrt(np.maximum(power, 0.0))
 
 
-def av_lag(envelope: np.ndarray, mouth: np.ndarray, max_lag: int = MAX_LAG) -> tuple[int, float]:
-    """(k, r): the shift maximising Pearson(envelope[t], mouth[t+k]); k > 0 = mouth after audio.
+def _shift_corr(a: np.ndarray, b: np.ndarray, max_lag: int) -> np.ndarray:
+    """(2*max_lag+1,) Pearson(a[t], b[t+k]) for k = -max_lag..max_lag; NaN under 3 overlapping frames."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = min(len(a), len(b))
+    out = np.full(2 * max_lag + 1, math.nan)
+    for k in range(-max_lag, max_lag + 1):
+        if n - abs(k) >= 3:
+            out[k + max_lag] = pearson(*((a[: n - k], b[k:n]) if k >= 0 else (a[-k:n], b[: n + k])))
+    return out
 
-    Use the mouth-opening track itself, not its velocity: both it and the envelope are
-    amplitudes (an open mouth passes more sound), while the velocity peaks a quarter syllable
-    period earlier (a rate-dependent bias) and differencing doubles landmark jitter. On the real
-    clips' ground truth (whole clips) the opening gives peak r 0.29 / 0.21 / 0.17 (CNN, Macron,
-    Ted Lieu) against 0.17 / 0.08 / 0.08 for the velocity. Ties go to the smallest |k|.
+
+def _best(corr: np.ndarray) -> int:
+    """Index of the largest finite correlation, ties to the centre (smallest |k|); -1 if none."""
+    max_lag = len(corr) // 2
+    order = sorted(range(len(corr)), key=lambda i: abs(i - max_lag))
+    finite = [i for i in order if math.isfinite(corr[i])]
+    return max(finite, key=lambda i: corr[i]) if finite else -1
+
+
+def peak_shift(a: np.ndarray, b: np.ndarray, max_lag: int = MAX_LAG) -> tuple[int, float]:
+    """(k, r): the integer shift maximising Pearson(a[t], b[t+k]); k > 0 = b after a.
+
+    Two tracks of the same quantity (mouth opening vs mouth opening: mouth_lag, render_lag)
+    correlate strongly, so the raw levels give a sharp peak. Ties go to the smallest |k|;
+    (0, -inf) when no shift has a defined correlation.
     """
-    env = np.asarray(envelope, dtype=np.float64)
+    corr = _shift_corr(a, b, max_lag)
+    i = _best(corr)
+    return (i - max_lag, float(corr[i])) if i >= 0 else (0, -math.inf)
+
+
+def speech_envelope(samples: np.ndarray, sample_rate: int, fps: float, n_frames: int) -> np.ndarray:
+    """audio_env of the waveform band-passed to SPEECH_BAND: the energy that articulation shapes."""
+    x = np.asarray(samples, dtype=np.float64)
+    x = x.mean(axis=-1) if x.ndim > 1 else x
+    sos = butter(4, SPEECH_BAND, btype="band", fs=sample_rate, output="sos")
+    return audio_envelope(sosfiltfilt(sos, x), sample_rate, fps, n_frames)
+
+
+def _syllable_band(x: np.ndarray, fps: float) -> np.ndarray:
+    """x mean-removed and band-passed (zero-phase) to SYLLABLE_BAND, NaN gaps interpolated first.
+
+    Removing slow drift (pauses, head distance) and frame jitter leaves the syllable rhythm,
+    whose cross-correlation has a narrow peak where the raw levels' is broad and wanders.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    ok = np.isfinite(x)
+    x = np.interp(np.arange(len(x)), np.flatnonzero(ok), x[ok])
+    sos = butter(2, SYLLABLE_BAND, btype="band", fs=fps, output="sos")
+    return sosfiltfilt(sos, x - x.mean())
+
+
+def av_sync(samples: np.ndarray, sample_rate: int, fps: float, mouth: np.ndarray) -> tuple[float, float]:
+    """(lag, r) of av_sync_lag / av_sync_r: audio-mouth lag in frames, k > 0 = mouth after sound.
+
+    (NaN, NaN) when it cannot be trusted: under SYNC_MIN_SECONDS (on real clips the lag of
+    shorter windows is not reproducible), more than SYNC_MAX_MISSING of the mouth track
+    undetected, or no interior peak within ±SYNC_MAX_LAG. Sub-frame by a parabola through the
+    peak and its neighbours, so a consistent lip lead of a fraction of a frame stays visible.
+    """
     mouth = np.asarray(mouth, dtype=np.float64)
-    n = min(len(env), len(mouth))
-    best = (0, -math.inf)
-    for k in sorted(range(-max_lag, max_lag + 1), key=abs):
-        a, b = (env[: n - k], mouth[k:n]) if k >= 0 else (env[-k:n], mouth[: n + k])
-        if n - abs(k) < 3:  # (also keeps |k| >= n from slicing from the end)
-            continue
-        r = pearson(a, b)
-        if r > best[1]:
-            best = (k, r)
-    return best
+    n = len(mouth)
+    if n < SYNC_MIN_SECONDS * fps or np.isfinite(mouth).mean() < 1 - SYNC_MAX_MISSING:
+        return math.nan, math.nan
+    env = _syllable_band(speech_envelope(samples, sample_rate, fps, n), fps)
+    corr = _shift_corr(env, _syllable_band(mouth, fps), SYNC_MAX_LAG)
+    i = _best(corr)
+    if i <= 0 or i >= len(corr) - 1:
+        return math.nan, math.nan
+    y0, y1, y2 = corr[i - 1 : i + 2]
+    curve = y0 - 2 * y1 + y2
+    offset = 0.5 * (y0 - y2) / curve if curve < 0 else 0.0
+    return i - SYNC_MAX_LAG + offset, float(y1)
 
 
 def count_blinks(signal: np.ndarray, high: float = BLINK_HIGH, low: float = BLINK_LOW) -> int:

@@ -28,7 +28,7 @@ from .artifacts import atomic_write_bytes
 from .errors import Exit, GGError
 
 COLUMNS = (("psnr", "PSNR dB"), ("ssim", "SSIM"), ("psnr_face", "PSNR face"), ("ssim_face", "SSIM face"), ("psnr_seam", "PSNR seam"),
-           ("lmd", "LMD px"), ("mouth_open_r", "mouth r"), ("mouth_lag", "vs GT lag fr"), ("av_lag", "lag fr"), ("av_corr", "A/V r"), ("blink_rate", "blinks/min"))  # fmt: skip
+           ("lmd", "LMD px"), ("mouth_open_r", "mouth r"), ("mouth_lag", "vs GT lag fr"), ("av_sync_lag", "A/V lag fr"), ("av_sync_lag_rel", "A/V lag vs clip fr"), ("av_sync_r", "A/V r"), ("blink_rate", "blinks/min"))  # fmt: skip
 BARS = (("psnr", "PSNR (dB) ↑"), ("ssim", "SSIM ↑"), ("lmd", "LMD (px at 512²) ↓"), ("mouth_open_r", "mouth-opening r ↑"))
 COLOURS = {"tracked": "tab:blue", "audio": "tab:red", "no_audio": "tab:gray", "tracked_paste": "tab:cyan", "retrieval_landmarks": "tab:olive",
            "retrieval_blendshapes_pose": "tab:brown", "gt": "black", "detector_floor": "tab:green"}  # fmt: skip
@@ -62,6 +62,8 @@ def fmt(entry: dict | None) -> str:
         return "∞" if value == "inf" else "−∞"
     if entry["definition"] in ("av_lag", "mouth_lag", "render_lag"):
         return f"{int(value):+d}"
+    if entry["definition"] in ("av_sync_lag", "av_sync_lag_rel"):
+        return f"{value:+.1f}"
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
 
 
@@ -128,11 +130,11 @@ def _variant_rows(rep: dict) -> list[list[str]]:
 
 
 def _ood_rows(rep: dict) -> list[list[str]]:
-    keys = ("av_lag", "av_corr", "a2e_av_lag", "a2e_av_corr", "render_lag", "synth_fps")
+    keys = ("av_sync_lag", "av_sync_lag_rel", "av_sync_r", "a2e_av_sync_lag", "a2e_av_sync_r", "render_lag", "synth_fps")
     return [[Path(e["audio"]).name, f"{e['seconds']:.1f}"] + [fmt(e["metrics"].get(k)) for k in keys] for e in rep["ood"]]
 
 
-OOD_HEADER = ["audio", "s", "lag (render)", "A/V r (render)", "lag (A2E)", "A/V r (A2E)", "video vs driven lag", "synth fps"]
+OOD_HEADER = ["audio", "s", "A/V lag (render)", "vs clip's own", "A/V r (render)", "A/V lag (A2E)", "A/V r (A2E)", "video vs driven lag", "synth fps"]
 
 
 def markdown(rep: dict) -> str:

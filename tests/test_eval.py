@@ -17,7 +17,7 @@ from ggtalker_cli import report
 from ggtalker_cli.stages import eval as ev
 
 PIXEL = ("psnr", "ssim", "psnr_face", "ssim_face", "psnr_seam")
-LANDMARK = ("lmd", "mouth_open_r", "av_lag", "av_corr", "blink_rate")
+LANDMARK = ("lmd", "mouth_open_r", "av_sync_lag", "av_sync_lag_rel", "av_sync_r", "blink_rate")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,7 +67,8 @@ def test_render_phase_report_is_valid_and_marks_pending(rendered):
     assert speed["synth_fps"]["value"] > 0 and speed["render_ms"]["value"] > 0 and speed["adapt_s"]["value"] > 0
     assert all(v["status"].startswith("not computed") for v in rep["optional"].values())
     (ood,) = rep["ood"]
-    assert ood["frames"] == 40 and isinstance(ood["metrics"]["a2e_av_lag"]["value"], float)
+    assert ood["frames"] == 40 and ood["metrics"]["a2e_av_sync_lag"]["value"] is None  # 1.6 s: too short to measure
+    assert "not measured" in ood["metrics"]["a2e_av_sync_lag"]["note"]
     for name in ("gt", "audio", "tracked", "no_audio", "error_audio", "ood_0"):
         assert (folder / "videos" / f"{name}.mp4").stat().st_size > 0
     for name in ("report.md", "report.html", "strips.png", "bars.png", "mouth.png", "data.npz", "audio/test.wav"):
@@ -93,7 +94,7 @@ def test_score_only_fills_landmark_metrics(scored):
     assert 0 < floor["lmd"]["value"] < 5 and floor["lmd_shift"]["definition"] == "lmd"
     # the ground truth's own landmarks are much closer to it than any render
     assert rep["variants"]["tracked"]["metrics"]["lmd"]["value"] > floor["lmd_shift"]["value"]
-    assert isinstance(rep["ood"][0]["metrics"]["av_lag"]["value"], float)
+    assert rep["ood"][0]["metrics"]["av_sync_lag"]["value"] is None  # 1.6 s of audio: under the 8-s minimum
     assert rep["ood"][0]["metrics"]["render_lag"]["value"] in range(-10, 11)  # the written video vs what A2E drove
     assert (folder / "scores.npz").is_file()
     assert "pending" not in (folder / "report.md").read_text().split("## Out-of-distribution")[0]

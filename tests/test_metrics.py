@@ -135,14 +135,44 @@ def test_audio_envelope_rms_per_frame():
 
 
 @pytest.mark.parametrize("k", [3, -2, 0, 7])
-def test_av_lag_recovers_a_known_delay(k):
+def test_peak_shift_recovers_a_known_delay(k):
     rng = np.random.default_rng(4)
     raw = np.convolve(rng.normal(size=400), np.ones(4) / 4, mode="same")  # syllable-like smoothness
-    env = raw[20:320]
-    mouth = raw[20 - k : 320 - k]  # mouth[t] = env[t - k]: the mouth moves k frames after the sound
-    lag, r = metrics.av_lag(env, mouth)
+    a = raw[20:320]
+    b = raw[20 - k : 320 - k]  # b[t] = a[t - k]: b moves k frames after a
+    lag, r = metrics.peak_shift(a, b)
     assert lag == k
     assert r == pytest.approx(1.0)
+
+
+def _speech(seconds: float, delay: float, fps: float = 25.0, rate: int = 8000) -> tuple[np.ndarray, np.ndarray]:
+    """Noise amplitude-modulated at a syllable-like rate, and a 'mouth' that follows the modulation `delay` frames later."""
+    rng = np.random.default_rng(7)
+    n = int(seconds * fps)
+    knots = np.abs(rng.normal(size=n // 5 + 8))  # one syllable every 5 frames (5 Hz)
+    t = np.arange(int(seconds * rate)) / rate
+    samples = rng.normal(size=len(t)) * np.interp(t * fps / 5, np.arange(len(knots)), knots)
+    frame_t = (np.arange(n) + 0.5 - delay) / fps  # frame t is shown over [t, t+1)/fps: its audio centres at t+0.5
+    mouth = np.interp(frame_t * fps / 5, np.arange(len(knots)), knots)
+    return samples, mouth
+
+
+@pytest.mark.parametrize("delay", [0.0, 3.0, -2.0, 1.5])
+def test_av_sync_recovers_a_known_delay(delay):
+    samples, mouth = _speech(10.0, delay)
+    lag, r = metrics.av_sync(samples, 8000, 25.0, mouth)
+    assert lag == pytest.approx(delay, abs=0.25)
+    assert r > 0.8
+
+
+def test_av_sync_does_not_measure_what_it_cannot_trust():
+    samples, mouth = _speech(7.5, 0.0)  # under SYNC_MIN_SECONDS
+    assert all(math.isnan(x) for x in metrics.av_sync(samples, 8000, 25.0, mouth))
+    samples, mouth = _speech(10.0, 0.0)
+    mouth[::5] = np.nan  # 20% undetected
+    assert all(math.isnan(x) for x in metrics.av_sync(samples, 8000, 25.0, mouth))
+    mouth = _speech(10.0, 9.0)[1]  # the true lag lies outside ±8: no interior peak
+    assert math.isnan(metrics.av_sync(samples, 8000, 25.0, mouth)[0])
 
 
 def test_blinks_on_a_square_wave():
@@ -159,7 +189,7 @@ def test_blinks_on_a_square_wave():
 def test_every_definition_is_in_the_protocol_doc():
     doc = (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
     for key in ("psnr", "psnr_face", "psnr_seam", "ssim", "ssim_face", "lmd", "mouth_open", "mouth_open_r",
-                "audio_env", "av_lag", "av_corr", "blink_rate"):
+                "audio_env", "av_sync_lag", "av_sync_r", "av_sync_lag_rel", "blink_rate"):
         assert len(metrics.DEFINITIONS[key]) > 20
         assert f"| `{key}` |" in doc
     assert set(metrics.DEFINITIONS) == {line.split("`")[1] for line in doc.splitlines() if line.startswith("| `")}

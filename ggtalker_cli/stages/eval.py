@@ -12,7 +12,8 @@ Two phases, so renders can be made where the GPU is and scored where mediapipe i
    on the frames in memory; every variant written to `videos/*.mp4` (the same encoder for all,
    ground truth included, so codec noise cancels), strips, speed.
 2. **score** (mediapipe): landmarks of every video in single-image mode → LMD, mouth-opening
-   correlation, audio–mouth lag, blink rate; OOD audio speech–lip correlation and lag.
+   correlation, audio–mouth lag (av_sync_lag, also relative to the training clip's own), blink rate;
+   OOD audio speech–lip correlation and lag.
 Without mediapipe the report is written with those metrics marked pending, and
 `ggtalker eval --score-only -o REPORT_DIR` finishes it on a machine that has it.
 """
@@ -95,7 +96,7 @@ SCHEMA: dict[str, Any] = {
         "avatar": {"type": "object", "required": ["path"], "properties": {"path": {"type": "string"}}},
         "clip": {"type": "object", "required": ["path", "fps", "size", "test_frames"],
                  "properties": {"path": {"type": "string"}, "fps": {"type": "number"}, "size": {"type": "integer"},
-                                "test_frames": {"type": "array", "items": {"type": "integer"}}}},
+                                "test_frames": {"type": "array", "items": {"type": "integer"}}, "av_sync_lag": _METRIC}},
         "protocol": {"type": "object", "required": ["doc", "setting", "size", "frames"],
                      "properties": {"doc": {"type": "string"}, "setting": {"type": "string"}, "size": {"type": "integer"}, "frames": {"type": "integer"}}},
         "variants": {
@@ -357,8 +358,8 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
                 value = math.inf if np.isinf(values).all() else float(np.nanmean(values[np.isfinite(values)])) if np.isfinite(values).any() else math.nan
                 entry_metrics[key] = metric(key, value, unit)
         if name != "tracked_paste":
-            for key in ("lmd", "mouth_open_r", "av_lag", "av_corr", "blink_rate"):
-                if name == "detector_floor" and key in ("av_lag", "av_corr", "blink_rate"):
+            for key in ("lmd", "mouth_open_r", "av_sync_lag", "av_sync_lag_rel", "av_sync_r", "blink_rate"):
+                if name == "detector_floor" and key in ("av_sync_lag", "av_sync_lag_rel", "av_sync_r", "blink_rate"):
                     continue
                 entry_metrics[key] = metric(key, None, _UNITS.get(key), status=PENDING)
         variants[name] = {"kind": kind, "description": description, "video": f"videos/{name}.mp4" if name in VIDEO_VARIANTS else None,
@@ -380,7 +381,8 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
         "ggtalker": __version__,
         "avatar": {"path": str(Path(avatar_dir).resolve()), "a2e": a2e_source, "body": synth.body.kind, "steps": meta.get("steps"),
                    "size": meta.get("size"), "gaussians": meta.get("gaussians")},
-        "clip": {"path": str(clip.path.resolve()), "fps": clip.fps, "size": clip.size, "test_frames": [int(test[0]), int(test[-1]) + 1]},
+        "clip": {"path": str(clip.path.resolve()), "fps": clip.fps, "size": clip.size, "test_frames": [int(test[0]), int(test[-1]) + 1],
+                 "av_sync_lag": metric("av_sync_lag", clip_sync(clip), "frames", "whole clip, tracked mouth opening against its audio")},
         "protocol": {
             "doc": "docs/evaluation.md",
             "setting": "self-reenactment on the clip's held-out test frames: each rendered at its tracked head pose and composited "
@@ -406,7 +408,7 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
     return result, arrays
 
 
-_UNITS = {"lmd": "px at 512²", "av_lag": "frames", "blink_rate": "blinks/min"}
+_UNITS = {"lmd": "px at 512²", "av_sync_lag": "frames", "av_sync_lag_rel": "frames", "blink_rate": "blinks/min"}
 
 
 def _ood(synth: synth_stage.Synthesizer, state: dict, path: Path, k: int, folder: Path, dev: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
@@ -431,28 +433,48 @@ def _ood(synth: synth_stage.Synthesizer, state: dict, path: Path, k: int, folder
         videos.close(failed=True)
         raise
     wall = time.perf_counter() - tic
-    envelope = metrics.audio_envelope(samples, audio.SAMPLE_RATE, fps, len(mouth))
-    lag, corr = sync(envelope, np.asarray(mouth))
+    lag, corr = metrics.av_sync(samples, audio.SAMPLE_RATE, fps, np.asarray(mouth))
     entry = {
         "audio": str(path),
         "seconds": round(len(samples) / audio.SAMPLE_RATE, 3),
         "frames": len(mouth),
         "video": f"videos/ood_{k}.mp4",
         "metrics": {
-            "av_lag": metric("av_lag", None, "frames", "rendered video, detected mouth opening", PENDING),
-            "av_corr": metric("av_corr", None, None, "rendered video, detected mouth opening", PENDING),
-            "a2e_av_lag": metric("av_lag", lag, "frames", "A2E's predicted inner-lip gap (expression level, no render)"),
-            "a2e_av_corr": metric("av_corr", corr, None, "A2E's predicted inner-lip gap (expression level, no render)"),
+            "av_sync_lag": metric("av_sync_lag", None, "frames", "rendered video, detected mouth opening", PENDING),
+            "av_sync_lag_rel": metric("av_sync_lag_rel", None, "frames", "rendered video, detected mouth opening", PENDING),
+            "av_sync_r": metric("av_sync_r", None, None, "rendered video, detected mouth opening", PENDING),
+            "a2e_av_sync_lag": metric("av_sync_lag", lag, "frames", sync_note(lag, "A2E's predicted inner-lip gap (expression level, no render)")),
+            "a2e_av_sync_r": metric("av_sync_r", corr, None, sync_note(lag, "A2E's predicted inner-lip gap (expression level, no render)")),
             "synth_fps": metric("synth_fps", len(mouth) / wall, "frames/s", f"{synth.size}², ping-pong body replay"),
         },
     }
     return entry, {f"ood_{k}_a2e_mouth_open": np.asarray(mouth, np.float32)}
 
 
-def sync(envelope: np.ndarray, mouth: np.ndarray) -> tuple[float, float]:
-    """metrics.av_lag, with an undefined correlation (constant or undetected track) as NaN."""
-    lag, corr = metrics.av_lag(envelope, mouth)
-    return (float(lag), float(corr)) if math.isfinite(corr) else (math.nan, math.nan)
+def sync_metrics(samples: np.ndarray, rate: int, fps: float, mouth: np.ndarray, reference: float | None, note: str | None) -> dict:
+    """av_sync_lag, its peak r and, given the training clip's own lag, the lag relative to it."""
+    lag, corr = metrics.av_sync(samples, rate, fps, mouth)
+    out = {"av_sync_lag": metric("av_sync_lag", lag, "frames", sync_note(lag, note)), "av_sync_r": metric("av_sync_r", corr, None, sync_note(lag, note))}
+    if reference is None:
+        out["av_sync_lag_rel"] = metric("av_sync_lag_rel", math.nan, "frames", "the training clip's own lag is not measured")
+    else:
+        out["av_sync_lag_rel"] = metric("av_sync_lag_rel", lag - reference, "frames", f"training clip's own av_sync_lag {reference:+.1f}")
+    return out
+
+
+def sync_note(lag: float, note: str | None) -> str | None:
+    """The metric note, saying why when av_sync gave no lag."""
+    if math.isfinite(lag):
+        return note
+    return "; ".join(filter(None, [note, "not measured: under 8 s, >10% undetected or no peak in ±8"]))
+
+
+def clip_sync(clip: Clip) -> float:
+    """av_sync_lag of the training clip over its whole length: tracked mouth against its audio.wav."""
+    if clip.audio_path is None:
+        return math.nan
+    samples, rate = read_wav(clip.audio_path)
+    return metrics.av_sync(samples, rate, clip.fps, clip.tracking["mouth_open"])[0]
 
 
 def optional_metrics() -> dict[str, dict[str, str]]:
@@ -514,6 +536,7 @@ def score_phase(folder: Path) -> dict:
     samples, rate = read_wav(folder / "audio" / "test.wav")
     n = rep["protocol"]["frames"]
     envelope = metrics.audio_envelope(samples, rate, fps, n)
+    reference = (rep["clip"].get("av_sync_lag") or {}).get("value")  # None: not measured (or a report from before it)
     tracks: dict[str, np.ndarray] = {}
     detected = {}
     with console.progress() as bar:
@@ -529,15 +552,13 @@ def score_phase(folder: Path) -> dict:
         for name, (lm, bs) in {"gt": (gt_lm, gt_bs), **detected}.items():
             blink, mouth = signals(lm, bs, names)
             tracks[f"mouth_open_{name}"] = mouth
-            lag, corr = sync(envelope, mouth)
             m = rep["variants"][name]["metrics"]
             m["lmd"] = metric("lmd", metrics.lmd(lm, gt_lm, size) if name != "gt" else 0.0, _UNITS["lmd"],
                               "ground truth against itself" if name == "gt" else None)  # fmt: skip
             m["mouth_open_r"] = metric("mouth_open_r", metrics.pearson(mouth, gt_mouth))
-            m["av_lag"] = metric("av_lag", lag, "frames", "judge against gt's own lag on the same frames" if name != "gt" else None)
-            m["av_corr"] = metric("av_corr", corr)
+            m.update(sync_metrics(samples, rate, fps, mouth, reference, None))
             if name != "gt":
-                m["mouth_lag"] = metric("mouth_lag", metrics.av_lag(gt_mouth, mouth)[0], "frames")
+                m["mouth_lag"] = metric("mouth_lag", metrics.peak_shift(gt_mouth, mouth)[0], "frames")
             m["blink_rate"] = metric("blink_rate", metrics.blink_rate(blink, fps), "blinks/min", "detected on the frames")
         rep["variants"]["gt"]["metrics"]["blink_rate_train"] = metric(
             "blink_rate", metrics.blink_rate(arrays["train_blink"], fps), "blinks/min", "the training frames' tracked blinks: what synth replays")
@@ -553,12 +574,10 @@ def score_phase(folder: Path) -> dict:
             lm, bs, _ = _detect(folder, entry["video"])
             _, mouth = signals(lm, bs, names)
             wav, wav_rate = read_wav(folder / "audio" / f"ood_{k}.wav")
-            lag, corr = sync(metrics.audio_envelope(wav, wav_rate, fps, len(mouth)), mouth)
-            entry["metrics"]["av_lag"] = metric("av_lag", lag, "frames", "rendered video, detected mouth opening")
-            entry["metrics"]["av_corr"] = metric("av_corr", corr, None, "rendered video, detected mouth opening")
+            entry["metrics"].update(sync_metrics(wav, wav_rate, fps, mouth, reference, "rendered video, detected mouth opening"))
             driven = arrays.get(f"ood_{k}_a2e_mouth_open")
             if driven is not None:  # reports rendered before the A2E track was kept have none
-                shift, peak = metrics.av_lag(driven, mouth)
+                shift, peak = metrics.peak_shift(driven, mouth)
                 entry["metrics"]["render_lag"] = metric("render_lag", shift, "frames", f"A2E-driven vs detected mouth opening, peak r {peak:.2f}")
             tracks[f"ood_{k}_mouth_open"] = mouth
             bar.advance(task)
@@ -614,7 +633,7 @@ def run(
         if score != "no" and can_score():
             rep = score_phase(folder)
         else:
-            rep["pending"] = ["landmark metrics (lmd, mouth_open_r, av_lag, av_corr, blink_rate): " + PENDING]
+            rep["pending"] = ["landmark metrics (lmd, mouth_open_r, av_sync_lag, av_sync_r, blink_rate): " + PENDING]
             console.warn(f"landmark metrics pending: {PENDING.removeprefix('pending: ')}")
         report.write(folder, rep, validate)
     return summarize(rep, out)
@@ -629,9 +648,11 @@ def summarize(rep: dict, out: Path) -> dict[str, Any]:
     return {
         "report": str(out),
         **{f"{v}_{k}": value(v, k) for v in ("tracked", "audio", "no_audio") for k in ("psnr", "ssim", "lmd", "mouth_open_r")},
-        "audio_av_lag": value("audio", "av_lag"),
+        "audio_av_sync_lag": value("audio", "av_sync_lag"),
+        "audio_av_sync_lag_rel": value("audio", "av_sync_lag_rel"),
         "audio_mouth_lag": value("audio", "mouth_lag"),
-        "gt_av_lag": value("gt", "av_lag"),
+        "gt_av_sync_lag": value("gt", "av_sync_lag"),
+        "clip_av_sync_lag": (rep["clip"].get("av_sync_lag") or {}).get("value"),
         "synth_fps": rep["speed"]["metrics"]["synth_fps"]["value"],
         "device": rep["speed"]["device"],
         "pending": bool(rep["pending"]),
