@@ -382,7 +382,7 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
         "avatar": {"path": str(Path(avatar_dir).resolve()), "a2e": a2e_source, "body": synth.body.kind, "steps": meta.get("steps"),
                    "size": meta.get("size"), "gaussians": meta.get("gaussians")},
         "clip": {"path": str(clip.path.resolve()), "fps": clip.fps, "size": clip.size, "test_frames": [int(test[0]), int(test[-1]) + 1],
-                 "av_sync_lag": metric("av_sync_lag", clip_sync(clip), "frames", "whole clip, tracked mouth opening against its audio")},
+                 "av_sync_lag": clip_sync(clip)},
         "protocol": {
             "doc": "docs/evaluation.md",
             "setting": "self-reenactment on the clip's held-out test frames: each rendered at its tracked head pose and composited "
@@ -469,12 +469,14 @@ def sync_note(lag: float, note: str | None) -> str | None:
     return "; ".join(filter(None, [note, "not measured: under 8 s, >10% undetected or no peak in ±8"]))
 
 
-def clip_sync(clip: Clip) -> float:
-    """av_sync_lag of the training clip over its whole length: tracked mouth against its audio.wav."""
-    if clip.audio_path is None:
-        return math.nan
-    samples, rate = read_wav(clip.audio_path)
-    return metrics.av_sync(samples, rate, clip.fps, clip.tracking["mouth_open"])[0]
+def clip_sync(clip: Clip) -> dict:
+    """The av_sync_lag metric of the training clip over its whole length (tracked mouth against
+    its audio.wav): the reference the avatar's own lags are reported relative to."""
+    lag = math.nan
+    if clip.audio_path is not None:
+        samples, rate = read_wav(clip.audio_path)
+        lag = metrics.av_sync(samples, rate, clip.fps, clip.tracking["mouth_open"])[0]
+    return metric("av_sync_lag", lag, "frames", "whole clip, tracked mouth opening against its audio")
 
 
 def optional_metrics() -> dict[str, dict[str, str]]:
@@ -536,7 +538,9 @@ def score_phase(folder: Path) -> dict:
     samples, rate = read_wav(folder / "audio" / "test.wav")
     n = rep["protocol"]["frames"]
     envelope = metrics.audio_envelope(samples, rate, fps, n)
-    reference = (rep["clip"].get("av_sync_lag") or {}).get("value")  # None: not measured (or a report from before it)
+    if "av_sync_lag" not in rep["clip"] and Path(rep["clip"]["path"]).is_dir():  # a report from before the metric
+        rep["clip"]["av_sync_lag"] = clip_sync(Clip(rep["clip"]["path"]))
+    reference = (rep["clip"].get("av_sync_lag") or {}).get("value")  # None: not measured
     tracks: dict[str, np.ndarray] = {}
     detected = {}
     with console.progress() as bar:
