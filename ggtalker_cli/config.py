@@ -137,6 +137,7 @@ class A2EConfig:
     adapt_feature_noise: float = 0.1  # one voice: no need for the prior's heavy feature regularisers
     adapt_patience: int = 4  # validations (every 50 steps) without improvement before stopping
     adapt_val_fraction: float = 0.1  # last share of the training frames used for early stopping
+    adapt_realign: bool = True  # train on the clip's audio shifted by its own measured audio-mouth lag (≥ 8 s; docs/a2e.md)
     seed: int = 0
 
 

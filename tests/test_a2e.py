@@ -105,6 +105,18 @@ def test_load_clip_targets(clips):
     assert np.abs(mean_offset).max() < 0.05  # offsets are from the training-frame mean
 
 
+def test_realign_shifts_features_against_targets(clips):
+    """A source whose lips lead its sound by 2 frames trains on audio from 2 frames later."""
+    data = a2e.load_clip(clips[1], 25.0)
+    ahead = a2e.realign(data, -2)
+    assert np.array_equal(ahead.features[:-2], data.features[2:]) and np.array_equal(ahead.mouth, data.mouth)
+    assert not ahead.valid[-2:].any() and np.array_equal(ahead.valid[:-2], data.valid[:-2])
+    behind = a2e.realign(data, 3)
+    assert np.array_equal(behind.features[3:], data.features[:-3]) and not behind.valid[:3].any()
+    assert a2e.realign(data, 0) is data
+    assert np.isnan(a2e.source_lag(clips[1], 25.0))  # 7.5 s of training frames: under av_sync's 8 s, no shift
+
+
 def test_state_round_trip():
     cfg = small_cfg().a2e
     model = a2e.A2E(a2e.make_meta(cfg, D, {"model": "synthetic"}, ["a", "b"]))

@@ -44,7 +44,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from .. import metrics
 from ..clip import Clip
 from ..errors import Exit, GGError
+from ..media import read_wav
 
 N_BLENDSHAPES = 52
 JAW = (152, 148, 176, 149, 377, 400, 378)  # chin and lower jaw line: the jaw drops with the mouth
@@ -130,6 +131,31 @@ def load_clip(path: str | Path, fps: float) -> ClipData:
         n_train=min(n_train, n),
         whisper=dict(meta_audio.get("features") or {}),
     )
+
+
+def source_lag(path: str | Path, fps: float) -> float:
+    """The clip's own audio–mouth lag over its training frames (metrics.av_sync_lag) in frames at
+    `fps`; NaN when under 8 s or not measurable. Real sources are off by up to 5.6 frames (Obama;
+    bench/av_lag_gt.py): an offset file or a speaker's lip lead, either way not the timing an
+    avatar should say new speech with."""
+    clip = Clip(path)
+    if clip.audio_path is None:
+        return math.nan
+    samples, rate = read_wav(clip.audio_path)
+    n = len(clip.train_indices)
+    return metrics.av_sync(samples[: round(n / clip.fps * rate)], rate, clip.fps, clip.tracking["mouth_open"][:n])[0] * fps / clip.fps
+
+
+def realign(data: ClipData, shift: int) -> ClipData:
+    """`data` with features[t] taken from features[t - shift]: a source whose mouth moves `shift`
+    frames after the sound (shift < 0: before it) is trained as if in sync. The rows that would
+    come from outside the clip are marked invalid."""
+    if shift == 0:
+        return data
+    n = len(data.features)
+    src = np.clip(np.arange(n) - shift, 0, n - 1)
+    inside = (np.arange(n) - shift >= 0) & (np.arange(n) - shift < n)
+    return replace(data, features=data.features[src], valid=data.valid & inside)
 
 
 def mouth_gap(mouth: np.ndarray) -> np.ndarray:
