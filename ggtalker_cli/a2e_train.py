@@ -236,7 +236,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     # The prior is in sync on other speech (bench/a2e_sync.py); fine-tuned on a source whose lips
     # lead its sound it learns that lead (Ted Lieu −2.3 frames → −2 on every other speech file).
     lag = source_lag(clip, model.meta["fps"])
-    shift = round(lag) if cfg.adapt_realign and math.isfinite(lag) else 0
+    shift = int(round(lag)) if cfg.adapt_realign and math.isfinite(lag) else 0
     data = realign(data, shift)
     n_val = max(1, round(cfg.adapt_val_fraction * data.n_train))
     fit_spans, val_spans = [(0, 0, data.n_train - n_val)], [(0, data.n_train - n_val, data.n_train)]

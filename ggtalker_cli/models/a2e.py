@@ -143,7 +143,7 @@ def source_lag(path: str | Path, fps: float) -> float:
         return math.nan
     samples, rate = read_wav(clip.audio_path)
     n = len(clip.train_indices)
-    return metrics.av_sync(samples[: round(n / clip.fps * rate)], rate, clip.fps, clip.tracking["mouth_open"][:n])[0] * fps / clip.fps
+    return float(metrics.av_sync(samples[: round(n / clip.fps * rate)], rate, clip.fps, clip.tracking["mouth_open"][:n])[0] * fps / clip.fps)
 
 
 def realign(data: ClipData, shift: int) -> ClipData:
