@@ -78,6 +78,17 @@ def speech_files(work: Path) -> list[Path]:
     return out
 
 
+def whisper_windows(state: dict, samples, fps: float) -> list[Path]:
+    """The feature-cache files (GGTALKER_FEATURE_CACHE) of the whisper windows synth/eval encode for
+    `samples`, made here if missing: what a machine without whisper weights needs to be carried."""
+    from ggtalker_cli.stream import Expressions
+
+    expressions = Expressions(state, fps, device="cpu")
+    expressions.push(samples)
+    expressions.finish()
+    return list(expressions.whisper.encoder.used)
+
+
 def warm_features(prior: Path, clip_dir: Path, work: Path) -> dict:
     """Whisper features of every audio eval and synth will see for this clip, into the feature
     cache (GGTALKER_FEATURE_CACHE): its held-out speech and the bench's other speech. A machine with
@@ -88,7 +99,6 @@ def warm_features(prior: Path, clip_dir: Path, work: Path) -> dict:
     from ggtalker_cli.clip import Clip
     from ggtalker_cli.stages import eval as eval_stage
     from ggtalker_cli.stages.synth import read_audio
-    from ggtalker_cli.stream import Expressions
 
     if not os.environ.get("GGTALKER_FEATURE_CACHE"):
         raise RuntimeError("set GGTALKER_FEATURE_CACHE to the folder to fill")
@@ -96,11 +106,8 @@ def warm_features(prior: Path, clip_dir: Path, work: Path) -> dict:
     test = eval_stage.held_out_audio(clip, clip.test_indices, work / "audio" / f".test_{clip_dir.name}.wav")
     seconds, files = 0.0, []
     for samples in (test, *(read_audio(p) for p in speech_files(work))):
-        expressions = Expressions(state, clip.fps, device="cpu")
-        expressions.push(samples)
-        expressions.finish()
         seconds += len(samples) / 16000
-        files += [p.name for p in expressions.whisper.encoder.used]
+        files += [p.name for p in whisper_windows(state, samples, clip.fps)]
     return {"seconds": round(seconds, 2), "cache_files": sorted(set(files))}
 
 

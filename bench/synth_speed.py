@@ -40,20 +40,17 @@ def stage(to: Path, work: Path = run_all.REPO / "out" / "bench_gpu") -> None:
 
     from ggtalker_cli import audio, media
     from ggtalker_cli.stages.synth import read_audio
-    from ggtalker_cli.stream import Expressions
 
     speech = np.concatenate([read_audio(p) for p in run_all.speech_files(work)])
     samples = np.resize(speech, int(SECONDS * audio.SAMPLE_RATE))  # cycled
     (to / "audio").mkdir(parents=True, exist_ok=True)
     media.write_wav(to / "audio" / LONG, samples)
     shutil.copy2(work / "audio" / run_all.SYNTH_AUDIO, to / "audio" / run_all.SYNTH_AUDIO)
-    expressions = Expressions(load_file(str(run_all.PRIOR / "a2e.safetensors")), 25.0, device="cpu")
-    expressions.push(read_audio(to / "audio" / LONG))
-    expressions.finish()
+    windows = run_all.whisper_windows(load_file(str(run_all.PRIOR / "a2e.safetensors")), read_audio(to / "audio" / LONG), 25.0)
     (to / "features").mkdir(parents=True, exist_ok=True)
-    for f in expressions.whisper.encoder.used:
+    for f in windows:
         shutil.copy2(f, to / "features" / f.name)
-    print(f"{to}: {LONG} and {len(expressions.whisper.encoder.used)} whisper windows")
+    print(f"{to}: {LONG} and {len(windows)} whisper windows")
 
 
 def run(avatar: Path, clip: Path, speech: Path, out: Path, device: str) -> None:

@@ -153,9 +153,9 @@ def realign(data: ClipData, shift: int) -> ClipData:
     if shift == 0:
         return data
     n = len(data.features)
-    src = np.clip(np.arange(n) - shift, 0, n - 1)
-    inside = (np.arange(n) - shift >= 0) & (np.arange(n) - shift < n)
-    return replace(data, features=data.features[src], valid=data.valid & inside)
+    src = np.arange(n) - shift
+    inside = (src >= 0) & (src < n)
+    return replace(data, features=data.features[np.clip(src, 0, n - 1)], valid=data.valid & inside)
 
 
 def mouth_gap(mouth: np.ndarray) -> np.ndarray:
