@@ -41,17 +41,18 @@ def count_flops(model: Inpainter, size: int) -> float:
 
 
 def inputs(batch: int, size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(head rgb, alpha, frame, blank) with a head-sized disc, BHWC."""
+    """(head rgb, alpha, frame, blank, plate) with a head-sized disc, BHWC."""
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     disc = (((xx - size / 2) ** 2 + (yy - size * 0.4) ** 2) < (size * 0.2) ** 2).float()[None, ..., None].expand(batch, -1, -1, -1)
     alpha = disc.to(device, dtype)
     head = torch.rand(batch, size, size, 3, device=device, dtype=dtype) * alpha
     frame = torch.rand(batch, size, size, 3, device=device, dtype=dtype)
-    return head, alpha, frame, blank_mask(alpha, alpha, round(0.03 * size)).to(dtype)
+    plate = torch.rand(1, size, size, 3, device=device, dtype=dtype)
+    return head, alpha, frame, blank_mask(alpha, alpha, round(0.03 * size)).to(dtype), plate
 
 
-def step(model: nn.Module, head, alpha, frame, radius: int) -> torch.Tensor:
-    return model(head, alpha, frame, blank_mask(alpha, alpha, radius).to(head.dtype))
+def step(model: nn.Module, head, alpha, frame, plate, radius: int) -> torch.Tensor:
+    return model(head, alpha, frame, blank_mask(alpha, alpha, radius).to(head.dtype), plate)
 
 
 def bench_cuda(model: Inpainter, size: int, batches: list[int], iters: int, compile_: bool) -> list[dict]:
@@ -63,17 +64,17 @@ def bench_cuda(model: Inpainter, size: int, batches: list[int], iters: int, comp
     rows = []
     for name, net in variants:
         for batch in batches:
-            head, alpha, frame, _ = inputs(batch, size, torch.float16, device)
+            head, alpha, frame, _, plate = inputs(batch, size, torch.float16, device)
             radius = round(0.03 * size)
             torch.cuda.reset_peak_memory_stats()
             with torch.inference_mode():
                 for _ in range(20):
-                    step(net, head, alpha, frame, radius)
+                    step(net, head, alpha, frame, plate, radius)
                 torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 for _ in range(iters):
-                    step(net, head, alpha, frame, radius)
+                    step(net, head, alpha, frame, plate, radius)
                 end.record()
                 torch.cuda.synchronize()
             ms = start.elapsed_time(end) / iters
@@ -87,13 +88,13 @@ def bench_cpu(model: Inpainter, sizes: list[int], iters: int) -> list[dict]:
     model = model.eval().to(memory_format=torch.channels_last)
     rows = []
     for size in sizes:
-        head, alpha, frame, _ = inputs(1, size, torch.float32, torch.device("cpu"))
+        head, alpha, frame, _, plate = inputs(1, size, torch.float32, torch.device("cpu"))
         radius = round(0.03 * size)
         with torch.inference_mode():
-            step(model, head, alpha, frame, radius)
+            step(model, head, alpha, frame, plate, radius)
             t = time.perf_counter()
             for _ in range(iters):
-                step(model, head, alpha, frame, radius)
+                step(model, head, alpha, frame, plate, radius)
             ms = 1000 * (time.perf_counter() - t) / iters
         rows.append({"mode": f"cpu fp32 ({torch.get_num_threads()} threads)", "size": size, "batch": 1, "ms_per_batch": round(ms, 2),
                      "ms_per_frame": round(ms, 2), "fps": round(1000 / ms, 2)})  # fmt: skip

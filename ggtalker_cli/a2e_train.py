@@ -30,6 +30,7 @@ from .models.a2e import (
     from_state,
     load_clip,
     make_meta,
+    prior_lag,
     realign,
     source_lag,
     to_state,
@@ -235,7 +236,10 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
         raise GGError(f"{clip}: {data.features.shape[1]}-d audio features but the prior uses {model.meta['feature_dim']}-d ({model.meta['whisper']['model']}); re-run preprocess with that whisper", Exit.INPUT_INVALID)
     # The prior is in sync on other speech (bench/a2e_sync.py); fine-tuned on a source whose lips
     # lead its sound it learns that lead (Ted Lieu −2.3 frames → −2 on every other speech file).
-    lag = source_lag(clip, model.meta["fps"])
+    # Under 8 s the sound cannot measure the source's offset; the prior's own mouth can.
+    lag, measured_by = source_lag(clip, model.meta["fps"]), "audio"
+    if not math.isfinite(lag):
+        lag, measured_by = prior_lag(model, data), "prior"
     shift = int(round(lag)) if cfg.adapt_realign and math.isfinite(lag) else 0
     data = realign(data, shift)
     n_val = max(1, round(cfg.adapt_val_fraction * data.n_train))
@@ -284,5 +288,6 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     model.adapted_style.copy_(best_style)
     model.meta = {**model.meta, "adapted": data.name}
     log.update(best_step=best_step, best_val_loss=round(best, 5), steps_run=step, val_frames=n_val,
-               source_lag=None if not math.isfinite(lag) else round(lag, 2), realigned_frames=shift)  # fmt: skip
+               source_lag=None if not math.isfinite(lag) else round(lag, 2),
+               source_lag_by=measured_by if math.isfinite(lag) else None, realigned_frames=shift)  # fmt: skip
     return to_state(model), log

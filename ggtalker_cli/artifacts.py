@@ -21,7 +21,7 @@ import yaml
 
 from .errors import Exit, GGError
 
-FORMAT_VERSIONS = {"clip": 1, "prior": 1, "avatar": 2}  # avatar 2: the inpainter predicts the blank's fill
+FORMAT_VERSIONS = {"clip": 1, "prior": 1, "avatar": 3}  # avatar 3: the inpainter sees the plate and predicts its fill as a residual on it
 MAKERS = {"clip": "ggtalker preprocess", "prior": "ggtalker fit-prior", "avatar": "ggtalker adapt"}  # named in the fixes
 META = "meta.yaml"
 # what np.load raises on a damaged .npy/.npz (a truncated .npz is a broken zip archive)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .stages.adapt import Data
 
 INPAINTER = "inpainter.safetensors"
+DIVERGED_DB = 3.0  # held-out PSNR this far below the plate paste it starts from: training diverged
 TRACK = "synthesis/track.npz"
 
 
@@ -97,7 +98,7 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
                 bar.advance(task)
                 yield sample
 
-        state, log = train_inpainter(counted(), cfg, data.device)
+        state, log = train_inpainter(counted(), data.plate, cfg, data.device)
     (Path(folder) / "inpainter_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     info = {
         "file": INPAINTER,
@@ -111,6 +112,11 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
         "check": held_out_check(state, cfg, avatar, data, track),
     }
     check = info["check"]
+    if check["psnr"] < check["psnr_paste"] - DIVERGED_DB:
+        # it starts as the paste (models/inpainter.py): ending far below it is an unstable run, and its
+        # outputs are bounded, so the loss need not have gone to NaN on the way
+        raise GGError(f"inpainter training diverged (held-out full PSNR {check['psnr']:.2f} dB, {check['psnr_paste']:.2f} for the paste "
+                      "it starts as); lower inpainter.lr", Exit.DIVERGED)  # fmt: skip
     if check["psnr"] < check["psnr_paste"] or check["psnr_seam"] < check["psnr_seam_paste"]:
         # a composite worse than the plain paste is never shipped: synth falls back to the paste
         console.warn(f"the inpainter did not learn (held-out full PSNR {check['psnr']:.2f} vs paste {check['psnr_paste']:.2f} dB, "
@@ -190,17 +196,17 @@ class Body:
             return self.paste(head_rgb, alpha, frame, blank)
         side = frame.shape[2]
         if side == self.trained_size or not self.trained_size:
-            return self._inpaint(head_rgb, alpha, frame, blank)
+            return self._inpaint(head_rgb, alpha, frame, blank, self.plate)
         # Another output size: a U-Net's fills have the scale it was trained at, so inpaint at
         # that size and use the result only to fill the blanked background; head and body stay sharp.
         t = self.trained_size
-        small = [_resize(x, t) for x in (head_rgb, alpha, frame)]
-        fill = _resize(self._inpaint(*small, (_resize(blank, t) > 0.5).float()), side)
+        head_t, alpha_t, frame_t, plate_t = (_resize(x, t) for x in (head_rgb, alpha, frame, self.plate))
+        fill = _resize(self._inpaint(head_t, alpha_t, frame_t, (_resize(blank, t) > 0.5).float(), plate_t), side)
         return (head_rgb + (1 - alpha) * (frame * (1 - blank) + fill * blank)).clamp(0, 1)
 
-    def _inpaint(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor) -> Tensor:
+    def _inpaint(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor, plate: Tensor) -> Tensor:
         with torch.autocast(frame.device.type, dtype=torch.float16, enabled=self.half):
-            out = self.model(head_rgb, alpha, frame, blank)
+            out = self.model(head_rgb, alpha, frame, blank, plate)
         return out.float().clamp(0, 1)
 
 

@@ -8,6 +8,7 @@ model that learns anything audio-driven must beat the mean-expression baseline o
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import cv2
 import numpy as np
@@ -116,6 +117,18 @@ def test_realign_shifts_features_against_targets(clips):
     assert a2e.realign(data, 0) is data
     lag = a2e.source_lag(clips[1], 25.0)
     assert type(lag) is float and np.isnan(lag)  # 7.5 s of training frames: under av_sync's 8 s, no shift (a plain float: it goes to meta.yaml)
+
+
+def test_prior_measures_a_short_sources_offset(prior, clips):
+    """Under 8 s the sound cannot say how far a source's mouth trails it; the prior's mouth can."""
+    from safetensors.torch import load_file
+
+    model = a2e.from_state(load_file(prior[0] / "a2e.safetensors"))
+    data = a2e.load_clip(clips[0], 25.0)
+    assert abs(a2e.prior_lag(model, data)) < 0.5  # made in sync
+    late = a2e.realign(data, -3)  # sound 3 frames ahead of the mouth it drives
+    assert a2e.prior_lag(model, late) == pytest.approx(3.0, abs=0.5)
+    assert math.isnan(a2e.prior_lag(model, a2e.load_clip(clips[3], 25.0)))  # held out, poorly predicted: not trusted
 
 
 def test_state_round_trip():

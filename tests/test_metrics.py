@@ -175,6 +175,27 @@ def test_av_sync_does_not_measure_what_it_cannot_trust():
     assert math.isnan(metrics.av_sync(samples, 8000, 25.0, mouth)[0])
 
 
+@pytest.mark.parametrize("delay", [0.0, 3.0, -2.0, 1.5])
+def test_mouth_sync_recovers_a_known_delay_on_short_tracks(delay):
+    """Two mouth tracks of the same speech: 5 s is enough (av_sync would refuse under 8 s)."""
+    reference = _speech(5.0, 0.0)[1]
+    mouth = _speech(5.0, delay)[1] + np.random.default_rng(1).normal(scale=0.05, size=len(reference))
+    lag, r = metrics.mouth_sync(reference, mouth, 25.0)
+    assert lag == pytest.approx(delay, abs=0.25) and r > 0.8
+    samples, _ = _speech(5.0, delay)
+    assert all(math.isnan(x) for x in metrics.av_sync(samples, 8000, 25.0, mouth))
+
+
+def test_mouth_sync_does_not_align_unrelated_or_short_tracks():
+    reference = _speech(5.0, 0.0)[1]
+    assert all(math.isnan(x) for x in metrics.mouth_sync(reference[:75], reference[:75], 25.0))  # 3 s
+    other = np.abs(np.random.default_rng(3).normal(size=len(reference)))  # no shared rhythm
+    assert all(math.isnan(x) for x in metrics.mouth_sync(reference, other, 25.0))
+    gappy = reference.copy()
+    gappy[::5] = np.nan  # 20% undetected
+    assert all(math.isnan(x) for x in metrics.mouth_sync(reference, gappy, 25.0))
+
+
 def test_blinks_on_a_square_wave():
     fps = 25.0
     period = np.r_[np.full(5, 0.9), np.full(95, 0.05)]  # eyes closed 5 frames in every 100

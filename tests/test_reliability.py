@@ -730,14 +730,15 @@ def test_fit_prior_out_of_memory(voices, tmp_path, monkeypatch):
     [
         ("fit-prior", {"a2e": {**A2E, "lr": 1e6}}, ("a2e training diverged at step", "lower the preset's a2e.lr"), ()),
         ("adapt", {"adapt": {**ADAPT, "lr_scale": 1e6}}, ("adapt diverged at step", "lower the learning rates in the preset"), ()),
-        ("adapt", {"adapt": ADAPT, "inpainter": {"steps": 4, "log_every": 2, "lr": 1e6}}, ("inpainter training diverged at step", "lower inpainter.lr"),
+        ("adapt", {"adapt": ADAPT, "inpainter": {"steps": 4, "log_every": 2, "lr": 1e6}}, ("inpainter training diverged (held-out full PSNR", "lower inpainter.lr"),
          (".avatar.partial",)),  # the fitted head's checkpoint stays, resumable
     ],
     ids=["fit-prior", "adapt", "adapt-inpainter"],
 )
 def test_absurd_learning_rate_is_a_diverged_run(verb, settings, words, left, voices, clip_128, tmp_path):
     """A learning rate of 1e6 in a preset (a typo'd exponent) drives the loss to NaN/inf within
-    two steps: exit 9 and one line naming the step and the rate to lower. A run that failed before
+    two steps (the inpainter's bounded outputs stay finite: it ends far below the paste it starts
+    as): exit 9 and one line naming the step (or held-out PSNR) and the rate to lower. A run that failed before
     its first checkpoint leaves no partial folder; the inpainter diverges after the head is fitted,
     whose checkpoint stays for --resume."""
     out = tmp_path / {"fit-prior": "prior", "adapt": "avatar"}[verb]
@@ -825,9 +826,10 @@ def test_adapt_same_seed_same_avatar_in_separate_processes(clip_128, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert same_tensors(a / "weights.safetensors", b / "weights.safetensors")
     assert not same_tensors(a / "weights.safetensors", tmp_path / "other" / "weights.safetensors")
-    # 2 inpainter steps cannot beat the plate paste, so adapt rejects the inpainter; its held-out
-    # scores still come from its weights and must agree to the last digit
+    # the inpainter's held-out scores come from its weights and must agree to the last digit, and
+    # so must the shipping decision and the weights shipped
     inp_a, inp_b = (yaml.safe_load((x / "meta.yaml").read_text())["inpainter"] for x in (a, b))
-    assert inp_a["rejected"] and inp_a["check"] == inp_b["check"]
+    assert inp_a["check"] == inp_b["check"] and inp_a.get("rejected") == inp_b.get("rejected")
+    assert inp_a.get("rejected") or same_tensors(a / "inpainter.safetensors", b / "inpainter.safetensors")
     ta, tb = np.load(a / "synthesis" / "track.npz"), np.load(b / "synthesis" / "track.npz")
     assert all(np.array_equal(ta[k], tb[k]) for k in ta.files)

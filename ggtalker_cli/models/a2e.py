@@ -146,6 +146,23 @@ def source_lag(path: str | Path, fps: float) -> float:
     return float(metrics.av_sync(samples[: round(n / clip.fps * rate)], rate, clip.fps, clip.tracking["mouth_open"][:n])[0] * fps / clip.fps)
 
 
+def prior_lag(model: A2E, data: ClipData) -> float:
+    """The clip's tracked mouth against the mouth an in-sync A2E (the prior) predicts from the
+    clip's own audio, over the training frames (metrics.mouth_sync), in frames at the model rate;
+    NaN under 4 s or when the two share no rhythm.
+
+    source_lag's stand-in for clips under 8 s. Agrees with it where both measure (Obama, held
+    out of the prior: -5.4 vs -5.6) but is pulled towards 0 for a clip the prior was trained on,
+    whose offset it partly learned (Ted Lieu -1.4 vs -2.3; bench/source_lag.py). A user's own
+    clip is never in the prior.
+    """
+    n = data.n_train
+    _, mouth = run(model, data.features[:n])
+    predicted = mouth_gap(mouth + model.neutral.cpu().numpy())
+    tracked = np.where(data.valid[:n], mouth_gap(data.mouth[:n] + data.neutral), np.nan)
+    return float(metrics.mouth_sync(predicted, tracked, model.meta["fps"])[0])
+
+
 def realign(data: ClipData, shift: int) -> ClipData:
     """`data` with features[t] taken from features[t - shift]: a source whose mouth moves `shift`
     frames after the sound (shift < 0: before it) is trained as if in sync. The rows that would

@@ -7,16 +7,21 @@ rendered head (RGB + alpha) and the blanked frame (+ the blank mask).
 
 The network predicts, per pixel, a fill colour and a blend weight. The fill is what the blank
 hides (neck, collar, background behind the hair): it goes under the head exactly where a plate
-would, `head + (1-alpha)·(frame outside the blank, fill inside)`, so it learns from the first
-step with nothing to unlock. The weight then lets the fill repaint the head itself inside the
-blank (a jaw edge that does not meet the neck); it is zero outside the blank, so body pixels are
-the frame's own, and starts near zero, so an untrained model is the head over a flat grey fill.
+would, `head + (1-alpha)·(frame outside the blank, fill inside)`. It is predicted as a residual on
+the clip's clean background plate, `sigmoid(logit(plate) + r)`, and the residual's conv starts at
+zero, so an untrained model is the plate paste (up to the repaint weight's 2 % start, below):
+training starts from the baseline it must beat. The weight then lets the fill repaint the head itself inside the blank (a
+jaw edge that does not meet the neck); it is zero outside the blank, so body pixels are the
+frame's own, and starts near zero. The plate is also an input, so the network knows what the
+residual is added to (synth `--background` swaps it for another image).
 
 Why this split: an earlier version blended one colour over the black-filled paste with a single
 weight everywhere. Filling the blank then needed that weight opened by gradients that also had to
 keep it shut on every body pixel; from sigmoid(-4) it often never opened (the loss sat at the
 paste's on CPU, and one H200 run left a tinted ring), and opening it wider washed semi-transparent
-heads towards grey.
+heads towards grey. The next one predicted the fill from scratch (a flat grey at step 0); where
+the hidden region is plain static backdrop the plate is already exact, and that model lost to
+the paste on held-out frames (retalk2: adapt rejected it, the paste shipped).
 
 Cost at 512², channels 16-32-64-128 (the default): every 3x3 conv of c→c channels at a level
 costs the same ~0.6 GMAC (channels double as pixels quarter); 4 encoder levels of two convs, 3
@@ -47,7 +52,8 @@ from ..losses import ssim
 from ..metrics import dilate, seam_band
 
 Tensor = torch.Tensor
-IN_CHANNELS = 8  # head rgb 3 + alpha 1 + blanked frame 3 + blank mask 1
+IN_CHANNELS = 11  # head rgb 3 + alpha 1 + blanked frame 3 + blank mask 1 + plate 3
+PLATE_EPS = 1e-3  # plate clamped into [eps, 1-eps] before the logit: a finite start for pure black/white
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -98,19 +104,21 @@ class Inpainter(nn.Module):
         self.lateral = nn.ModuleList(nn.Conv2d(c[i], c[i - 1], 1) for i in range(1, len(c)))
         self.dec = nn.ModuleList(_conv(c[i - 1], c[i - 1]) for i in range(1, len(c)))
         self.out = nn.Conv2d(c[0], 4, 3, 1, 1)
-        nn.init.normal_(self.out.weight, std=1e-3)
+        nn.init.zeros_(self.out.weight)  # fill residual 0: the model starts as the plate paste
         nn.init.zeros_(self.out.bias)
         with torch.no_grad():
             self.out.bias[3] = -4.0  # repaint weight sigmoid(-4) ≈ 0.02: start with the head as rendered
 
-    def forward(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor) -> Tensor:
+    def forward(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor, plate: Tensor) -> Tensor:
         """BHWC in, BHWC out: head (B,H,W,3) premultiplied, alpha (B,H,W,1), frame (B,H,W,3)
-        (blanked here, so the network can never see the hidden pixels), blank (B,H,W,1)."""
+        (blanked here, so the network can never see the hidden pixels), blank (B,H,W,1), plate
+        (B or 1,H,W,3) the background the fill is a residual on."""
         h, w = frame.shape[1:3]
         step = 2 ** (self.levels - 1)
         if h % step or w % step:
             raise ValueError(f"inpainter input {h}x{w}: sides must be multiples of {step}")
-        x = torch.cat([head_rgb, alpha, frame * (1 - blank), blank], dim=-1).permute(0, 3, 1, 2)
+        plate = plate.expand_as(frame)
+        x = torch.cat([head_rgb, alpha, frame * (1 - blank), blank, plate], dim=-1).permute(0, 3, 1, 2)
         skips = []
         for enc in self.enc:
             x = enc(x)
@@ -119,7 +127,7 @@ class Inpainter(nn.Module):
             x = F.interpolate(self.lateral[i](x), scale_factor=2, mode="bilinear", align_corners=False)
             x = self.dec[i](x + skips[i])
         y = self.out(x).permute(0, 2, 3, 1).float()
-        fill = torch.sigmoid(y[..., :3])
+        fill = torch.sigmoid(torch.logit(plate.float(), eps=PLATE_EPS) + y[..., :3])
         weight = torch.sigmoid(y[..., 3:]) * blank
         return weight * fill + (1 - weight) * paste(head_rgb, alpha, frame, blank, fill)
 
@@ -143,9 +151,10 @@ def _batch(x: Tensor, device: torch.device) -> Tensor:
 
 
 def train_inpainter(
-    samples: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], cfg: InpainterConfig, device: str | torch.device = "cpu"
+    samples: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], plate: Tensor, cfg: InpainterConfig, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, Tensor], list[dict]]:
-    """Train on (head rgb, alpha, frame, head mask) samples; -> (state_dict, log).
+    """Train on (head rgb, alpha, frame, head mask) samples over the clip's background `plate`
+    ((1,)H,W,3); -> (state_dict, log).
 
     Each sample is BHWC (or HWC): head (…,3) premultiplied, alpha (…,1), frame (…,3), head mask
     (…,1) in {0,1} (the clip mask's head label).
@@ -162,6 +171,7 @@ def train_inpainter(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * 0.1)
     amp = device.type == "cuda"
+    plate = _batch(plate, device)
     log: list[dict] = []
     start = time.perf_counter()
     step = 0
@@ -172,7 +182,7 @@ def train_inpainter(
         blank = random_dilated_mask(mask, alpha, radii, generator)
         seam = seam_band(mask[..., 0], round(cfg.seam_radius * side))[..., None]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = model(head, alpha, frame, blank)
+            pred = model(head, alpha, frame, blank, plate)
         loss = inpainter_loss(pred, frame, seam, cfg.ssim_weight, cfg.seam_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
