@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,10 +54,17 @@ def stage(names: list[str], cache: Path, call: Path = CALL) -> None:
     print(f"{call}: {size / 2**20:.1f} MiB for {', '.join(names)}")
 
 
-def run(call: Path = CALL, steps: str = "adapt,synth,eval,speed") -> None:
-    """On the GPU machine: unpack, bench, pack this batch's results into $OUT."""
+def run(call: Path = CALL, steps: str = "adapt,synth,eval,speed", deadline: float | None = None) -> None:
+    """On the GPU machine: unpack, bench, pack this batch's results into $OUT.
+
+    Clips run one at a time so that a `deadline` (seconds from now, inside the device call's own
+    limit) still leaves the finished clips packed: a clip is not started when the time left is
+    under the longest clip so far, and one that overruns is stopped (its finished steps are kept).
+    """
     sys.path.insert(0, str(REPO / "bench"))
     import pack_clip
+
+    start = time.monotonic()
 
     names = sorted(p.name for p in (call / "clips").iterdir())
     for name in names:
@@ -65,8 +73,19 @@ def run(call: Path = CALL, steps: str = "adapt,synth,eval,speed") -> None:
     shutil.copytree(call / "audio", work / "audio", dirs_exist_ok=True)
     env = {**os.environ, "GGTALKER_FEATURE_CACHE": str(call / "features"),
            "GGTALKER_FACE_LANDMARKER": str(REPO / ".devdata" / "assets" / "face_landmarker.task")}  # fmt: skip
-    subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--steps", steps, "--device", "cuda",
-                    "--work", str(work), "--clips", ",".join(names)], env=env, check=True)  # fmt: skip
+    longest = 0.0
+    for name in names:
+        left = None if deadline is None else deadline - (time.monotonic() - start)
+        if left is not None and left < longest:
+            print(f"deadline: {name} not started ({left:.0f} s left, a clip took {longest:.0f} s)", flush=True)
+            continue
+        began = time.monotonic()
+        try:
+            subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--steps", steps, "--device", "cuda",
+                            "--work", str(work), "--clips", name], env=env, timeout=left)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            print(f"deadline: {name} stopped after {time.monotonic() - began:.0f} s", flush=True)
+        longest = max(longest, time.monotonic() - began)
     keep = [f"{d}/{n}{x}" for n in names for d, x in (("state", ".json"), ("logs", ".log"), ("eval", ""), ("avatars", "/meta.yaml"), ("avatars", "/train_log.jsonl"))
             if (work / d / f"{n}{x}").exists()]  # fmt: skip
     out = Path(os.environ["OUT"])
@@ -117,12 +136,13 @@ def main() -> None:
     rn = sub.add_parser("run", help="there: the GPU part of the bench for the staged clips")
     rn.add_argument("call", type=Path, nargs="?", default=CALL, help="batch folder staged here")
     rn.add_argument("--steps", default="adapt,synth,eval,speed", help="run_all steps (a batch re-run for one missing step)")
+    rn.add_argument("--deadline", type=float, default=None, help="seconds: start no clip that would not finish by then")
     sub.add_parser("table", help="here: bench/results/adapt_all.{md,json} from out/bench_gpu")
     args = ap.parse_args()
     if args.cmd == "stage":
         stage(args.clips.split(","), args.cache, args.to)
     elif args.cmd == "run":
-        run(args.call, args.steps)
+        run(args.call, args.steps, args.deadline)
     else:
         table()
 

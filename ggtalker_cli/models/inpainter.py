@@ -26,8 +26,8 @@ the paste on held-out frames (retalk2: adapt rejected it, the paste shipped).
 Cost at 512², channels 16-32-64-128 (the default): every 3x3 conv of c→c channels at a level
 costs the same ~0.6 GMAC (channels double as pixels quarter); 4 encoder levels of two convs, 3
 decoder convs with additive skips (cheaper than concatenation) and the output conv come to
-11.4 GFLOP per frame (bench/bench_inpainter.py counts them). Measured on an H200 in fp16
-(eager, blank-mask dilation included): 0.62 ms at batch 1, 0.33 ms per frame at batch 8
+11.6 GFLOP per frame (bench/bench_inpainter.py counts them). Measured on an H200 in fp16
+(eager, blank-mask dilation and the fp32 fill included): 0.82 ms at batch 1, 0.43 ms per frame at batch 8
 (bench/results/bench_inpainter_cuda.json), inside the 1 ms budget. Convs this narrow run far
 below the tensor cores' peak (≈35 TFLOP/s at batch 8); batch 8 halving the per-frame time says
 batch 1 is partly launch-bound (`--compile` adds CUDA-graph rows to measure that).
@@ -112,7 +112,8 @@ class Inpainter(nn.Module):
     def forward(self, head_rgb: Tensor, alpha: Tensor, frame: Tensor, blank: Tensor, plate: Tensor) -> Tensor:
         """BHWC in, BHWC out: head (B,H,W,3) premultiplied, alpha (B,H,W,1), frame (B,H,W,3)
         (blanked here, so the network can never see the hidden pixels), blank (B,H,W,1), plate
-        (B or 1,H,W,3) the background the fill is a residual on."""
+        (B or 1,H,W,3) the background the fill is a residual on. The logit/sigmoid run in fp32 (fp16's
+        steps near 0 and 1 are coarse for a logit); the frame comes back in the inputs' dtype."""
         h, w = frame.shape[1:3]
         step = 2 ** (self.levels - 1)
         if h % step or w % step:
@@ -129,7 +130,7 @@ class Inpainter(nn.Module):
         y = self.out(x).permute(0, 2, 3, 1).float()
         fill = torch.sigmoid(torch.logit(plate.float(), eps=PLATE_EPS) + y[..., :3])
         weight = torch.sigmoid(y[..., 3:]) * blank
-        return weight * fill + (1 - weight) * paste(head_rgb, alpha, frame, blank, fill)
+        return (weight * fill + (1 - weight) * paste(head_rgb, alpha, frame, blank, fill)).to(frame.dtype)
 
 
 def inpainter_loss(pred: Tensor, target: Tensor, seam: Tensor, ssim_weight: float = 0.2, seam_weight: float = 2.0) -> Tensor:
