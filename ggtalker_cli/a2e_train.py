@@ -25,6 +25,7 @@ from .errors import Exit, GGError
 from .models.a2e import (
     A2E,
     ClipData,
+    articulation_gain,
     codes,
     fit_lip_basis,
     from_state,
@@ -230,6 +231,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = from_state(prior_state).to(device)
+    model.articulation.fill_(1.0)  # an adapted state as the start: train and measure at gain 1
     cfg = dataclasses.replace(cfg, window=model.meta["window"])  # the window the prior was trained on
     data = load_clip(clip, model.meta["fps"])
     if data.features.shape[1] != model.meta["feature_dim"]:
@@ -287,7 +289,10 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     model.load_state_dict(best_state)
     model.adapted_style.copy_(best_style)
     model.meta = {**model.meta, "adapted": data.name}
+    spread, gain = articulation_gain(model, data, cfg.adapt_articulation, cfg.adapt_max_gain)
+    model.articulation.fill_(gain)
     log.update(best_step=best_step, best_val_loss=round(best, 5), steps_run=step, val_frames=n_val,
                source_lag=None if not math.isfinite(lag) else round(lag, 2),
-               source_lag_by=measured_by if math.isfinite(lag) else None, realigned_frames=shift)  # fmt: skip
+               source_lag_by=measured_by if math.isfinite(lag) else None, realigned_frames=shift,
+               mouth_spread_ratio=round(spread, 3), articulation=round(gain, 3))  # fmt: skip
     return to_state(model), log

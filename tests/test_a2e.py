@@ -131,6 +131,31 @@ def test_prior_measures_a_short_sources_offset(prior, clips):
     assert math.isnan(a2e.prior_lag(model, a2e.load_clip(clips[3], 25.0)))  # held out, poorly predicted: not trusted
 
 
+def test_articulation_gain_scales_the_audio_driven_motion(prior, clips):
+    """The gain is the tracked/predicted mouth-spread ratio ** exponent, clamped to [1, max], and
+    scales every audio-driven deviation (blendshapes and lip offsets) around the identity mean."""
+    from safetensors.torch import load_file
+
+    state = load_file(prior[0] / "a2e.safetensors")
+    model = a2e.from_state(state)
+    data = a2e.load_clip(clips[3], 25.0)
+    ratio, gain = a2e.articulation_gain(model, data, 0.5, 3.0)
+    n = data.n_train
+    bs1, mouth1 = a2e.run(model, data.features[:n])
+    spread = a2e.mouth_gap(data.mouth[:n] + data.neutral)[data.valid[:n]].std() / a2e.mouth_gap(mouth1 + data.neutral).std()
+    assert ratio == pytest.approx(spread, rel=1e-4) and gain == pytest.approx(min(max(ratio**0.5, 1.0), 3.0))
+    assert a2e.articulation_gain(model, data, 1.0, 1.5)[1] <= 1.5 and a2e.articulation_gain(model, data, 0.0, 3.0)[1] == 1.0
+    model.articulation.fill_(2.0)
+    bs2, mouth2 = a2e.run(model, data.features[:n])
+    assert np.allclose(mouth2, 2 * mouth1, atol=1e-5)
+    inside = (bs1 > 0) & (bs1 < 1) & (bs2 > 0) & (bs2 < 1)  # run clamps blendshapes to [0, 1]
+    assert np.allclose((bs2 - model.bs_neutral.numpy())[inside], 2 * (bs1 - model.bs_neutral.numpy())[inside], atol=1e-5)
+    assert a2e.articulation_gain(model, data, 0.5, 3.0) == (ratio, gain)  # measured at gain 1 whatever is set
+    assert a2e.from_state(a2e.to_state(model)).articulation.item() == 2.0
+    old = {k: v for k, v in state.items() if k != "articulation"}  # a state saved before the gain existed
+    assert a2e.from_state(old).articulation.item() == 1.0
+
+
 def test_state_round_trip():
     cfg = small_cfg().a2e
     model = a2e.A2E(a2e.make_meta(cfg, D, {"model": "synthetic"}, ["a", "b"]))
@@ -213,6 +238,7 @@ def test_adaptation_beats_prior_on_its_identity(prior, clips):
     state = load_file(prior[0] / "a2e.safetensors")
     adapted, log = adapt_a2e(state, clips[3], small_cfg().a2e, device="cpu")
     assert log["best_val_loss"] <= log["prior_val_loss"]
+    assert log["articulation"] == pytest.approx(min(max(log["mouth_spread_ratio"] ** 0.5, 1.0), 3.0), abs=1e-3)
     model = a2e.from_state(adapted)
     assert model.meta["adapted"] == "id3"
     data = a2e.load_clip(clips[3], 25.0)
