@@ -71,8 +71,10 @@ def run(call: Path = CALL, steps: str = "adapt,synth,eval,speed", deadline: floa
         pack_clip.unpack(call / "clips" / name, REPO / "out" / "clips" / name)
     work = REPO / "out" / "bench"
     shutil.copytree(call / "audio", work / "audio", dirs_exist_ok=True)
-    env = {**os.environ, "GGTALKER_FEATURE_CACHE": str(call / "features"),
-           "GGTALKER_FACE_LANDMARKER": str(REPO / ".devdata" / "assets" / "face_landmarker.task")}  # fmt: skip
+    env = {**os.environ, "GGTALKER_FEATURE_CACHE": str(call / "features")}
+    landmarker = REPO / ".devdata" / "assets" / "face_landmarker.task"  # carried or not: scoring is done here
+    if landmarker.is_file():
+        env["GGTALKER_FACE_LANDMARKER"] = str(landmarker)
     longest = 0.0
     for name in names:
         left = None if deadline is None else deadline - (time.monotonic() - start)

@@ -242,7 +242,7 @@ def run_step(step: str, name: str, args: argparse.Namespace, prior: Path, device
         return ggtalker("synth", str(avatar), "--audio", str(args.work / "audio" / SYNTH_AUDIO), "-o", str(args.work / "synth" / f"{name}.mp4"),
                         "--clip", str(clip), "--device", device, "--force", log=log)  # fmt: skip
     if step == "eval":
-        ood = [x for a in OOD for x in ("--audio", str(args.work / "audio" / a))]
+        ood = [x for a in OOD if (args.work / "audio" / a).is_file() for x in ("--audio", str(args.work / "audio" / a))]  # a batch may leave one out (64 MiB)
         size = ["--size", str(args.eval_size)] if args.eval_size else []
         return ggtalker("eval", str(avatar), str(clip), "-o", str(report), "--device", device, "--force", *ood, *size, log=log)
     if step == "score":
