@@ -146,6 +146,14 @@ def source_lag(path: str | Path, fps: float) -> float:
     return float(metrics.av_sync(samples[: round(n / clip.fps * rate)], rate, clip.fps, clip.tracking["mouth_open"][:n])[0] * fps / clip.fps)
 
 
+def _training_gaps(model: A2E, data: ClipData, neutral: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, tracked) inner-lip gaps over the training frames: `model`'s mouth from the
+    clip's audio around `neutral`, and the tracked one (NaN where not tracked)."""
+    n = data.n_train
+    _, mouth = run(model, data.features[:n])
+    return mouth_gap(mouth + neutral), np.where(data.valid[:n], mouth_gap(data.mouth[:n] + data.neutral), np.nan)
+
+
 def prior_lag(model: A2E, data: ClipData) -> float:
     """The clip's tracked mouth against the mouth an in-sync A2E (the prior) predicts from the
     clip's own audio, over the training frames (metrics.mouth_sync), in frames at the model rate;
@@ -156,10 +164,7 @@ def prior_lag(model: A2E, data: ClipData) -> float:
     whose offset it partly learned (Ted Lieu -1.4 vs -2.3; bench/source_lag.py). A user's own
     clip is never in the prior.
     """
-    n = data.n_train
-    _, mouth = run(model, data.features[:n])
-    predicted = mouth_gap(mouth + model.neutral.cpu().numpy())
-    tracked = np.where(data.valid[:n], mouth_gap(data.mouth[:n] + data.neutral), np.nan)
+    predicted, tracked = _training_gaps(model, data, model.neutral.cpu().numpy())
     return float(metrics.mouth_sync(predicted, tracked, model.meta["fps"])[0])
 
 
@@ -174,14 +179,11 @@ def articulation_gain(model: A2E, data: ClipData, exponent: float, max_gain: flo
     barely move. Matching the spread fully (exponent 1) costs held-out lip-vertex error (+5%);
     the square root doubles the motion for +0.9%.
     """
-    n = data.n_train
     gain = model.articulation.clone()
     model.articulation.fill_(1.0)
-    _, mouth = run(model, data.features[:n])
+    predicted, tracked = _training_gaps(model, data, data.neutral)
     model.articulation.copy_(gain)
-    predicted = mouth_gap(mouth + data.neutral)
-    tracked = mouth_gap(data.mouth[:n] + data.neutral)[data.valid[:n]]
-    ratio = float(tracked.std() / max(float(predicted.std()), 1e-6))
+    ratio = float(np.nanstd(tracked) / max(float(predicted.std()), 1e-6))
     return ratio, float(np.clip(ratio**exponent, 1.0, max_gain))
 
 
