@@ -141,7 +141,7 @@ class A2EConfig:
     # An L2-trained A2E under-articulates (the prior's mouth opening spreads 2.4-4.9x less than
     # the tracked one on every real clip): after adaptation its audio-driven expression is scaled
     # by (tracked / predicted spread on the training frames) ** exponent, at most max_gain.
-    # 0.5 doubles the motion at +0.9% held-out lip-vertex error; 1 matches the spread (+5%).
+    # 0.5 doubles the motion at +0.9% held-out lip-vertex error; 1 matches the spread (+6.5%; bench/a2e_articulation.py).
     adapt_articulation: float = 0.5
     adapt_max_gain: float = 3.0
     seed: int = 0

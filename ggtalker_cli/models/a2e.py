@@ -176,7 +176,7 @@ def articulation_gain(model: A2E, data: ClipData, exponent: float, max_gain: flo
     Why: a model trained for least squares predicts the expected mouth given the sound, and what
     the sound does not determine averages out; the prior's mouth opening spreads 2.4-4.9x less
     than the tracked one on every real clip (docs/a2e.md), a mumbling avatar whose rendered lips
-    barely move. Matching the spread fully (exponent 1) costs held-out lip-vertex error (+5%);
+    barely move. Matching the spread fully (exponent 1) costs held-out lip-vertex error (+6.5%);
     the square root doubles the motion for +0.9%.
     """
     gain = model.articulation.clone()
