@@ -10,12 +10,10 @@ the figures behind config.A2EConfig.adapt_articulation (docs/a2e.md).
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file
+from source_lag import prior_over_clips
 
 from ggtalker_cli.models import a2e
 
@@ -23,12 +21,7 @@ FPS = 25.0
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("clips", nargs="+", type=Path)
-    ap.add_argument("--prior", type=Path, default=Path("priors/default/a2e.safetensors"))
-    ap.add_argument("-o", "--out", type=Path, required=True)
-    args = ap.parse_args()
-    model = a2e.from_state(load_file(str(args.prior)))
+    args, model = prior_over_clips(__doc__)
     rows = []
     for clip in args.clips:
         data = a2e.load_clip(clip, FPS)

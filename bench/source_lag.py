@@ -38,13 +38,18 @@ def windows(model: a2e.A2E, data: a2e.ClipData) -> list[float]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def prior_over_clips(doc: str) -> tuple[argparse.Namespace, a2e.A2E]:
+    """The command line of the benches that run the prior A2E over clips (clips, --prior, -o), and that prior."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("clips", nargs="+", type=Path)
     ap.add_argument("--prior", type=Path, default=Path("priors/default/a2e.safetensors"))
     ap.add_argument("-o", "--out", type=Path, required=True)
     args = ap.parse_args()
-    model = a2e.from_state(load_file(str(args.prior)))
+    return args, a2e.from_state(load_file(str(args.prior)))
+
+
+def main() -> None:
+    args, model = prior_over_clips(__doc__)
     rows = []
     for clip in args.clips:
         data = a2e.load_clip(clip, FPS)
