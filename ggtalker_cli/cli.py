@@ -167,12 +167,14 @@ def synth(
     stream: bool = typer.Option(False, "--stream", help="Read audio as it arrives (file or stdin) and write frames as they are ready."),
     whisper: Optional[str] = typer.Option(None, "--whisper", help="Whisper model name or .pt (default: the one the A2E was trained with)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    latency: Optional[float] = typer.Option(None, "--latency", help="With --stream: live mode, frames within about this many seconds of their audio (approximate lips; file at real-time pace, or raw s16le 16 kHz PCM from '-', unix:PATH or a FIFO)."),
 ) -> None:
     """Make the avatar say new speech: a lip-synced mp4 (or expressions, or raw frames)."""
     from .stages import synth as stage
 
     _run(lambda: stage.run(avatar, audio, out, a2e_path=a2e, clip=clip, pose=pose, yaw=yaw, pitch=pitch, orbit=orbit, background=background,
-                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force), out)  # fmt: skip
+                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force,
+                           latency=latency), out)  # fmt: skip
 
 
 @app.command("eval")

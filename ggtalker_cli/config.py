@@ -181,12 +181,31 @@ class E2VConfig:
 
 
 @dataclass
+class LiveConfig:
+    """Low-latency synthesis (`synth --stream --latency L`, live.py): how the latency budget
+    L is spent. A frame waits for `lookahead_share`·L of audio after it (what whisper and the
+    A2E see of the future) and at most `hop_share`·L for the next step (each step costs one
+    whisper pass, so a shorter hop is more compute per second of audio); the rest of L is left
+    for computing and the frame's own duration."""
+
+    lookahead_share: float = 0.3
+    hop_share: float = 0.3
+    context_s: float = 8.0  # past audio whisper sees at each step (at least the A2E window)
+    # padded: the context zero-padded to whisper's 30 s, as offline features of a clip under
+    # 30 s are made (the A2E's training distribution); cut: the encoder over the context's
+    # positions only (whisper.cpp's audio_ctx), ~15x cheaper on CPU at 8 s, less exact lips
+    # (bench/results/live_stream.json); auto: padded on CUDA, cut on CPU
+    whisper_window: str = "auto"
+
+
+@dataclass
 class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     inpainter: InpainterConfig = field(default_factory=InpainterConfig)
     a2e: A2EConfig = field(default_factory=A2EConfig)
     e2v: E2VConfig = field(default_factory=E2VConfig)
+    live: LiveConfig = field(default_factory=LiveConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -42,10 +42,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .. import artifacts, audio, console, media
+from .. import artifacts, audio, console, live, media
 from ..avatar import Avatar
 from ..body import Body, load_track
 from ..clip import Clip
+from ..config import LiveConfig
 from ..errors import Exit, GGError
 from ..models import a2e
 from ..stream import Expressions, Frames
@@ -513,16 +514,23 @@ def run(
     stream: bool = False,
     whisper: str | None = None,
     force: bool = False,
+    latency: float | None = None,
+    live_cfg: LiveConfig | None = None,
 ) -> dict[str, Any]:
     out = str(out)
     check_target(out, force)
     if audio_source == "-" and not stream:
         raise GGError("--audio - (stdin) needs --stream", Exit.USAGE)
+    if latency is not None and not stream:
+        raise GGError("--latency needs --stream (it is the low-latency streaming mode)", Exit.USAGE)
+    raw = live.raw_source(audio_source) if latency is not None else None  # live PCM: stdin, unix:PATH, a FIFO
+    if raw is not None and (start or end is not None):
+        raise GGError("--start/--end cut a file; live PCM input (stdin, unix:, a FIFO) is taken as it comes", Exit.USAGE)
     if start < 0 or (end is not None and end <= start):
         raise GGError(f"--start {start} / --end {end}: need 0 ≤ start < end (seconds of the audio)", Exit.USAGE)
     if not 0 <= crf <= 51:
         raise GGError(f"--crf {crf}: x264 takes 0 (lossless) to 51", Exit.USAGE)
-    if audio_source != "-" and not Path(audio_source).is_file():
+    if raw is None and audio_source != "-" and not Path(audio_source).is_file():
         raise GGError(f"{audio_source}: no such audio file; check --audio", Exit.INPUT_MISSING)
     dev = device_of(device)
     artifacts.read_meta(Path(avatar_dir), "avatar")  # format check first: the clearest error for a foreign folder
@@ -533,8 +541,14 @@ def run(
     if fps <= 0 or fps > 120:
         raise GGError(f"--fps {fps}: use a rate in (0, 120]", Exit.USAGE)
     pose_track = read_pose_file(pose) if pose is not None else None
-    expressions = Expressions(state, fps, whisper, device=dev.type)
-    if stream:
+    clock = None if latency is None else live.Clock(fps)  # live mode: every frame's latency measured (live.py)
+    if clock is None:
+        expressions = Expressions(state, fps, whisper, device=dev.type)
+    else:
+        expressions = live.LiveExpressions(state, fps, latency, live_cfg, whisper, device=dev.type)
+    if clock is not None:  # fed at the pace it arrives: a file at real-time pace, PCM as it comes
+        chunks, total = raw or live.paced(_file_samples(Path(audio_source), start, end)), None
+    elif stream:
         chunks, total = _stream_chunks(audio_source, start, end), None
     else:
         samples = _file_samples(Path(audio_source), start, end)
@@ -564,11 +578,13 @@ def run(
                         output.write(image)
                         bar.advance(task)
                     output.flush()
+                if clock is not None:
+                    clock.shown(group.start, len(group))
                 done = group.start + len(group)
                 wall = time.perf_counter() - tic
                 bar.update(task, completed=done, status=f"{done / fps / max(wall, 1e-9):.2f}× real time")
 
-            for chunk in chunks:
+            for chunk in chunks if clock is None else live.Source(chunks, clock):
                 output.audio(chunk)
                 emit(expressions.push(chunk))
             emit(expressions.finish())
@@ -595,6 +611,8 @@ def run(
     }
     if stream:
         summary["latency_s"] = round(expressions.latency_s, 2)
+    if clock is not None:
+        summary.update(clock.summary())
     if expr_only:
         if _write_expressions(Path(out), kept, fps, audio_source, a2e_source, start, end):
             summary["plot"] = str(Path(out).with_suffix(".png"))
