@@ -1,0 +1,170 @@
+"""Live synthesis (synth --stream --latency): same frames for any chunking, frames within the
+latency when speech arrives at real-time pace, a clean stop when the input ends, is cut or
+the process is interrupted. Tiny real avatar (64², CPU), whisper base, real speech."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ffmpeg
+from safetensors.torch import load_file
+
+from ggtalker_cli import audio, live, media, metrics
+from ggtalker_cli.config import LiveConfig
+from ggtalker_cli.errors import Exit, GGError
+from ggtalker_cli.stream import Expressions
+
+SIZE = 64
+LATENCY = 1.5  # the budget asked for; on a shared 2-core CPU compute comes on top, hence the slack below
+SLACK_S = 2.0  # generous: other jobs share these two cores
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory, real_dir) -> Path:
+    """4 s of real English speech, 16 kHz mono 16-bit (what live PCM input carries)."""
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    ffmpeg("-i", str(real_dir / "audio" / "en_obama_5s.wav"), "-t", "4", "-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le", str(path))
+    return path
+
+
+def _pcm(path: Path) -> bytes:
+    samples, _ = media.read_wav(path)
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def _live(avatar: Path, out: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "ggtalker_cli.cli", "-q", "synth", str(avatar), "--audio", "-", "--stream", "--latency", str(LATENCY),
+            "-o", out, "--device", "cpu", "--size", str(SIZE), *extra]  # fmt: skip
+    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _feed(proc: subprocess.Popen, pcm: bytes, sent: list[float], stop_after: int | None = None) -> threading.Thread:
+    """Write `pcm` to the process in 20-ms pieces at real-time pace, noting when each went out;
+    close stdin after `stop_after` bytes (a cut input) or at the end."""
+    piece = 640
+
+    def run() -> None:
+        t0 = time.perf_counter()
+        end = len(pcm) if stop_after is None else stop_after
+        try:
+            for a in range(0, end, piece):
+                time.sleep(max(0.0, t0 + (a + piece) / 32000 - time.perf_counter()))  # a piece goes when its last sample is "spoken"
+                proc.stdin.write(pcm[a : a + piece])
+                proc.stdin.flush()
+                sent.append(time.perf_counter())
+            proc.stdin.close()
+        except BrokenPipeError:  # the process was stopped
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_same_frames_for_any_chunking_and_close_to_offline(tiny_avatar, speech):
+    """The step grid depends on the audio only: two chunkings give identical frames; the frame
+    count is the offline one and the mouth follows the offline (exact) one."""
+    avatar, _, _ = tiny_avatar
+    state = load_file(str(avatar / "a2e.safetensors"))
+    samples, _ = media.read_wav(speech)
+    runs = []
+    for chunk in (160, 5003):
+        stream = live.LiveExpressions(state, 30.0, 0.5, LiveConfig(context_s=3.0), device="cpu")
+        groups = [stream.push(samples[i : i + chunk]) for i in range(0, len(samples), chunk)] + [stream.finish()]
+        groups = [g for g in groups if len(g)]
+        assert [g.start for g in groups] == list(np.cumsum([0] + [len(g) for g in groups[:-1]]))  # consecutive, none twice
+        runs.append(np.concatenate([g.mouth_open for g in groups]))
+    assert np.array_equal(runs[0], runs[1])
+    offline = Expressions(state, 30.0, device="cpu")
+    exact = np.concatenate([offline.push(samples).mouth_open, offline.finish().mouth_open])
+    assert len(runs[0]) == len(exact) == int(np.ceil(len(samples) / audio.SAMPLE_RATE * 30))
+    assert metrics.pearson(runs[0], exact) > 0.5
+
+
+def test_bad_latency_is_refused(tiny_avatar, speech):
+    avatar, _, _ = tiny_avatar
+    state = load_file(str(avatar / "a2e.safetensors"))
+    with pytest.raises(GGError, match="must exceed one model frame") as e:
+        live.LiveExpressions(state, 25.0, 0.02, device="cpu")
+    assert e.value.code == Exit.USAGE
+    with pytest.raises(GGError, match="needs --stream"):
+        from ggtalker_cli.stages import synth
+
+        synth.run(avatar, str(speech), "-", latency=0.5, device="cpu")
+
+
+def test_frames_arrive_within_the_latency_and_stop_at_the_end(tiny_avatar, speech):
+    """Speech written to stdin at real-time pace; each raw frame's latency measured outside the
+    process, from the moment its first sample was written to the moment the frame is read."""
+    avatar, _, _ = tiny_avatar
+    pcm = _pcm(speech)
+    proc = _live(avatar, "-")
+    sent: list[float] = []
+    feeder = _feed(proc, pcm, sent)
+    got = []
+    while frame := proc.stdout.read(SIZE * SIZE * 3):
+        assert len(frame) == SIZE * SIZE * 3
+        got.append(time.perf_counter())
+    feeder.join()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    fps = 25.0  # the tiny clip's
+    seconds = len(pcm) / 32000
+    assert len(got) == int(np.ceil(seconds * fps))
+    first_piece = (np.arange(len(got)) / fps * 32000 // 640).astype(int)  # the piece holding each frame's first sample
+    latency = np.asarray(got) - np.asarray(sent)[np.minimum(first_piece, len(sent) - 1)]
+    assert np.percentile(latency, 95) < LATENCY + SLACK_S, np.percentile(latency, [50, 95])
+    assert latency[: len(latency) // 2].max() < LATENCY + SLACK_S  # frames come while the speech goes on, not at the end
+
+
+def test_cut_input_finishes_the_mp4_and_sigint_leaves_nothing(tiny_avatar, speech, tmp_path):
+    avatar, _, _ = tiny_avatar
+    pcm = _pcm(speech)
+    out = tmp_path / "cut.mp4"
+    proc = _live(avatar, str(out))
+    _feed(proc, pcm, [], stop_after=2 * 32000)  # the speaker stops after 2 s: a closed pipe
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    frames = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries", "stream=nb_read_frames",
+                             "-of", "csv=p=0", str(out)], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert int(frames) == 50  # 2 s at 25 fps: every frame of the speech that came, none more
+    stopped = tmp_path / "stopped.mp4"
+    proc = _live(avatar, str(stopped))
+    _feed(proc, pcm, [])
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == Exit.INTERRUPTED
+    assert not stopped.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4"]  # no temps left behind
+
+
+def test_unix_socket_source(tmp_path):
+    """A client's PCM through `unix:PATH`: samples as sent, the socket file removed at the end."""
+    import socket
+
+    path = tmp_path / "in.sock"
+    chunks = live.raw_source(f"unix:{path}")
+    sent = (np.arange(-4000, 4000, dtype=np.int16) * 4).astype("<i2")
+    got: list[np.ndarray] = []
+    reader = threading.Thread(target=lambda: got.extend(chunks), daemon=True)
+    reader.start()
+    for _ in range(100):
+        if path.exists():
+            break
+        time.sleep(0.05)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(str(path))
+        client.sendall(sent.tobytes()[:-1])  # an odd byte count: the half sample is dropped at EOF
+    reader.join(timeout=10)
+    samples = np.concatenate(got)
+    assert np.array_equal(samples, sent[:-1].astype(np.float32) / 32768)
+    assert not path.exists()
