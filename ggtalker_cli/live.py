@@ -44,11 +44,14 @@ from __future__ import annotations
 import math
 import os
 import queue
+import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +354,66 @@ class Source:
                 self.clock.arrived(len(chunk), at)
                 parts.append(chunk)
             yield np.concatenate(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the client's side: what a live run's latency is, measured outside the process
+
+
+@dataclass
+class Run:
+    """One live run seen from outside: when each frame arrived, and each frame's latency from
+    the writing of its first sample (NaN before the speech reached it)."""
+
+    arrivals: np.ndarray  # (frames,) perf_counter seconds
+    latencies: np.ndarray  # (frames,) seconds
+    returncode: int
+    log: str  # the process's stderr
+
+
+def drive(args: list[str], pcm: bytes, frame_bytes: int, fps: float, pace: bool = True, stop_after: int | None = None,
+          interrupt_after: float | None = None, env: dict | None = None) -> Run:  # fmt: skip
+    """Run a live `ggtalker synth ... --audio - -o -` (`args`) as a speaking client does: wait for
+    its ready line, write `pcm` (16 kHz mono s16le) to its stdin in 20-ms pieces, each when its
+    last sample is "spoken" (`pace`) or as fast as it reads, closing stdin after `stop_after`
+    bytes or at the end, or send SIGINT `interrupt_after` seconds in; read its raw frames."""
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    log: list[str] = []
+    ready = threading.Event()
+
+    def drain() -> None:  # stderr read all along: a full pipe would block the process
+        for line in proc.stderr:
+            log.append(line.decode(errors="replace"))
+            if "live: ready" in log[-1]:
+                ready.set()
+        ready.set()
+
+    sent: list[float] = []
+
+    def speak() -> None:
+        t0 = time.perf_counter()
+        try:
+            for a in range(0, len(pcm) if stop_after is None else stop_after, READ_BYTES):
+                if pace:
+                    time.sleep(max(0.0, t0 + (a + READ_BYTES) / 2 / audio.SAMPLE_RATE - time.perf_counter()))
+                proc.stdin.write(pcm[a : a + READ_BYTES])
+                proc.stdin.flush()
+                sent.append(time.perf_counter())
+            proc.stdin.close()
+        except BrokenPipeError:  # the process stopped first
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    ready.wait()
+    speaker = threading.Thread(target=speak, daemon=True)
+    speaker.start()
+    if interrupt_after is not None:
+        threading.Timer(interrupt_after, proc.send_signal, (signal.SIGINT,)).start()
+    arrivals = []
+    while len(proc.stdout.read(frame_bytes)) == frame_bytes:
+        arrivals.append(time.perf_counter())
+    code = proc.wait()
+    speaker.join()
+    piece = (np.arange(len(arrivals)) / fps * audio.SAMPLE_RATE * 2 // READ_BYTES).astype(int)  # holding each frame's first sample
+    written = np.asarray(sent + [np.nan])[np.minimum(piece, len(sent))]
+    return Run(np.asarray(arrivals), np.asarray(arrivals) - written, code, "".join(log))

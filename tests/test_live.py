@@ -5,7 +5,6 @@ the process is interrupted. Tiny real avatar (64², CPU), whisper base, real spe
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -42,34 +41,12 @@ def _pcm(path: Path) -> bytes:
     return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
 
 
-def _live(avatar: Path, out: str, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "ggtalker_cli.cli", "-q", "synth", str(avatar), "--audio", "-", "--stream", "--latency", str(LATENCY),
-            "-o", out, "--device", "cpu", "--size", str(SIZE), *extra]  # fmt: skip
-    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+def _args(avatar: Path, out: str) -> list[str]:
+    return [sys.executable, "-m", "ggtalker_cli.cli", "synth", str(avatar), "--audio", "-", "--stream", "--latency", str(LATENCY),
+            "-o", out, "--device", "cpu", "--size", str(SIZE)]  # fmt: skip
 
 
-def _feed(proc: subprocess.Popen, pcm: bytes, sent: list[float], stop_after: int | None = None) -> threading.Thread:
-    """Write `pcm` to the process in 20-ms pieces at real-time pace, noting when each went out;
-    close stdin after `stop_after` bytes (a cut input) or at the end."""
-    piece = 640
-
-    def run() -> None:
-        t0 = time.perf_counter()
-        end = len(pcm) if stop_after is None else stop_after
-        try:
-            for a in range(0, end, piece):
-                time.sleep(max(0.0, t0 + (a + piece) / 32000 - time.perf_counter()))  # a piece goes when its last sample is "spoken"
-                proc.stdin.write(pcm[a : a + piece])
-                proc.stdin.flush()
-                sent.append(time.perf_counter())
-            proc.stdin.close()
-        except BrokenPipeError:  # the process was stopped
-            pass
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_same_frames_for_any_chunking_and_close_to_offline(tiny_avatar, speech):
@@ -106,43 +83,29 @@ def test_bad_latency_is_refused(tiny_avatar, speech):
 
 def test_frames_arrive_within_the_latency_and_stop_at_the_end(tiny_avatar, speech):
     """Speech written to stdin at real-time pace; each raw frame's latency measured outside the
-    process, from the moment its first sample was written to the moment the frame is read."""
+    process (live.drive), from the writing of its first sample to the reading of the frame."""
     avatar, _, _ = tiny_avatar
     pcm = _pcm(speech)
-    proc = _live(avatar, "-")
-    sent: list[float] = []
-    feeder = _feed(proc, pcm, sent)
-    got = []
-    while frame := proc.stdout.read(SIZE * SIZE * 3):
-        assert len(frame) == SIZE * SIZE * 3
-        got.append(time.perf_counter())
-    feeder.join()
-    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
-    fps = 25.0  # the tiny clip's
-    seconds = len(pcm) / 32000
-    assert len(got) == int(np.ceil(seconds * fps))
-    first_piece = (np.arange(len(got)) / fps * 32000 // 640).astype(int)  # the piece holding each frame's first sample
-    latency = np.asarray(got) - np.asarray(sent)[np.minimum(first_piece, len(sent) - 1)]
+    run = live.drive(_args(avatar, "-"), pcm, SIZE * SIZE * 3, 25.0, env=ENV)  # 25 fps: the tiny clip's
+    assert run.returncode == 0, run.log
+    assert len(run.arrivals) == int(np.ceil(len(pcm) / 32000 * 25))
+    latency = run.latencies
     assert np.percentile(latency, 95) < LATENCY + SLACK_S, np.percentile(latency, [50, 95])
-    assert latency[: len(latency) // 2].max() < LATENCY + SLACK_S  # frames come while the speech goes on, not at the end
+    assert latency[: len(latency) // 2].max() < LATENCY + SLACK_S  # frames come while the speech goes on, not at its end
 
 
 def test_cut_input_finishes_the_mp4_and_sigint_leaves_nothing(tiny_avatar, speech, tmp_path):
     avatar, _, _ = tiny_avatar
     pcm = _pcm(speech)
     out = tmp_path / "cut.mp4"
-    proc = _live(avatar, str(out))
-    _feed(proc, pcm, [], stop_after=2 * 32000)  # the speaker stops after 2 s: a closed pipe
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    run = live.drive(_args(avatar, str(out)), pcm, 1, 25.0, stop_after=2 * 32000, env=ENV)  # the speaker stops after 2 s: a closed pipe
+    assert run.returncode == 0, run.log
     frames = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries", "stream=nb_read_frames",
                              "-of", "csv=p=0", str(out)], capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert int(frames) == 50  # 2 s at 25 fps: every frame of the speech that came, none more
     stopped = tmp_path / "stopped.mp4"
-    proc = _live(avatar, str(stopped))
-    _feed(proc, pcm, [])
-    time.sleep(2.5)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == Exit.INTERRUPTED
+    run = live.drive(_args(avatar, str(stopped)), pcm, 1, 25.0, interrupt_after=2.0, env=ENV)
+    assert run.returncode == Exit.INTERRUPTED, run.log
     assert not stopped.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4"]  # no temps left behind
 
