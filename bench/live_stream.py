@@ -159,7 +159,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    base = args.out if args.out.is_file() else RESULT  # runs on other machines add to what is there
+    result = json.loads(base.read_text()) if base.is_file() else {}
     result["command"] = " ".join(["python", "bench/live_stream.py", *sys.argv[1:]]) if not args.no_timing else result.get("command")
     clip = args.clip or Path(artifacts.read_meta(args.avatar, "avatar")["clip"]["path"])
     if not args.no_timing:
