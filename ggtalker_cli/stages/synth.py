@@ -584,6 +584,9 @@ def run(
                 wall = time.perf_counter() - tic
                 bar.update(task, completed=done, status=f"{done / fps / max(wall, 1e-9):.2f}× real time")
 
+            if clock is not None and synth is not None:  # one frame now: the first live ones must not pay for kernel set-up
+                first = synth.bodies(np.zeros(1, int), fps)
+                list(synth.frames(synth.with_eyes(np.zeros((1, a2e.N_BLENDSHAPES)), first), synth.poses(np.zeros(1, int), first, fps), first))
             if clock is not None:  # models loaded and warm: a producer may start speaking now
                 console.info(f"live: ready for audio from {audio_source} (latency budget {expressions.latency_s:.2f} s of audio + compute)")
             for chunk in chunks if clock is None else live.Source(chunks, clock):
