@@ -162,7 +162,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     base = args.out if args.out.is_file() else RESULT  # runs on other machines add to what is there
     result = json.loads(base.read_text()) if base.is_file() else {}
-    result["command"] = " ".join(["python", "bench/live_stream.py", *sys.argv[1:]]) if not args.no_timing else result.get("command")
+    result.setdefault("commands", []).append(" ".join(["python", "bench/live_stream.py", *sys.argv[1:]]))  # every run this file holds
     clip = args.clip or Path(artifacts.read_meta(args.avatar, "avatar")["clip"]["path"])
     if not args.no_timing:
         with tempfile.TemporaryDirectory() as tmp:
