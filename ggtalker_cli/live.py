@@ -214,10 +214,9 @@ class LiveExpressions:
             final = math.floor(end / audio.SAMPLE_RATE * self.mfps + 1e-9) - self.lookahead
             if final > self.n_model:
                 self._emit_model(end, final, self.lookahead)
-        out = self.n_out  # output frame j is final when its upper neighbour is decoded
-        while math.floor((out + 0.5) * self.mfps / self.fps - 0.5) + 1 < self.n_model:
-            out += 1
-        return self._resample(out, None)
+        # output frame j is final once its upper neighbour is decoded: (j + 0.5)·mfps/fps - 0.5 < n_model - 1
+        ready = math.ceil((self.n_model - 0.5) * self.fps / self.mfps - 0.5 - 1e-9)
+        return self._resample(max(self.n_out, ready), None)
 
     def finish(self) -> Frames:
         """The remaining frames, from whisper at the audio's end: no look-ahead past it."""
