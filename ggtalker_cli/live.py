@@ -12,7 +12,7 @@ centred 30-s windows. Here a frame waits only for a fixed small look-ahead of au
   step's sample: past context and the look-ahead, nothing later. `padded`, the piece is
   zero-padded to whisper's 30 s, exactly as offline features of a clip under 30 s are made
   (the A2E's training distribution); `cut`, the encoder runs on the piece's positions only
-  (whisper.cpp's `audio_ctx`), ~15x cheaper on CPU for 8 s, at a quality cost the bench reports.
+  (whisper.cpp's `audio_ctx`), ~4x cheaper on CPU for 8 s, at a quality cost the bench reports.
   `auto` (LiveConfig.whisper_window) pads on CUDA, where a 30-s pass costs ~35 ms on an H200,
   and cuts on CPU, where it costs seconds.
   Each frame's features come from the step that emits it (one whisper pass per step).
