@@ -193,7 +193,7 @@ class LiveConfig:
     context_s: float = 8.0  # past audio whisper sees at each step (at least the A2E window)
     # padded: the context zero-padded to whisper's 30 s, as offline features of a clip under
     # 30 s are made (the A2E's training distribution); cut: the encoder over the context's
-    # positions only (whisper.cpp's audio_ctx), ~4x cheaper on CPU at 8 s, less exact lips
+    # positions only (whisper.cpp's audio_ctx), ~4x cheaper on CPU at 8 s, lips about as close
     # (bench/results/live_stream.json); auto: padded on CUDA, cut on CPU
     whisper_window: str = "auto"
 
