@@ -466,4 +466,5 @@ def backend() -> dict[str, str]:
             loaded = next((line.split()[-1] for line in maps if "libavcodec" in line), "?")
     except OSError:
         pass  # not Linux: the version strings still say which FFmpeg it is
-    return {"library": f"PyAV {av.__version__}", "ffmpeg": av.ffmpeg_version_info, "libavcodec": loaded, "video_encoder": video_encoder()}
+    source = "bundled in the av wheel" if "/av.libs/" in loaded else "a system FFmpeg library (PyAV built from source)"
+    return {"library": f"PyAV {av.__version__}", "ffmpeg": av.ffmpeg_version_info, "source": source, "libavcodec": loaded, "video_encoder": video_encoder()}

@@ -437,6 +437,9 @@ def check_target(target: str, force: bool) -> None:
     path = Path(target)
     if path.suffix.lower() not in (".mp4", ".mov", ".mkv", ".npz"):
         raise GGError(f"{path}: unknown output type; use .mp4 (video), .npz (expressions only) or - (raw rgb24 frames)", Exit.USAGE)
+    plot = path.with_suffix(".png")
+    if path.suffix.lower() == ".npz" and plot.exists():  # --force names the .npz only, never its side-car
+        raise GGError(f"{plot}: already exists, and synth writes the mouth-opening plot of {path.name} there; move it or choose another -o", Exit.OUTPUT)
     if path.is_dir():
         raise GGError(f"{path}: is a folder; pass a file path for -o", Exit.OUTPUT)
     if path.exists() and not force:
