@@ -6,7 +6,6 @@ third-party footage: cuts are written to pytest's temporary folders only, never 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("GGTALKER_TEST_MEDIA", REPO.parent / "shared" / "data" / "real"))  # a worktree elsewhere names it
+REAL = REPO.parent / "shared" / "data" / "real"
 
 
 def _ffmpeg_binary() -> str:
