@@ -9,6 +9,8 @@ Here (CPU), pack what one device call carries (64 MiB in all):
     python bench/pack_prior_data.py .devdata/corpus/clips/* -o .devdata/gpu/corpus --size 256 --max-frames 200 --drop-audio
     python bench/pack_prior_data.py out/clips512/macron_50s_512_30fps -o .devdata/gpu/eval --size 512 --max-frames 0 --drop-audio
 
+    python bench/priors_at_scale.py compact .devdata/gpu/corpus      # float16 landmarks/verts: ~half the carry
+
 There (device tool, nvidia-h200; carry [".whl", ".devdata/gpu"]), one call per step, on one warm machine:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && \\
@@ -38,6 +40,8 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 CALL = REPO / ".devdata" / "gpu"
 WORK = REPO / "out" / "priors_at_scale"
@@ -60,6 +64,20 @@ def _unpack(packed: Path) -> list[Path]:
             _python(str(REPO / "bench" / "pack_clip.py"), "unpack", str(d), str(dest))
         clips.append(dest)
     return clips
+
+
+def compact(packed: Path) -> None:
+    """Store each packed clip's landmarks and 3D landmarks as float16 (0.1 mm, 1/8 px at 256²).
+
+    They are most of a short clip's pack (5 floats × 478 points a frame), and the prior's
+    renders and losses do not see the difference; poses stay float32.
+    """
+    for path in sorted(packed.glob("*/tracking.npz")):
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k].astype(np.float16) if k in ("landmarks", "verts") else z[k] for k in z.files}
+        np.savez_compressed(path, **arrays)
+    total = sum(f.stat().st_size for f in packed.rglob("*") if f.is_file())
+    print(f"{packed}: {total / 2**20:.1f} MiB")
 
 
 def gpu(args: argparse.Namespace) -> None:
@@ -140,10 +158,12 @@ def main() -> None:
     g.add_argument("--judge", nargs="*", default=[], help="packed eval clip names to run prior vs scratch on")
     g.add_argument("--budgets", default="250,1000,4000")
     g.add_argument("--size", type=int, default=None)
+    c = sub.add_parser("compact", help="here: float16 tracking in a packed folder (before carrying it)")
+    c.add_argument("packed", type=Path)
     r = sub.add_parser("report", help="here: score the returned views, write bench/results/priors_at_scale.json")
     r.add_argument("returned", type=Path, nargs="+")
     args = parser.parse_args()
-    gpu(args) if args.verb == "gpu" else report(args)
+    {"gpu": lambda: gpu(args), "compact": lambda: compact(args.packed), "report": lambda: report(args)}[args.verb]()
 
 
 if __name__ == "__main__":
