@@ -189,11 +189,14 @@ def decode(path: Path, fps: float, width: int, height: int) -> Iterator[np.ndarr
 
 
 def _rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
-    """Scale (area-averaging, as the old ffmpeg pipe did), convert to RGB, then turn upright."""
+    """Scale (area-averaging: ffmpeg's scale flags=area), convert to RGB, then turn upright.
+    Read-only: a repeated frame is one array yielded several times."""
     turns = round(frame.rotation) % 360 // 90
     w, h = (height, width) if turns % 2 else (width, height)
     rgb = frame.reformat(w, h, "rgb24", interpolation="AREA", src_color_range=frame.color_range or None).to_ndarray()
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    rgb = np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    rgb.flags.writeable = False
+    return rgb
 
 
 def _audio_blocks(source: Path | BinaryIO, name: str, fmt: str, rate: int) -> Iterator[np.ndarray]:
