@@ -62,15 +62,15 @@ def _why(e: BaseException) -> str:
     return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-def _open(path: Path, fix: str, unreadable: str = "not a readable media file") -> av.container.InputContainer:
+def _open(path: Path, fix: str, unreadable: str = "not a readable media file", noun: str = "a video file") -> av.container.InputContainer:
     """Open a media file for reading; a missing, empty or unparsable one is a one-line GGError."""
     path = Path(path)
     if not path.exists():
         raise GGError(f"{path}: no such file; check the path", Exit.INPUT_MISSING)
     if not path.is_file():
-        raise GGError(f"{path}: not a file; pass {fix}", Exit.INPUT_MISSING)
+        raise GGError(f"{path}: not a file; pass {noun}", Exit.INPUT_MISSING)
     if path.stat().st_size == 0:
-        raise GGError(f"{path}: file is empty; pass {fix}", Exit.INPUT_INVALID)
+        raise GGError(f"{path}: file is empty; pass {noun}", Exit.INPUT_INVALID)
     try:
         return av.open(str(path), metadata_errors="ignore")
     except (av.FFmpegError, UnicodeDecodeError) as e:
@@ -189,11 +189,14 @@ def decode(path: Path, fps: float, width: int, height: int) -> Iterator[np.ndarr
 
 
 def _rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
-    """Scale (area-averaging, as the old ffmpeg pipe did), convert to RGB, then turn upright."""
+    """Scale (area-averaging: ffmpeg's scale flags=area), convert to RGB, then turn upright.
+    Read-only: a repeated frame is one array yielded several times."""
     turns = round(frame.rotation) % 360 // 90
     w, h = (height, width) if turns % 2 else (width, height)
     rgb = frame.reformat(w, h, "rgb24", interpolation="AREA", src_color_range=frame.color_range or None).to_ndarray()
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    rgb = np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    rgb.flags.writeable = False
+    return rgb
 
 
 def _audio_blocks(source: Path | BinaryIO, name: str, fmt: str, rate: int) -> Iterator[np.ndarray]:
@@ -201,7 +204,7 @@ def _audio_blocks(source: Path | BinaryIO, name: str, fmt: str, rate: int) -> It
     in blocks as they are decoded. FFmpeg's resampler downmixes and resamples, exactly as the
     command line's `-ac 1 -ar RATE` does, so any container, codec, rate and sample width works."""
     try:
-        container = av.open(source, metadata_errors="ignore") if not isinstance(source, Path) else _open(source, "a wav, mp3, m4a or video file", "not an audio or video file FFmpeg can read")
+        container = av.open(source, metadata_errors="ignore") if not isinstance(source, Path) else _open(source, "a wav, mp3, m4a or video file", "not an audio or video file FFmpeg can read", "an audio file")
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise GGError(f"{name}: not a readable audio stream ({_why(e)}); pass a wav, mp3 or m4a", Exit.INPUT_INVALID) from e
     try:
