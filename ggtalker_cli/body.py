@@ -90,15 +90,7 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
         raise GGError(f"adapt.size {data.size}: the inpainter needs a multiple of 8; change adapt.size in the preset", Exit.USAGE)
     track = {k: torch.as_tensor(v, dtype=torch.float32, device=data.device) for k, v in load_track(folder).items() if k in ("pose", "blendshapes")}
     tic = time.perf_counter()
-    with console.progress() as bar:
-        task = bar.add_task("inpainter", total=cfg.steps)
-
-        def counted() -> Iterator[tuple[Tensor, ...]]:
-            for sample in _samples(avatar, data, track, cfg.steps, cfg.seed):
-                bar.advance(task)
-                yield sample
-
-        state, log = train_inpainter(counted(), data.plate, cfg, data.device)
+    state, log = train_inpainter(_samples(avatar, data, track, cfg.steps, cfg.seed), data.plate, cfg, data.device)
     (Path(folder) / "inpainter_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     info = {
         "file": INPAINTER,

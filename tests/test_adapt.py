@@ -12,7 +12,7 @@ import torch
 from conftest import same_tensors
 from typer.testing import CliRunner
 
-from ggtalker_cli import artifacts
+from ggtalker_cli import artifacts, training
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.cli import app
 from ggtalker_cli.clip import Clip
@@ -52,7 +52,7 @@ def test_adapt_writes_a_complete_avatar(adapted):
     for name in ("weights.safetensors", "head.ply", "train_log.jsonl", "loss.png", "novel_views.png", "synthesis/track.npz"):
         assert (out / name).is_file(), name
     assert len(list((out / "previews").glob("*.png"))) >= 2
-    assert not (out / "checkpoint").exists()
+    assert not (out / adapt.CHECKPOINT).exists()
     assert not artifacts.work_dir_for(out).exists()
     ply = read_ply(out / "head.ply")
     assert len(ply["x"]) == meta["gaussians"] and np.isfinite(np.stack(list(ply.values()))).all()
@@ -115,7 +115,7 @@ def test_interrupt_then_resume_is_exact(clip_128, tmp_path, monkeypatch):
     result = runner.invoke(app, [*args, "-o", str(resumed)])
     assert result.exit_code == int(Exit.INTERRUPTED), result.output
     work = artifacts.work_dir_for(resumed)
-    assert json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 4 and not resumed.exists()
+    assert training.load(work / adapt.CHECKPOINT)["step"] == 4 and not resumed.exists()
     monkeypatch.undo()
     assert runner.invoke(app, [*args, "-o", str(resumed), "--resume"]).exit_code == 0
 

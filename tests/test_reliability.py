@@ -28,7 +28,6 @@ import pytest
 import torch
 import yaml
 from conftest import ffmpeg, same_tensors
-from safetensors.torch import load_file, save_file
 from test_a2e import make_clip
 from typer.testing import CliRunner, Result
 
@@ -564,16 +563,12 @@ def test_the_payload_is_live(tmp_path):
     assert marker.exists()
 
 
-def test_crafted_optimizer_state_in_an_adapt_checkpoint(tiny_avatar, clip_128, tmp_path):
-    """An interrupted avatar's checkpoint whose optimizer.pt was swapped for a payload: --resume refuses it."""
+def test_crafted_adapt_checkpoint(clip_128, tmp_path):
+    """An interrupted avatar's checkpoint swapped for a payload: --resume refuses it before it runs."""
     out, marker = tmp_path / "avatar", tmp_path / "ran"
-    ckpt = artifacts.work_dir_for(out) / adapt.CHECKPOINT
-    ckpt.mkdir(parents=True)
-    state = load_file(str(tiny_avatar[0] / "weights.safetensors"))
-    n = clip_128[1]["n_frames"]
-    save_file({**state, "refine.pose": torch.zeros(n, 6), "refine.expr": torch.zeros(n, 52)}, str(ckpt / "weights.safetensors"))
-    (ckpt / "state.json").write_text(json.dumps({"step": 2, "seconds": 0.0, "uv_res": 16}))
-    evil = plant(ckpt / "optimizer.pt", marker)
+    work = artifacts.work_dir_for(out)
+    work.mkdir(parents=True)
+    evil = plant(work / adapt.CHECKPOINT, marker)
     result = cli("adapt", clip_128[0], "-o", out, "--resume", "--no-prior", "--device", "cpu", "--preset", preset(tmp_path, {"adapt": ADAPT}))
     refused(result, Exit.ARTIFACT, evil, "refused: this checkpoint holds more than tensors", "rerun without --resume", target=out, left=(".avatar.partial",))
     assert not marker.exists()
@@ -807,7 +802,7 @@ def test_adapt_kill9_then_resume_is_exact(clip_128, tmp_path):
     runs = [start(*args, "-o", straight), start(*args, "-o", killed, kill_at=7, kill_in="adapt")]
     assert [finish(p) for p in runs] == [0, -signal.SIGKILL]
     work = artifacts.work_dir_for(killed)
-    assert leftovers(killed) == [work.name] and json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert leftovers(killed) == [work.name] and artifacts.load_checkpoint(work / adapt.CHECKPOINT)["step"] == 4
     assert finish(start(*args, "-o", killed, "--resume")) == 0
     assert leftovers(killed) == ["killed"]
     assert same_tensors(straight / "weights.safetensors", killed / "weights.safetensors")

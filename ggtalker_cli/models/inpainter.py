@@ -38,7 +38,6 @@ PyTorch's channels_last memory format, so the convs run channels_last without a 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Sequence
 
@@ -46,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import training
 from ..config import InpainterConfig
-from ..errors import Exit, GGError
 from ..losses import ssim
 from ..metrics import dilate, seam_band
 
@@ -175,9 +174,12 @@ def train_inpainter(
     plate = _batch(plate, device)
     log: list[dict] = []
     start = time.perf_counter()
-    step = 0
-    for step, sample in enumerate(samples, start=1):
-        head, alpha, frame, mask = (_batch(x, device) for x in sample)
+    stream = iter(samples)
+    pending = [next(stream, None)]  # one sample ahead: the loop stops after the step that used the last one
+    loop = training.Loop("inpainter training", cfg.steps, fix="lower inpainter.lr", check_every=cfg.log_every)
+
+    def step(i: int) -> dict[str, Tensor]:
+        head, alpha, frame, mask = (_batch(x, device) for x in pending[0])
         side = frame.shape[2]
         radii = (round(cfg.dilate_min * side), round(cfg.dilate_max * side))
         blank = random_dilated_mask(mask, alpha, radii, generator)
@@ -189,14 +191,17 @@ def train_inpainter(
         loss.backward()
         opt.step()
         sched.step()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise GGError(f"inpainter training diverged at step {step} (loss {value}); lower inpainter.lr", Exit.DIVERGED)
-            log.append({"step": step, "loss": round(value, 5), "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)})
-        if step >= cfg.steps:
-            break
-    if step < cfg.steps:
-        log.append({"step": step, "note": f"samples ran out after {step} of {cfg.steps} steps"})
+        pending[0] = next(stream, None)
+        if pending[0] is None:
+            loop.stop()
+        return {"loss": loss.detach()}
+
+    def row(done: int) -> str:
+        log.append({"step": done, "loss": round(loop.values["loss"], 5), "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)})
+        return f"loss {log[-1]['loss']:.4f}"
+
+    done = loop.every(cfg.log_every, row).run(step) if pending[0] is not None else 0
+    if done < cfg.steps:
+        log.append({"step": done, "note": f"samples ran out after {done} of {cfg.steps} steps"})
     # contiguous: channels_last conv weights are strided, and safetensors refuses strided tensors
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, log

@@ -13,10 +13,10 @@ corrections of pose and expression are trained too (monocular tracking jitters),
 pull towards zero. Test frames (the clip's last 10%) are never seen and keep their raw tracking.
 
 Frames stream from disk a few steps ahead on background threads: RAM stays flat with clip
-length. Checkpoints (weights in safetensors, Adam state via torch.save, a JSON of progress)
-land atomically in the partial output folder; `--resume` continues bit-exactly because the
-frame order is a pure function of (seed, step). Ctrl-C / SIGTERM finish the current step,
-checkpoint and exit with code 130.
+length. The steps run on the shared loop (`training.Loop`): checkpoints (`head.ckpt`: weights,
+corrections, Adam state, progress) land atomically in the partial output folder; `--resume`
+continues bit-exactly because the frame order is a pure function of (seed, step). Ctrl-C /
+SIGTERM finish the current step, checkpoint and exit with code 130.
 
 Evaluation (the protocol is stored in meta.yaml next to the numbers): held-out frames rendered
 from their tracked landmarks and pose. `head` metrics compare the head over the plate with the
@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import shutil
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,10 +41,10 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from .. import artifacts, console, metrics
+from .. import artifacts, console, metrics, training
 from ..avatar import WEIGHTS, Avatar
 from ..body import train_avatar_inpainter
 from ..clip import Clip
@@ -55,7 +54,7 @@ from ..face_model import HeadModel, fit_shell
 from ..gaussians import GROUPS, write_ply
 from ..losses import hinge_sq, photometric
 
-CHECKPOINT = "checkpoint"
+CHECKPOINT = "head.ckpt"  # the head fit's training state while it trains (training.save)
 START = "start.json"  # shell fit + initial metrics of a run, kept for --resume
 LOG = "train_log.jsonl"
 PREFETCH = 4  # steps loaded ahead
@@ -361,95 +360,55 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, folder: Path, step: int, seconds: float) -> None:
-        """Write checkpoint/ atomically: a crash mid-write leaves the previous one intact."""
-        tmp, final, old = folder / f"{CHECKPOINT}.tmp", folder / CHECKPOINT, folder / f"{CHECKPOINT}.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = self.avatar.state()
-        state["refine.pose"] = self.pose_delta.detach().cpu().contiguous()
-        state["refine.expr"] = self.expr_delta.detach().cpu().contiguous()
-        save_file(state, str(tmp / WEIGHTS))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "seconds": seconds, "uv_res": self.avatar.gmap.res}))
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint holds: the avatar's tensors, the per-frame corrections, Adam's state."""
+        return {"avatar": self.avatar.state(), "refine.pose": self.pose_delta.detach().cpu(), "refine.expr": self.expr_delta.detach().cpu(),
+                "optimizer": self.optimizer.state_dict()}  # fmt: skip
 
     @classmethod
-    def load(cls, folder: Path, data: Data, cfg: AdaptConfig) -> tuple["Trainer", int, float]:
-        ckpt = folder / CHECKPOINT
-        if not ckpt.is_dir() and (folder / f"{CHECKPOINT}.old").is_dir():
-            ckpt = folder / f"{CHECKPOINT}.old"  # crashed between the two renames
+    def resume(cls, path: Path, data: Data, cfg: AdaptConfig) -> tuple[Trainer, int, float]:
+        """The trainer of checkpoint `path` -> (trainer, steps done, training seconds so far)."""
+        saved = training.load(path, data.device)  # a foreign pickle is refused here, before it runs
         try:
-            state = load_file(str(ckpt / WEIGHTS))
-            progress = json.loads((ckpt / "state.json").read_text())
-            trainer = cls(data, cfg, Avatar.from_state(state, data.device))
+            trainer = cls(data, cfg, Avatar.from_state(saved["avatar"], data.device))
             with torch.no_grad():
-                trainer.pose_delta.copy_(state["refine.pose"])
-                trainer.expr_delta.copy_(state["refine.expr"])
-            trainer.optimizer.load_state_dict(artifacts.load_checkpoint(ckpt / "optimizer.pt", data.device))
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            raise GGError(f"{ckpt}: unusable checkpoint ({e.__class__.__name__}: {e}); rerun without --resume to start over", Exit.ARTIFACT) from e
-        return trainer, int(progress["step"]), float(progress["seconds"])
-
-
-class _Stop:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits 130.
-
-    A second signal while saving falls through to the default handler (an immediate exit).
-    """
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
-
-    def __enter__(self) -> "_Stop":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+                trainer.pose_delta.copy_(saved["refine.pose"])
+                trainer.expr_delta.copy_(saved["refine.expr"])
+            trainer.optimizer.load_state_dict(saved["optimizer"])
+            return trainer, int(saved["step"]), float(saved["seconds"])
+        except (TypeError, KeyError, ValueError, RuntimeError) as e:
+            raise GGError(f"{path}: unusable checkpoint ({e.__class__.__name__}: {e}); rerun without --resume to start over", Exit.ARTIFACT) from e
 
 
 def train(trainer: Trainer, folder: Path, start: int, seconds: float) -> float:
-    """Run steps [start, cfg.steps); returns the wall-clock seconds of training so far."""
+    """Run steps [start, cfg.steps) on the shared loop; returns the wall-clock seconds of training so far."""
     cfg, data = trainer.cfg, trainer.data
     log_path = folder / LOG
     kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() else []) if json.loads(line)["step"] < start]
     log_path.write_text("".join(line + "\n" for line in kept))
-    stream = Prefetch(data.load, trainer.order, cfg.steps)
     tic = time.perf_counter() - seconds
-    try:
-        with _Stop() as stop, log_path.open("a") as log, console.progress() as bar:
-            task = bar.add_task("adapt", total=cfg.steps, completed=start)
-            for step in range(start, cfg.steps):
-                out = trainer.step(step, stream.get(step), trainer.order(step))
-                if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    row = {k: float(v) for k, v in out.items()}
-                    if not math.isfinite(row["loss"]):
-                        raise GGError(f"adapt diverged at step {step} (loss {row['loss']}); lower the learning rates in the preset", Exit.DIVERGED)
-                    row = {"step": step, **row, "psnr_head": -10 * math.log10(max(row.pop("mse_head"), 1e-12)),
-                           "gaussians": len(trainer.avatar.gmap), "seconds": round(time.perf_counter() - tic, 2)}  # fmt: skip
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()  # followable with tail -f while training
-                    bar.update(task, status=f"loss {row['loss']:.4f}  head psnr {row['psnr_head']:.2f}  n {row['gaussians']}")
-                bar.update(task, completed=step + 1)
-                done = step + 1
-                if stop.signal is not None or (done % cfg.checkpoint_every == 0 and done < cfg.steps):
-                    trainer.save(folder, done, time.perf_counter() - tic)
-                if stop.signal is not None:
-                    raise KeyboardInterrupt
-    finally:
-        stream.close()
+
+    def checkpoint(done: int) -> None:
+        training.save(folder / CHECKPOINT, {**trainer.state(), "step": done, "seconds": time.perf_counter() - tic})
+
+    loop = training.Loop("adapt", cfg.steps, start=start, fix="lower the learning rates in the preset", check_every=cfg.log_every,
+                         checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)  # fmt: skip
+    stream = Prefetch(data.load, trainer.order, cfg.steps)
+    with log_path.open("a") as log:
+
+        def row(done: int) -> str:
+            values = loop.values
+            entry = {"step": done - 1, **values, "psnr_head": -10 * math.log10(max(values["mse_head"], 1e-12)),
+                     "gaussians": len(trainer.avatar.gmap), "seconds": round(time.perf_counter() - tic, 2)}  # fmt: skip
+            log.write(json.dumps(entry) + "\n")
+            log.flush()  # followable with tail -f while training
+            return f"loss {entry['loss']:.4f}  head psnr {entry['psnr_head']:.2f}  n {entry['gaussians']}"
+
+        loop.every(cfg.log_every, row, phase=1)  # steps 0, log_every, 2·log_every, ... and the last
+        try:
+            loop.run(lambda step: trainer.step(step, stream.get(step), trainer.order(step)))
+        finally:
+            stream.close()
     return time.perf_counter() - tic
 
 
@@ -586,11 +545,11 @@ def run(
     oom = out_of_memory(f"adapting at {data.size}² (adapt.uv_res {acfg.uv_res}, adapt.batch {acfg.batch})",
                         "lower --size, adapt.uv_res or adapt.batch (--preset fast is the smallest), then re-run with --resume")
     def resumable(folder: Path) -> bool:
-        return (folder / CHECKPOINT).exists() or (folder / f"{CHECKPOINT}.old").exists()
+        return (folder / CHECKPOINT).is_file()
 
     with oom, artifacts.atomic_dir(out, force=force, work=work, resumable=resumable) as folder:
         if resumable(folder):
-            trainer, start, seconds = Trainer.load(folder, data, acfg)
+            trainer, start, seconds = Trainer.resume(folder / CHECKPOINT, data, acfg)
             console.info(f"resuming at step {start} of {acfg.steps}")
         else:
             if resume:
@@ -624,7 +583,7 @@ def run(
         tic = time.perf_counter()
         speech = _adapt_speech(prior, prior_a2e, clip, folder, cfg, dev)
         timings["a2e"] = time.perf_counter() - tic
-        shutil.rmtree(folder / CHECKPOINT, ignore_errors=True)
+        (folder / CHECKPOINT).unlink(missing_ok=True)
         started = json.loads((folder / START).read_text())
         meta = {
             "clip": {"path": str(Path(clip_dir).resolve()), "sha256": _file_hash(clip.path / "meta.yaml", clip.tracking_path)},
