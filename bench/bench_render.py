@@ -35,7 +35,7 @@ import torch
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.config import AdaptConfig
 from ggtalker_cli.face_model import N_BLENDSHAPES, HeadModel
-from ggtalker_cli.stages.synth import BATCH
+from ggtalker_cli.synthesis import BATCH
 from kernels import render
 from kernels.synthetic import front_cameras, head_scene
 

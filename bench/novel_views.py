@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ggtalker_cli.metrics import LMD_SIZE, detect_landmarks
-from ggtalker_cli.stages.synth import Synthesizer, turn
+from ggtalker_cli.synthesis import Synthesizer, turn
 
 YAWS = (-30, -15, 0, 15, 30)
 TILE = 256  # grid tile side

@@ -104,7 +104,7 @@ def warm_features(prior: Path, clip_dir: Path, work: Path) -> dict:
 
     from ggtalker_cli.clip import Clip
     from ggtalker_cli.stages import eval as eval_stage
-    from ggtalker_cli.stages.synth import read_audio
+    from ggtalker_cli.synthesis import read_audio
 
     if not os.environ.get("GGTALKER_FEATURE_CACHE"):
         raise RuntimeError("set GGTALKER_FEATURE_CACHE to the folder to fill")
@@ -123,7 +123,8 @@ def speed(avatar: Path, clip: Path, device: str, frames: int = 250) -> dict:
     import numpy as np
 
     from ggtalker_cli import media
-    from ggtalker_cli.stages.synth import Synthesizer, device_of
+    from ggtalker_cli.device import device_of
+    from ggtalker_cli.synthesis import Synthesizer
 
     dev = device_of(device)
     synth = Synthesizer(avatar, dev, clip=clip)  # the clip folder here (adapt may have run elsewhere)

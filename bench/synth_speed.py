@@ -39,7 +39,7 @@ def stage(to: Path, work: Path = run_all.REPO / "out" / "bench_gpu") -> None:
     from safetensors.torch import load_file
 
     from ggtalker_cli import audio, media
-    from ggtalker_cli.stages.synth import read_audio
+    from ggtalker_cli.synthesis import read_audio
 
     speech = np.concatenate([read_audio(p) for p in run_all.speech_files(work)])
     samples = np.resize(speech, int(SECONDS * audio.SAMPLE_RATE))  # cycled

@@ -113,7 +113,7 @@ def adapt(
     force: bool = ForceOpt,
 ) -> None:
     """Fit a Gaussian head avatar to one clip (held-out metrics, previews, PLY export)."""
-    from .models.e2v import choose_prior
+    from .priors import choose_prior
     from .stages import adapt as stage
 
     overrides = {"adapt": {k: v for k, v in {"steps": steps, "size": size, "seed": seed}.items() if v is not None}}

@@ -37,12 +37,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import console, metrics, training
 from .artifacts import atomic_write_bytes
 from .clip import Clip
+from .clip_view import Data
 from .config import Config, E2VConfig
 from .errors import Exit, GGError
 from .face_model import HeadModel, Shell, canonical_mesh
+from .head_fit import fit_head
 from .losses import hinge_sq, photometric
 from .models.e2v import COLOR, E2V, WEIGHTS, unwrap, with_topology
-from .stages.adapt import Data, _fit_head
 
 CHECKPOINT = "e2v.ckpt"
 GRID = "e2v_grid.png"
@@ -115,7 +116,7 @@ def load_identities(clip_dirs: list[Path], names: list[str], frames: str, cfg: C
             continue
         clip = Clip(path)
         data = Data(clip, cfg.e2v.size, device)
-        head, shell = _fit_head(clip, data, cfg.adapt)
+        head, shell = fit_head(clip, data, cfg.adapt)
         train = data.train
         cut = len(train) - max(1, round(0.1 * len(train)))
         chosen = {"train": train, "fit": train[:cut], "late": train[cut:]}[frames]
@@ -332,7 +333,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: C
         start, curve, seconds = saved["step"], saved["curve"], saved["seconds"]
         console.info(f"e2v: resumed at step {start}")
     val_loader = _loader(Samples(val, cfg, cfg.seed + 1, augment=False), Stream(0, math.ceil(cfg.val_samples / cfg.batch), cfg.batch), cfg, dev)
-    batches = iter(_loader(Samples(train, cfg, cfg.seed, augment=True), Stream(start, cfg.steps, cfg.batch, rank, world), cfg, dev))
+    batches = [iter(_loader(Samples(train, cfg, cfg.seed, augment=True), Stream(start, cfg.steps, cfg.batch, rank, world), cfg, dev))]
     model.train()
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -344,7 +345,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: C
     timed_from = start + min(20, (cfg.steps - start) // 5)  # throughput leaves out worker start-up and warm-up
 
     def step(i: int) -> dict[str, Tensor]:
-        terms = net(_to_device(next(batches), dev), train)
+        terms = net(_to_device(next(batches[0]), dev), train)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -376,7 +377,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: C
     try:
         done = loop.run(step)
     finally:
-        del batches  # the DataLoader's workers end with their iterator
+        batches.clear()  # the DataLoader's workers end with their iterator
     clock.lap(timed=done > timed_from)
     summary = {"file": WEIGHTS, "grid": GRID}
     if rank == 0:

@@ -12,10 +12,11 @@ import torch
 from conftest import same_tensors
 from typer.testing import CliRunner
 
-from ggtalker_cli import artifacts, training
+from ggtalker_cli import artifacts, head_fit, training
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.cli import app
 from ggtalker_cli.clip import Clip
+from ggtalker_cli.clip_view import Data
 from ggtalker_cli.config import load_config
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.gaussians import read_ply
@@ -52,7 +53,7 @@ def test_adapt_writes_a_complete_avatar(adapted):
     for name in ("weights.safetensors", "head.ply", "train_log.jsonl", "loss.png", "novel_views.png", "synthesis/track.npz"):
         assert (out / name).is_file(), name
     assert len(list((out / "previews").glob("*.png"))) >= 2
-    assert not (out / adapt.CHECKPOINT).exists()
+    assert not (out / head_fit.CHECKPOINT).exists()
     assert not artifacts.work_dir_for(out).exists()
     ply = read_ply(out / "head.ply")
     assert len(ply["x"]) == meta["gaussians"] and np.isfinite(np.stack(list(ply.values()))).all()
@@ -62,8 +63,8 @@ def test_adapt_writes_a_complete_avatar(adapted):
     assert track["pose"].shape[0] == track["blendshapes"].shape[0] == len(Clip(clip))
     assert not track["refined"][meta["eval"]["frames"]].any()  # test frames keep their raw tracking
     avatar = Avatar.load(out)
-    data = adapt.Data(Clip(clip), CI["size"], torch.device("cpu"))
-    again = adapt.evaluate(avatar, data, np.asarray(meta["eval"]["frames"]))
+    data = Data(Clip(clip), CI["size"], torch.device("cpu"))
+    again = head_fit.evaluate(avatar, data, np.asarray(meta["eval"]["frames"]))
     assert again["psnr_head"] == pytest.approx(meta["metrics"]["psnr_head"], abs=1e-3)  # the saved avatar is the evaluated one
 
 
@@ -71,7 +72,7 @@ def test_batched_render_equals_single_frames(adapted):
     """Synth renders a batch of frames in one vectorised pass: the same images as frame by frame."""
     clip, out, _ = adapted
     avatar = Avatar.load(out)
-    data = adapt.Data(Clip(clip), CI["size"], torch.device("cpu"))
+    data = Data(Clip(clip), CI["size"], torch.device("cpu"))
     frames = torch.as_tensor(data.test[:3])
     base, pose, expr = data.verts[frames], data.pose[frames], data.blendshapes[frames]
     base[1] = avatar.head.drive(expr[1])  # a driven frame among tracked ones, as eval mixes them
@@ -88,14 +89,14 @@ def test_batched_render_equals_single_frames(adapted):
 
 def _interrupt_at(monkeypatch, step: int) -> None:
     """Deliver a real SIGINT to this process while `step` runs."""
-    original = adapt.Trainer.step
+    original = head_fit.Trainer.step
 
     def step_and_signal(self, i, batch, frames):
         if i == step:
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, i, batch, frames)
 
-    monkeypatch.setattr(adapt.Trainer, "step", step_and_signal)
+    monkeypatch.setattr(head_fit.Trainer, "step", step_and_signal)
 
 
 def test_interrupt_then_resume_is_exact(clip_128, tmp_path, monkeypatch):
@@ -115,7 +116,7 @@ def test_interrupt_then_resume_is_exact(clip_128, tmp_path, monkeypatch):
     result = runner.invoke(app, [*args, "-o", str(resumed)])
     assert result.exit_code == int(Exit.INTERRUPTED), result.output
     work = artifacts.work_dir_for(resumed)
-    assert training.load(work / adapt.CHECKPOINT)["step"] == 4 and not resumed.exists()
+    assert training.load(work / head_fit.CHECKPOINT)["step"] == 4 and not resumed.exists()
     monkeypatch.undo()
     assert runner.invoke(app, [*args, "-o", str(resumed), "--resume"]).exit_code == 0
 

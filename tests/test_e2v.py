@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from ggtalker_cli import e2v_train
 from ggtalker_cli.clip import Clip
+from ggtalker_cli.clip_view import Data
 from ggtalker_cli.config import load_config
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.face_model import HeadModel
@@ -20,13 +21,11 @@ from ggtalker_cli.models.e2v import (
     E2V,
     IN_CHANNELS,
     WEIGHTS,
-    choose_prior,
-    reference_frames,
     unwrap,
     with_topology,
 )
+from ggtalker_cli.priors import choose_prior, reference_frames
 from ggtalker_cli.stages import adapt, fit_prior
-from ggtalker_cli.stages.adapt import Data
 
 
 def tiny_cfg(**e2v):

@@ -15,8 +15,8 @@ from ggtalker_cli.models.inpainter import (
     inpainter_loss,
     paste,
     random_dilated_mask,
-    train_inpainter,
 )
+from ggtalker_cli.body import train_inpainter
 
 SIZE = 64
 _YY, _XX = torch.meshgrid(torch.arange(SIZE).float(), torch.arange(SIZE).float(), indexing="ij")

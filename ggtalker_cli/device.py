@@ -1,0 +1,23 @@
+"""The one place a `--device` name becomes a torch device (every verb and bench script uses it)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import Exit, GGError
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise GGError(f"--device {name}: expected cpu, cuda or auto", Exit.USAGE)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GGError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu or a GPU machine", Exit.RESOURCE)
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
