@@ -33,6 +33,7 @@ import yaml
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.clip import Clip
 from ggtalker_cli.config import load_config
+from ggtalker_cli.device import device_of
 from ggtalker_cli.stages import adapt
 from ggtalker_cli.clip_view import Data
 from ggtalker_cli.head_fit import NOVEL_YAWS, _yaw_about
@@ -53,7 +54,7 @@ def run_one(clip: Path, folder: Path, steps: int, prior: Path | None, args) -> d
 def novel_views(avatar_dir: Path, clip: Path, device: str) -> tuple[dict[int, tuple[list[np.ndarray], np.ndarray]], np.ndarray]:
     """Test frames turned by NOVEL_YAWS: per yaw the renders and the avatar's own landmarks
     projected at that view; plus the middle test frame's views side by side."""
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dev = device_of(device)
     avatar = Avatar.load(avatar_dir, dev)
     meta = yaml.safe_load((avatar_dir / "meta.yaml").read_text())
     data = Data(Clip(clip), int(meta["size"]), dev)

@@ -103,13 +103,12 @@ def warm_features(prior: Path, clip_dir: Path, work: Path) -> dict:
     from safetensors.torch import load_file
 
     from ggtalker_cli.clip import Clip
-    from ggtalker_cli.stages import eval as eval_stage
-    from ggtalker_cli.synthesis import read_audio
+    from ggtalker_cli.synthesis import held_out_audio, read_audio
 
     if not os.environ.get("GGTALKER_FEATURE_CACHE"):
         raise RuntimeError("set GGTALKER_FEATURE_CACHE to the folder to fill")
     clip, state = Clip(clip_dir), load_file(str(prior / "a2e.safetensors"))
-    test = eval_stage.held_out_audio(clip, clip.test_indices, work / "audio" / f".test_{clip_dir.name}.wav")
+    test = held_out_audio(clip, clip.test_indices, work / "audio" / f".test_{clip_dir.name}.wav")
     seconds, files = 0.0, []
     for samples in (test, *(read_audio(p) for p in speech_files(work))):
         seconds += len(samples) / 16000

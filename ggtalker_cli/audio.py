@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import assets, console
+from .device import device_of
 from .errors import Exit, GGError
 
 SAMPLE_RATE = 16000
@@ -123,7 +124,7 @@ def _load(path: str, device: str):
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_of("auto").type
 
 
 def frame_weights(frames: np.ndarray, fps: float, t0: float, n_rows: int) -> np.ndarray:

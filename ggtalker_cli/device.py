@@ -8,6 +8,8 @@ from .errors import Exit, GGError
 
 
 def device_of(name: str) -> torch.device:
+    """`auto` (CUDA when PyTorch sees it, else the CPU), `cpu`, `cuda` or `cuda:N`; a CUDA name
+    without CUDA is a RESOURCE error, anything else a USAGE error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
@@ -18,6 +20,7 @@ def device_of(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
+    """What meta.yaml and reports record as the device: the GPU's name, or cpu."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 

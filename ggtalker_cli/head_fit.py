@@ -43,7 +43,7 @@ from torch import Tensor
 from . import metrics, training
 from .avatar import WEIGHTS, Avatar
 from .clip import Clip
-from .clip_view import Data, Prefetch
+from .clip_view import Data, Prefetch, intrinsics
 from .config import AdaptConfig
 from .errors import Exit, GGError
 from .face_model import HeadModel, fit_shell
@@ -90,8 +90,7 @@ def fit_head(clip: Clip, data: "Data", cfg: AdaptConfig) -> tuple[HeadModel, dic
     trk = clip.tracking
     fitted = HeadModel.fit(trk["verts"][data.train], trk["blendshapes"][data.train], cfg.basis_ridge)
     size = min(clip.size, SHELL_SIZE)
-    K = clip.K.copy()
-    K[:2] *= size / clip.size
+    K = intrinsics(clip, size)
     frames = []
     for i in data.train[np.linspace(0, len(data.train) - 1, SHELL_FRAMES).astype(int)]:
         mask = cv2.resize((clip.mask(int(i)) == 2).astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)

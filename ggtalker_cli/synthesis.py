@@ -27,6 +27,7 @@ from . import artifacts, audio, media
 from .avatar import Avatar
 from .body import Body, load_track
 from .clip import Clip
+from .clip_view import Prefetch, intrinsics, resize
 from .errors import Exit, GGError
 
 A2E_FILE = "a2e.safetensors"
@@ -152,11 +153,9 @@ class Synthesizer:
         self.size = int(size or self.meta["size"])
         if self.size % 8 or self.size < 32:
             raise GGError(f"--size {self.size}: use a multiple of 8, at least 32", Exit.USAGE)
-        K = self.clip.K.copy()
-        K[:2] *= self.size / self.clip.size
-        self.K = torch.tensor(K, dtype=torch.float32, device=device)
+        self.K = torch.tensor(intrinsics(self.clip, self.size), dtype=torch.float32, device=device)
         self.background = None if background is None else parse_background(background, self.size)
-        plate = self.background if self.background is not None else self._resize(self.clip.background).astype(np.float32) / 255
+        plate = self.background if self.background is not None else resize(self.clip.background, self.size).astype(np.float32) / 255
         self.body = Body.load(self.folder, self.meta, torch.from_numpy(plate).to(device)[None], device)
         lo, hi = self.meta.get("synthesis", {}).get("body_frames", [int(self.clip.train_indices[0]), int(self.clip.train_indices[-1]) + 1])
         self.body_frames = np.arange(int(lo), int(hi))
@@ -168,21 +167,15 @@ class Synthesizer:
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _resize(self, image: np.ndarray) -> np.ndarray:
-        """(size, size, C), same dtype; OpenCV's area filter (anti-aliased down, bilinear up)."""
-        if image.shape[0] != self.size:
-            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        return image.reshape(self.size, self.size, -1)
-
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Clip frame i at size² (background replaced if asked) and its 0/1 head mask, both uint8:
         decoding threads move a quarter of float32's bytes; the device converts."""
         labels = self.clip.mask(int(i))
-        frame = self._resize(self.clip.frame(int(i)))
+        frame = resize(self.clip.frame(int(i)), self.size)
         if self.background is not None:
-            bg = self._resize((labels == 0).astype(np.float32))
+            bg = resize((labels == 0).astype(np.float32), self.size)
             frame = (frame * (1 - bg) + self.background * 255 * bg + 0.5).astype(np.uint8)
-        return frame, (self._resize((labels == 2).astype(np.float32)) > 0.5).astype(np.uint8)
+        return frame, (resize((labels == 2).astype(np.float32), self.size) > 0.5).astype(np.uint8)
 
     def bodies(self, frames: np.ndarray, fps: float) -> np.ndarray:
         """Clip frame replayed under output frames `frames` (ping-pong over the body frames, in the clip's time)."""
@@ -213,7 +206,8 @@ class Synthesizer:
         landmarks `bases` (T,478,3; default the expressions driven through the basis), composited
         onto body frames `bodies` by the inpainter (or, with `paste`, the plate paste)."""
         n = len(bodies)
-        pending = {k: self.pool.submit(self.load, bodies[k]) for k in range(min(PREFETCH, n))}
+        stream = Prefetch(self.load, lambda k: [bodies[k]], n, ahead=PREFETCH, pool=self.pool)
+        stream.queue(0)  # body frames decode while the first batch renders
         exprs_t = torch.as_tensor(np.asarray(exprs, np.float32), device=self.device)
         bases_t = None if bases is None else torch.as_tensor(np.asarray(bases, np.float32), device=self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -225,11 +219,7 @@ class Synthesizer:
             out, _ = self.avatar.render(base, poses[a:b], exprs_t[a:b], self.K, self.size)
             sync()
             tac = time.perf_counter()
-            loaded = []
-            for k in range(a, b):
-                loaded.append(pending.pop(k).result())
-                if k + PREFETCH < n:
-                    pending[k + PREFETCH] = self.pool.submit(self.load, bodies[k + PREFETCH])
+            loaded = [stream.get(k)[0] for k in range(a, b)]
             frame = torch.from_numpy(np.stack([f for f, _ in loaded])).to(self.device).float() / 255
             mask = torch.from_numpy(np.stack([m for _, m in loaded])).to(self.device).float()
             toc = time.perf_counter()
@@ -262,3 +252,14 @@ def read_audio(path: Path) -> np.ndarray:
     raise GGError(f"{path}: {why}; without ffmpeg only 16 kHz mono 16-bit wav can be read; install ffmpeg or convert the audio", Exit.RESOURCE)
 
 
+def held_out_audio(clip: Clip, frames: np.ndarray, path: Path) -> np.ndarray:
+    """The clip's audio under `frames` (consecutive) → written to `path`; returns the samples.
+
+    eval drives the avatar with it; bench/run_all.py fills the feature cache from exactly that audio."""
+    if clip.audio_path is None:
+        raise GGError(f"{clip.path}: the clip has no audio.wav; eval needs the clip's speech (re-run preprocess on a video with sound)", Exit.INPUT_INVALID)
+    samples, rate = media.read_wav(clip.audio_path)
+    a, b = (round(f / clip.fps * rate) for f in (frames[0], frames[-1] + 1))
+    cut = samples[a:b]
+    media.write_wav(path, cut, rate)
+    return cut

@@ -26,21 +26,12 @@ from ..body import train_avatar_inpainter
 from ..clip import Clip
 from ..clip_view import Data
 from ..config import AdaptConfig, Config
+from ..device import device_name, device_of
 from ..errors import Exit, GGError, out_of_memory
 from ..gaussians import GROUPS
 from ..head_fit import CHECKPOINT, LOG, SHELL_FRAMES, Trainer, evaluate, export, fit_head, loss_plot, novel_views, paint, save_png, train
 
 START = "start.json"  # shell fit + initial metrics of a run, kept for --resume
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GGError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu (slow) or a GPU machine", Exit.RESOURCE)
-    if name not in ("cpu", "cuda"):
-        raise GGError(f"--device {name}: expected cpu, cuda or auto", Exit.USAGE)
-    return torch.device(name)
 
 
 def _check_prior(prior: Path) -> dict[str, Tensor] | None:
@@ -59,7 +50,7 @@ def _check_prior(prior: Path) -> dict[str, Tensor] | None:
     if "a2e" not in parts:
         return None
     from ..models.a2e import from_state
-    from .synth import load_a2e
+    from ..synthesis import load_a2e
 
     state, path = load_a2e(prior, explicit=prior)  # a prior folder: its a2e part, one ARTIFACT line if unreadable
     from_state(state, path)  # another state version or shape: refused now too
@@ -111,7 +102,7 @@ def run(
     force: bool = False,
 ) -> dict[str, Any]:
     acfg = cfg.adapt
-    dev = _device(device)
+    dev = device_of(device)
     clip = Clip(clip_dir)
     prior_a2e = _check_prior(prior) if prior is not None else None
     work = artifacts.work_dir_for(out)
@@ -172,7 +163,7 @@ def run(
         meta = {
             "clip": {"path": str(Path(clip_dir).resolve()), "sha256": _file_hash(clip.path / "meta.yaml", clip.tracking_path)},
             "prior": str(Path(prior).resolve()) if prior is not None else None,
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "device": device_name(dev),
             "train_seconds": round(seconds, 1),
             "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "steps": acfg.steps,

@@ -229,19 +229,6 @@ class _Videos:
         self.writers = {}
 
 
-def held_out_audio(clip: Clip, frames: np.ndarray, path: Path) -> np.ndarray:
-    """The clip's audio under `frames` (consecutive) → written to `path`; returns the samples.
-
-    Public: bench/run_all.py fills the feature cache from exactly the audio eval will encode."""
-    if clip.audio_path is None:
-        raise GGError(f"{clip.path}: the clip has no audio.wav; eval needs the clip's speech (re-run preprocess on a video with sound)", Exit.INPUT_INVALID)
-    samples, rate = read_wav(clip.audio_path)
-    a, b = (round(f / clip.fps * rate) for f in (frames[0], frames[-1] + 1))
-    cut = samples[a:b]
-    write_wav(path, cut, rate)
-    return cut
-
-
 def _speech(synth: synthesis.Synthesizer, expressions: Expressions, samples: np.ndarray, bodies: np.ndarray | None,
             poses: torch.Tensor | None, timings: dict) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
     """Run audio through the synth path; yield (frame index, blendshapes, mouth_open, image).
@@ -288,7 +275,7 @@ def _render(synth: synthesis.Synthesizer, avatar_dir: Path, audios: list[Path], 
     state, a2e_source = synthesis.load_a2e(avatar_dir, a2e_path)
     (folder / "audio").mkdir(exist_ok=True)
     test_wav = folder / "audio" / "test.wav"
-    samples = held_out_audio(clip, test, test_wav)
+    samples = synthesis.held_out_audio(clip, test, test_wav)
     track_pose = torch.as_tensor(synth.track["pose"][test], dtype=torch.float32, device=dev)
     n = len(test)
     mean_bs = np.repeat(trk["blendshapes"][train].mean(0, keepdims=True), n, 0)

@@ -24,6 +24,7 @@ import torch
 
 from .. import artifacts, console
 from ..config import Config
+from ..device import device_of
 from ..errors import Exit, GGError, out_of_memory
 
 PRIOR_NOTE = (
@@ -82,7 +83,7 @@ def _distributed(device: str | None) -> tuple[int, int, str]:
     """(rank, world size, device): torch.distributed is initialised when torchrun launched us."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, str(device_of(device or "auto"))
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
