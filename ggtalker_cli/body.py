@@ -158,6 +158,7 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
         "channels": list(cfg.channels),
         "dilate": cfg.dilate,
         "steps": cfg.steps,
+        "steps_run": max((r["step"] for r in log), default=0),
         "train_seconds": round(time.perf_counter() - tic, 1),
         "final_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
         "trained_on": "training frames; head driven by the tracked blendshapes at the refined synthesis pose",
@@ -168,12 +169,12 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
         # it starts as the paste (models/inpainter.py): ending far below it is an unstable run, and its
         # outputs are bounded, so the loss need not have gone to NaN on the way
         raise GGError(f"inpainter training diverged (held-out full PSNR {check['psnr']:.2f} dB, {check['psnr_paste']:.2f} for the paste "
-                      "it starts as); lower inpainter.lr", Exit.DIVERGED)  # fmt: skip
+                      "it starts as); lower inpainter.lr", Exit.DIVERGED)
     if check["psnr"] < check["psnr_paste"] or check["psnr_seam"] < check["psnr_seam_paste"]:
         # a composite worse than the plain paste is never shipped: synth falls back to the paste
         console.warn(f"the inpainter did not learn (held-out full PSNR {check['psnr']:.2f} vs paste {check['psnr_paste']:.2f} dB, "
                      f"seam {check['psnr_seam']:.2f} vs {check['psnr_seam_paste']:.2f}); the avatar composites with the plate "
-                     "paste instead: raise inpainter.steps in a preset and re-run adapt")  # fmt: skip
+                     "paste instead: raise inpainter.steps in a preset and re-run adapt")
         return {**info, "rejected": True}
     save_file({k: v.contiguous() for k, v in state.items()}, str(Path(folder) / INPAINTER))  # channels_last → packed
     return info

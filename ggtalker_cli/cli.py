@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import errno
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
 from . import __version__, console
-from .config import load_config
+from .config import load_config, set_steps
 from .errors import Exit, GGError
 
 app = typer.Typer(
@@ -66,7 +67,7 @@ def _run(stage: Callable[[], dict[str, Any]], out: Path | str | None = None) -> 
         _fail(e)
     except KeyboardInterrupt:
         console.err.print("[red]interrupted[/red]: partial work kept; re-run with --resume to continue")
-        raise typer.Exit(int(Exit.INTERRUPTED))
+        raise typer.Exit(int(Exit.INTERRUPTED)) from None
     console.emit(summary)
 
 
@@ -104,7 +105,9 @@ def adapt(
     out: Path = typer.Option(..., "-o", "--out", help="Avatar folder to create."),
     prior: Optional[Path] = typer.Option(None, "--prior", help="Prior folder with an e2v part to start from (default: priors/default when present)."),
     no_prior: bool = typer.Option(False, "--no-prior", help="Adapt from scratch, even when the default prior exists."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (preset default otherwise)."),
+    steps: Optional[str] = typer.Option(
+        None, "--steps", help="Head training steps; the inpainter's and the A2E adaptation's scale with them (or set each: head=N,inpainter=N,a2e=N)."
+    ),
     size: Optional[int] = typer.Option(None, "--size", help="Training/render resolution in pixels (square)."),
     seed: Optional[int] = SeedOpt,
     preset: Optional[str] = PresetOpt,
@@ -116,8 +119,13 @@ def adapt(
     from .priors import choose_prior
     from .stages import adapt as stage
 
-    overrides = {"adapt": {k: v for k, v in {"steps": steps, "size": size, "seed": seed}.items() if v is not None}}
-    _run(lambda: stage.run(clip, out, load_config(preset, overrides), prior=choose_prior(prior, no_prior), device=device, resume=resume, force=force), out)
+    def run() -> dict:
+        cfg = load_config(preset, {"adapt": {k: v for k, v in {"size": size, "seed": seed}.items() if v is not None}})
+        if steps is not None:
+            set_steps(cfg, "adapt", steps)
+        return stage.run(clip, out, cfg, prior=choose_prior(prior, no_prior), device=device, resume=resume, force=force)
+
+    _run(run, out)
 
 
 @app.command("fit-prior")
@@ -141,7 +149,7 @@ def fit_prior(
     names = [h.strip() for h in holdout.split(",") if h.strip()] if holdout else None
     _run(
         lambda: stage.run(clips, out, load_config(preset, overrides), parts=parts, holdout=names, resume=resume, force=force,
-                          device=None if device == "auto" else device),  # fmt: skip
+                          device=None if device == "auto" else device),
         out,
     )
 
@@ -172,7 +180,7 @@ def synth(
     from .stages import synth as stage
 
     _run(lambda: stage.run(avatar, audio, out, a2e_path=a2e, clip=clip, pose=pose, yaw=yaw, pitch=pitch, orbit=orbit, background=background,
-                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force), out)  # fmt: skip
+                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force), out)
 
 
 @app.command("eval")
@@ -193,7 +201,7 @@ def eval_(
     from .stages import eval as stage
 
     _run(lambda: stage.run(avatar, clip, out, audios=audio, a2e_path=a2e, device=device, size=size, max_frames=frames, score=score,
-                           score_only=score_only, force=force), out)  # fmt: skip
+                           score_only=score_only, force=force), out)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.cli import app
 from ggtalker_cli.clip import Clip
 from ggtalker_cli.clip_view import Data
-from ggtalker_cli.config import load_config
+from ggtalker_cli.config import load_config, set_steps
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.gaussians import read_ply
 from ggtalker_cli.stages import adapt
@@ -103,7 +103,7 @@ def test_interrupt_then_resume_is_exact(clip_128, tmp_path, monkeypatch):
     clip, _ = clip_128
     # small and fast, but crossing pruning, the UV upsample and the refinement warm-up
     settings = {"size": 64, "steps": 8, "uv_res": 24, "upsample_at": 0.6, "prune_every": 2, "refine_after": 0.3,
-                "checkpoint_every": 1000, "eval_frames": 1, "log_every": 1}  # fmt: skip
+                "checkpoint_every": 1000, "eval_frames": 1, "log_every": 1}
     preset = tmp_path / "tiny.yaml"
     preset.write_text(json.dumps({"adapt": settings, "inpainter": {"steps": 2}}))  # JSON is YAML
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -150,3 +150,18 @@ def test_adapt_on_cuda(clip_128, tmp_path):
     out = tmp_path / "gpu"
     adapt.run(clip_128[0], out, load_config("fast", {"adapt": {**CI, "steps": 300}, "inpainter": {"steps": 20}}), device="cuda")
     assert artifacts.read_meta(out, "avatar")["metrics"]["psnr_head"] > HEAD_PSNR_MIN
+
+
+def test_steps_scale_every_part_or_set_each():
+    """`--steps N` keeps the preset's proportions between the head, the inpainter and the A2E
+    adaptation; `head=N,inpainter=M` sets the named parts and scales the rest by the head's factor."""
+    cfg = load_config("balanced")  # head 4000, inpainter 2000, A2E adaptation 800
+    assert set_steps(cfg, "adapt", "8000") == {"head": 8000, "inpainter": 4000, "a2e": 1600}
+    assert (cfg.adapt.steps, cfg.inpainter.steps, cfg.a2e.adapt_steps) == (8000, 4000, 1600)
+    assert set_steps(load_config("balanced"), "adapt", "head=2000,inpainter=300") == {"head": 2000, "inpainter": 300, "a2e": 400}
+    assert set_steps(load_config("balanced"), "adapt", "a2e=50") == {"head": 4000, "inpainter": 2000, "a2e": 50}
+    assert set_steps(load_config("balanced"), "adapt", "1") == {"head": 1, "inpainter": 1, "a2e": 1}  # never below one step
+    for bad in ("many", "0", "head=2,lips=3", "head=-1"):
+        with pytest.raises(GGError, match=r"--steps .*: expected a step count ≥ 1 or head=N,inpainter=N,a2e=N") as e:
+            set_steps(load_config("balanced"), "adapt", bad)
+        assert e.value.code == Exit.USAGE

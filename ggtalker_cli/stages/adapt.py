@@ -183,11 +183,13 @@ def run(
             "inpainter": inpainter,
             "a2e": speech,
             "files": {"weights": WEIGHTS, "ply": "head.ply", "log": LOG, "loss_plot": "loss.png", "previews": "previews",
-                      "novel_views": "novel_views.png", "track": "synthesis/track.npz"},  # fmt: skip
+                      "novel_views": "novel_views.png", "track": "synthesis/track.npz"},
             "synthesis": {"body_frames": [int(clip.train_indices[0]), int(clip.train_indices[-1]) + 1], "fps": clip.fps,
-                          "track": "synthesis/track.npz"},  # fmt: skip
+                          "track": "synthesis/track.npz"},
             "config": {"adapt": cfg.to_dict()["adapt"], "inpainter": cfg.to_dict()["inpainter"]},
         }
         artifacts.write_meta(folder, "avatar", meta)
         (folder / START).unlink()  # recorded in meta.yaml
-    return {"avatar": str(out), **{f"test_{k}": round(v, 2) for k, v in result.items()}, "train_seconds": round(seconds, 1), "device": meta["device"]}
+    ran = {"head": acfg.steps, "inpainter": inpainter["steps_run"], "a2e": (speech.get("log") or {}).get("steps_run")}  # a2e: None without one
+    return {"avatar": str(out), **{f"test_{k}": round(v, 2) for k, v in result.items()}, "train_seconds": round(seconds, 1), "device": meta["device"],
+            "steps": ran}
