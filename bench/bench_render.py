@@ -144,13 +144,13 @@ SCENE_COLUMNS: list[Column] = [
     ("Gaussians", lambda r: f"{r['gaussians']:,}"), ("size", lambda r: f"{r['size']}²"), ("batch", lambda r: str(r["batch"])),
     ("fwd ms", lambda r: f"{r['fwd_ms']:.2f}"), ("fwd FPS", lambda r: f"{r['fwd_fps']:.1f}"),
     ("fwd+bwd ms", lambda r: f"{r['fwd_bwd_ms']:.2f}"), ("fwd+bwd FPS", lambda r: f"{r['fwd_bwd_fps']:.1f}"),
-]  # fmt: skip
+]
 SCENE_CPU_COLUMNS: list[Column] = [("CPU ms fwd", lambda r: f"{r['fwd_cpu_ms']:.1f}"), ("CPU ms fwd+bwd", lambda r: f"{r['fwd_bwd_cpu_ms']:.1f}")]
 AVATAR_COLUMNS: list[Column] = [
     ("Gaussians", lambda r: f"{r['gaussians']:,}"), ("size", lambda r: f"{r['size']}²"), ("B", lambda r: str(r["batch"])),
     ("ms/frame per-frame", lambda r: f"{r['per_frame_ms_per_frame']:.3f}"), ("ms/frame batched", lambda r: f"{r['batched_ms_per_frame']:.3f}"),
     ("speedup", lambda r: f"{r['speedup']:.2f}×"), ("batched FPS", lambda r: f"{r['batched_fps']:.1f}"),
-]  # fmt: skip
+]
 AVATAR_CPU_COLUMNS: list[Column] = [
     ("CPU ms/frame per-frame", lambda r: f"{r['per_frame_cpu_ms_per_frame']:.1f}"),
     ("CPU ms/frame batched", lambda r: f"{r['batched_cpu_ms_per_frame']:.1f}"),
@@ -174,7 +174,7 @@ def avatar_rows(args: argparse.Namespace, device: str, backend: str, warmup: int
             rows.append(bench_avatar(size, frames, batch, args.uv_res, device, backend, warmup, repeats))
             r = rows[-1]
             print(f"  avatar {r['gaussians']} Gaussians {size}² B={batch}: per-frame {r['per_frame_ms_per_frame']:.2f} ms/frame, "
-                  f"batched {r['batched_ms_per_frame']:.2f} ms/frame", flush=True)  # fmt: skip
+                  f"batched {r['batched_ms_per_frame']:.2f} ms/frame", flush=True)
     return rows
 
 

@@ -23,9 +23,9 @@ import torch
 from ggtalker_cli import metrics
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.clip import Clip
+from ggtalker_cli.clip_view import Data
 from ggtalker_cli.config import load_config
 from ggtalker_cli.gaussians import GROUPS
-from ggtalker_cli.clip_view import Data
 from ggtalker_cli.head_fit import fit_head
 
 SETS = {**{k: [k] for k in (*GROUPS, "feature", "mlp")}, "geometry": ["offset", "quat", "log_scale", "opacity"], "appearance": ["color", "feature", "mlp"]}
@@ -78,7 +78,7 @@ def main() -> None:
     rows = {"before": head_psnr(before, data, frames), "after": head_psnr(after, data, frames)}
     for name, groups in SETS.items():
         rows[name] = {"before_with_after": head_psnr(swapped(before, after, groups), data, frames),
-                      "after_with_before": head_psnr(swapped(after, before, groups), data, frames)}  # fmt: skip
+                      "after_with_before": head_psnr(swapped(after, before, groups), data, frames)}
     print(json.dumps(rows, indent=1))
 
 

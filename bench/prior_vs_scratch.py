@@ -32,11 +32,11 @@ import yaml
 
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.clip import Clip
+from ggtalker_cli.clip_view import Data
 from ggtalker_cli.config import load_config
 from ggtalker_cli.device import device_of
-from ggtalker_cli.stages import adapt
-from ggtalker_cli.clip_view import Data
 from ggtalker_cli.head_fit import NOVEL_YAWS, _yaw_about
+from ggtalker_cli.stages import adapt
 
 KEYS = ("psnr_head", "ssim_head", "psnr_full", "ssim_full", "psnr_face", "ssim_face")
 CONSISTENCY_FRAMES = 10

@@ -183,6 +183,18 @@ def synth(
                            size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force), out)
 
 
+@app.command()
+def demo(
+    video: Optional[Path] = typer.Option(None, "--video", help="Talking-head video (default: the project's real Obama clip when ../shared is here)."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="New speech for the avatar (default: a real speech file, else the clip's own)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for clip/, avatar/ and talking.mp4 (default out/demo)."),
+) -> None:
+    """One video → clip → avatar → talking mp4 with the verbs above (what `make demo` runs)."""
+    from .recipes import demo as recipe
+
+    _run(lambda: recipe(video, audio, out), out)
+
+
 @app.command("eval")
 def eval_(
     avatar: Optional[Path] = typer.Argument(None, help="Avatar folder made by `ggtalker adapt` (omit with --score-only)."),
