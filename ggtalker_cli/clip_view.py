@@ -8,8 +8,9 @@ on background threads (training steps, synthesis batches), so RAM stays flat wit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -79,7 +80,7 @@ class Prefetch:
     """
 
     def __init__(self, load: Callable[[int], Any], order: Callable[[int], list[int]], end: int, ahead: int = PREFETCH,
-                 pool: ThreadPoolExecutor | None = None):  # fmt: skip
+                 pool: ThreadPoolExecutor | None = None):
         self.load, self.order, self.end, self.ahead = load, order, end, ahead
         self.own = pool is None
         self.pool = ThreadPoolExecutor(max_workers=2) if pool is None else pool

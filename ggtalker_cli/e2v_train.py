@@ -66,7 +66,10 @@ def landmark_mirror() -> np.ndarray:
 def blendshape_mirror(names: list[str]) -> np.ndarray:
     """(52,) index of each blendshape's mirror (eyeBlinkLeft ↔ eyeBlinkRight, others themselves)."""
     where = {n: i for i, n in enumerate(names)}
-    swap = lambda n: n.replace("Left", "\0").replace("Right", "Left").replace("\0", "Right")
+
+    def swap(name: str) -> str:
+        return name.replace("Left", "\0").replace("Right", "Left").replace("\0", "Right")
+
     return np.array([where.get(swap(n), i) for i, n in enumerate(names)])
 
 
@@ -102,7 +105,7 @@ class Identity:
 
 
 def load_identities(clip_dirs: list[Path], names: list[str], frames: str, cfg: Config, template: HeadModel,
-                    device: torch.device, flip: bool) -> list[Identity]:  # fmt: skip
+                    device: torch.device, flip: bool) -> list[Identity]:
     """Identities of the named clips. frames: "train" (all valid training frames), "fit" (their
     first 90%) or "late" (their last 10%: validation when no identity is held out).
 
@@ -176,7 +179,7 @@ class Samples(Dataset):
             "identity": k, "refs": np.pad(refs, (0, c.max_sources - n)).astype(np.int64), "valid": np.arange(c.max_sources) < n,
             "ref_images": images, "ref_masks": masks, "affine": affine,
             "target": target, "target_image": t_image, "target_mask": t_mask, "jitter": jitter,
-        }  # fmt: skip
+        }
 
 
 class Stream(Sampler):
@@ -298,7 +301,7 @@ class _Clock:
 def _loader(samples: Samples, sampler: Sampler, cfg: E2VConfig, device: torch.device) -> DataLoader:
     workers = cfg.workers
     return DataLoader(samples, batch_size=cfg.batch, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=4 if workers else None, persistent_workers=False)  # fmt: skip
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
 def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: Config, device: str, resume: bool, rank: int = 0, world: int = 1) -> dict:
@@ -317,7 +320,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: C
     model = E2V(template, cfg.uv_res, cfg.feature_dim, cfg.hidden, cfg.channels, cfg.embed_dim).to(dev)
     train = load_identities(clip_dirs, train_names, "train" if holdout else "fit", config, template, dev, cfg.flip)
     val = load_identities(clip_dirs, holdout, "train", config, template, dev, False) if holdout else \
-        load_identities(clip_dirs, train_names, "late", config, template, dev, False)  # fmt: skip
+        load_identities(clip_dirs, train_names, "late", config, template, dev, False)
     objective = Objective(model, cfg)
     net = nn.parallel.DistributedDataParallel(objective, gradient_as_bucket_view=True) if world > 1 else objective  # no grad copy into buckets
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -366,12 +369,12 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: C
     def checkpoint(done: int) -> None:
         clock.lap(timed=done > timed_from)
         training.save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": done,
-                             "curve": curve, "best": best.to_dict(), "seconds": clock.total})  # fmt: skip
+                             "curve": curve, "best": best.to_dict(), "seconds": clock.total})
         clock.restart()
 
     writer = rank == 0  # rank 0 validates and checkpoints; every rank steps (DDP averages the gradients)
     loop = training.Loop("e2v training", cfg.steps, start=start, fix="lower the preset's e2v.lr or re-run with --resume",
-                         checkpoint=checkpoint if writer else None, checkpoint_every=cfg.checkpoint_every, checkpoint_last=True)  # fmt: skip
+                         checkpoint=checkpoint if writer else None, checkpoint_every=cfg.checkpoint_every, checkpoint_last=True)
     if writer:
         loop.every(cfg.val_every, validate)
     try:

@@ -85,7 +85,7 @@ def _yaw_about(centre: Tensor, degrees: float) -> Tensor:
     return M
 
 
-def fit_head(clip: Clip, data: "Data", cfg: AdaptConfig) -> tuple[HeadModel, dict[str, float]]:
+def fit_head(clip: Clip, data: Data, cfg: AdaptConfig) -> tuple[HeadModel, dict[str, float]]:
     """The identity's neutral + expression basis, and a head shell fitted to its head masks."""
     trk = clip.tracking
     fitted = HeadModel.fit(trk["verts"][data.train], trk["blendshapes"][data.train], cfg.basis_ridge)
@@ -100,7 +100,7 @@ def fit_head(clip: Clip, data: "Data", cfg: AdaptConfig) -> tuple[HeadModel, dic
 
 
 @torch.no_grad()
-def paint(avatar: Avatar, data: "Data", frames: np.ndarray) -> None:
+def paint(avatar: Avatar, data: Data, frames: np.ndarray) -> None:
     """Start each Gaussian at the mean colour of the pixels it lands on in a few training frames.
 
     Only where its surface faces the camera (within 60°) and the pixel is head; the rest start at
@@ -146,7 +146,7 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Adam:
         c, groups = self.cfg, self.avatar.gmap.groups
         lrs = {"offset": c.lr_position, "quat": c.lr_rotation, "log_scale": c.lr_scale, "opacity": c.lr_opacity,
-               "color": c.lr_color, "feature": c.lr_feature}  # fmt: skip
+               "color": c.lr_color, "feature": c.lr_feature}
         params = [{"params": [groups[k]], "lr": lr, "base_lr": lr, "name": k} for k, lr in lrs.items()]
         params.append({"params": list(self.avatar.color.parameters()), "lr": c.lr_mlp, "base_lr": c.lr_mlp, "name": "mlp"})
         params.append({"params": [self.pose_delta, self.expr_delta], "lr": c.lr_refine, "base_lr": c.lr_refine, "name": "refine"})
@@ -220,7 +220,7 @@ class Trainer:
     def upsample(self) -> None:
         """Double the UV map; keep the Adam state of everything that did not change shape."""
         kept = {id(p): self.optimizer.state[p] for p in (*self.avatar.color.parameters(), self.pose_delta, self.expr_delta)
-                if p in self.optimizer.state}  # fmt: skip
+                if p in self.optimizer.state}
         self.avatar.gmap.upsample()
         self.optimizer = self._optimizer()
         for group in self.optimizer.param_groups:
@@ -233,7 +233,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds: the avatar's tensors, the per-frame corrections, Adam's state."""
         return {"avatar": self.avatar.state(), "refine.pose": self.pose_delta.detach().cpu(), "refine.expr": self.expr_delta.detach().cpu(),
-                "optimizer": self.optimizer.state_dict()}  # fmt: skip
+                "optimizer": self.optimizer.state_dict()}
 
     @classmethod
     def resume(cls, path: Path, data: Data, cfg: AdaptConfig) -> tuple[Trainer, int, float]:
@@ -262,14 +262,14 @@ def train(trainer: Trainer, folder: Path, start: int, seconds: float) -> float:
         training.save(folder / CHECKPOINT, {**trainer.state(), "step": done, "seconds": time.perf_counter() - tic})
 
     loop = training.Loop("adapt", cfg.steps, start=start, fix="lower the learning rates in the preset", check_every=cfg.log_every,
-                         checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)  # fmt: skip
+                         checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every)
     stream = Prefetch(data.load, trainer.order, cfg.steps)
     with log_path.open("a") as log:
 
         def row(done: int) -> str:
             values = loop.values
             entry = {"step": done - 1, **values, "psnr_head": -10 * math.log10(max(values["mse_head"], 1e-12)),
-                     "gaussians": len(trainer.avatar.gmap), "seconds": round(time.perf_counter() - tic, 2)}  # fmt: skip
+                     "gaussians": len(trainer.avatar.gmap), "seconds": round(time.perf_counter() - tic, 2)}
             log.write(json.dumps(entry) + "\n")
             log.flush()  # followable with tail -f while training
             return f"loss {entry['loss']:.4f}  head psnr {entry['psnr_head']:.2f}  n {entry['gaussians']}"
@@ -318,7 +318,7 @@ def evaluate(avatar: Avatar, data: Data, frames: np.ndarray, preview_dir: Path |
             # diagnostic: the head without its border band (metrics.seam_band), where segmentation
             # jitter of the ground-truth mask dominates the error
             "psnr_head_inner": metrics.psnr(a, t, mask=hm & ~metrics.seam_band(hm)),
-        })  # fmt: skip
+        })
         if preview_dir is not None and int(i) in shown:
             strip = torch.cat([f, comp, a], 1)
             save_png(preview_dir / f"test_{int(i):06d}.png", _to_image(strip))

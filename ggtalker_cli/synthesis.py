@@ -105,7 +105,8 @@ def read_pose_file(path: Path) -> np.ndarray:
             pose[:, :3, :3] = Rotation.from_euler("xyz", rows[:, [1, 0, 2]], degrees=True).as_matrix() @ FRONTAL
             pose[:, :3, 3] = rows[:, 3:6]
     except (KeyError, IndexError, *artifacts.NUMPY_ERRORS) as e:
-        raise GGError(f"{path}: unreadable pose file ({e.__class__.__name__}); expected an .npz with 'pose' (N,4,4) or a CSV of yaw,pitch,roll,tx,ty,tz", Exit.INPUT_INVALID) from e
+        raise GGError(f"{path}: unreadable pose file ({e.__class__.__name__}); "
+                      "expected an .npz with 'pose' (N,4,4) or a CSV of yaw,pitch,roll,tx,ty,tz", Exit.INPUT_INVALID) from e
     if pose.ndim != 3 or pose.shape[1:] != (4, 4) or len(pose) == 0 or not np.isfinite(pose).all():
         raise GGError(f"{path}: poses must be a finite (N, 4, 4) array with N ≥ 1, got {pose.shape}", Exit.INPUT_INVALID)
     return pose
@@ -149,7 +150,8 @@ class Synthesizer:
             raise GGError(f"{clip_path}: the avatar's clip (its body frames) is not there; pass --clip CLIP_DIR", Exit.INPUT_MISSING)
         self.clip = Clip(clip_path)
         if self.clip.n_frames != len(self.track["pose"]):
-            raise GGError(f"{clip_path}: {self.clip.n_frames} frames but the avatar was adapted on {len(self.track['pose'])}; pass the avatar's own clip", Exit.INPUT_INVALID)
+            raise GGError(f"{clip_path}: {self.clip.n_frames} frames but the avatar was adapted on {len(self.track['pose'])}; "
+                          "pass the avatar's own clip", Exit.INPUT_INVALID)
         self.size = int(size or self.meta["size"])
         if self.size % 8 or self.size < 32:
             raise GGError(f"--size {self.size}: use a multiple of 8, at least 32", Exit.USAGE)
@@ -183,7 +185,7 @@ class Synthesizer:
         return self.body_frames[pingpong(t, len(self.body_frames))]
 
     def poses(self, frames: np.ndarray, bodies: np.ndarray, fps: float, pose_track: np.ndarray | None = None,
-              yaw: float = 0.0, pitch: float = 0.0, orbit: float = 0.0) -> torch.Tensor:  # fmt: skip
+              yaw: float = 0.0, pitch: float = 0.0, orbit: float = 0.0) -> torch.Tensor:
         """(T, 4, 4) head poses: the body frames' refined poses or the pose file's (ping-pong),
         turned by yaw/pitch offsets and the orbit's sinusoidal yaw sweep."""
         base = self.track["pose"][bodies] if pose_track is None else pose_track[pingpong(np.asarray(frames), len(pose_track))]
@@ -201,7 +203,7 @@ class Synthesizer:
 
     @torch.no_grad()
     def frames(self, exprs: np.ndarray, poses: torch.Tensor, bodies: np.ndarray, bases: np.ndarray | None = None,
-               paste: bool = False, timings: dict[str, float] | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+               paste: bool = False, timings: dict[str, float] | None = None) -> Iterator[np.ndarray]:
         """Final uint8 frames, in order: head rendered with exprs (T,52) at poses (T,4,4) from
         landmarks `bases` (T,478,3; default the expressions driven through the basis), composited
         onto body frames `bodies` by the inpainter (or, with `paste`, the plate paste)."""

@@ -43,7 +43,7 @@ def _cli(*args: str, stdin=None, **kw) -> subprocess.CompletedProcess:
 
 def _probe(path: Path) -> dict[str, dict]:
     out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries", "stream=codec_type,codec_name,nb_read_frames,duration,pix_fmt",
-                          "-of", "json", str(path)], capture_output=True, text=True, check=True).stdout  # fmt: skip
+                          "-of", "json", str(path)], capture_output=True, text=True, check=True).stdout
     return {s["codec_type"]: s for s in json.loads(out)["streams"]}
 
 
@@ -113,7 +113,7 @@ def test_pose_view_and_background_options(tiny_avatar, speech, tmp_path, capsysb
     csv.write_text("yaw,pitch,roll,tx,ty,tz\n" + "".join(f"{5 * np.sin(k / 3):.3f},0,0,0,0,28\n" for k in range(10)))
     runs, pixels = {}, {}
     for name, kw in {"plain": {}, "turned": {"yaw": 25.0, "pitch": -10.0, "orbit": 10.0}, "pose": {"pose": csv},
-                     "white": {"background": "white", "fps": 20.0, "start": 0.5, "end": 1.5}, "large": {"size": 96}}.items():  # fmt: skip
+                     "white": {"background": "white", "fps": 20.0, "start": 0.5, "end": 1.5}, "large": {"size": 96}}.items():
         capsysbinary.readouterr()
         runs[name] = synth.run(avatar, str(speech), "-", device="cpu", end=kw.pop("end", 1.0), **kw)
         side = kw.get("size", SIZE)
@@ -159,8 +159,9 @@ def test_interrupted_synth_leaves_no_file(tiny_avatar, real_dir, tmp_path):
     avatar, _, _ = tiny_avatar
     target = tmp_path / "long.mp4"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ggtalker_cli.cli", "-q", "synth", str(avatar), "--audio", str(real_dir / "audio" / "en_musetalk_eng_60s.wav"),
-                             "-o", str(target), "--device", "cpu"], stderr=subprocess.PIPE, env=env)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "ggtalker_cli.cli", "-q", "synth",
+                             str(avatar), "--audio", str(real_dir / "audio" / "en_musetalk_eng_60s.wav"),
+                             "-o", str(target), "--device", "cpu"], stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and not any(p.name.endswith(".video.mp4") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
         assert proc.poll() is None, proc.stderr.read().decode()

@@ -230,7 +230,7 @@ class E2V(nn.Module):
         return template[None] + skip + self.net(x)
 
     def render(self, uv_map: Tensor, verts: Tensor, pose: Tensor, expr: Tensor, K: Tensor, size: int,
-               background: Tensor | None = None) -> tuple[RenderOutput, dict[str, Tensor]]:  # fmt: skip
+               background: Tensor | None = None) -> tuple[RenderOutput, dict[str, Tensor]]:
         """Render one predicted map (C, R, R) on head vertices (V, 3) seen through pose, like `Avatar.render`."""
         s = self.template.splats(verts, uv_map)
         colors = self.color(s["color"], s["feature"], expr[None], pose[None])[0]
@@ -241,7 +241,7 @@ class E2V(nn.Module):
         state = {f"head.{k}": v for k, v in self.head.state().items()}
         state.update({k: v for k, v in self.state_dict().items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
-                  metadata={"arch": json.dumps(self.arch), "meta": json.dumps(meta)})  # fmt: skip
+                  metadata={"arch": json.dumps(self.arch), "meta": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> tuple[E2V, dict]:
@@ -255,7 +255,7 @@ class E2V(nn.Module):
             raise GGError(f"{path}: unreadable e2v prior weights ({e.__class__.__name__}: {e}); re-run ggtalker fit-prior --parts e2v", Exit.ARTIFACT) from e
         current = HeadModel.template()
         if not (torch.equal(head.faces, current.faces) and torch.equal(head.charts, current.charts)
-                and head.face_uvs.shape == current.face_uvs.shape and torch.allclose(head.face_uvs, current.face_uvs, atol=1e-6)):  # fmt: skip
+                and head.face_uvs.shape == current.face_uvs.shape and torch.allclose(head.face_uvs, current.face_uvs, atol=1e-6)):
             raise GGError(
                 f"{path}: made for another head model ({len(head.faces)} triangles; this ggtalker builds {len(current.faces)} "
                 "or lays out the UV atlas differently); re-train it with `ggtalker fit-prior --parts e2v`",

@@ -230,7 +230,7 @@ class _Videos:
 
 
 def _speech(synth: synthesis.Synthesizer, expressions: Expressions, samples: np.ndarray, bodies: np.ndarray | None,
-            poses: torch.Tensor | None, timings: dict) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
+            poses: torch.Tensor | None, timings: dict) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Run audio through the synth path; yield (frame index, blendshapes, mouth_open, image).
     `bodies`/`poses` fixed (self-reenactment) or None (synth's own ping-pong replay)."""
     fps = expressions.fps
@@ -253,7 +253,7 @@ def _speech(synth: synthesis.Synthesizer, expressions: Expressions, samples: np.
 
 
 def render_phase(avatar_dir: Path, clip_dir: Path | None, audios: list[Path], folder: Path, dev: torch.device, size: int | None,
-                 a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+                 a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:
     """Everything that needs the avatar and the device; returns (report, arrays for scoring/plots)."""
     synth = synthesis.Synthesizer(avatar_dir, dev, size, clip_dir)
     try:
@@ -263,7 +263,7 @@ def render_phase(avatar_dir: Path, clip_dir: Path | None, audios: list[Path], fo
 
 
 def _render(synth: synthesis.Synthesizer, avatar_dir: Path, audios: list[Path], folder: Path, dev: torch.device,
-            a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+            a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:
     clip, S = synth.clip, synth.size
     trk = clip.tracking
     valid = trk["valid"].astype(bool)
@@ -350,7 +350,7 @@ def _render(synth: synthesis.Synthesizer, avatar_dir: Path, audios: list[Path], 
                     continue
                 entry_metrics[key] = metric(key, None, _UNITS.get(key), status=PENDING)
         variants[name] = {"kind": kind, "description": description, "video": f"videos/{name}.mp4" if name in VIDEO_VARIANTS else None,
-                          "metrics": entry_metrics}  # fmt: skip
+                          "metrics": entry_metrics}
     variants["tracked_paste"]["video"] = None
     speed = {
         "device": device_name(dev),
@@ -391,7 +391,7 @@ def _render(synth: synthesis.Synthesizer, avatar_dir: Path, audios: list[Path], 
         "test": test, "blendshape_names": np.asarray(names), "track_landmarks": trk["landmarks"][test] * scale,
         "track_blendshapes": trk["blendshapes"][test], "a2e_mouth_open": a2e_mouth, "a2e_blendshapes": a2e_bs,
         "train_blink": trk["blink"][train], **{f"psnr_{name}": np.array([r["psnr"] for r in v]) for name, v in rows.items()}, **ood_arrays,
-    }  # fmt: skip
+    }
     return result, arrays
 
 
@@ -545,7 +545,7 @@ def score_phase(folder: Path) -> dict:
             tracks[f"mouth_open_{name}"] = mouth
             m = rep["variants"][name]["metrics"]
             m["lmd"] = metric("lmd", metrics.lmd(lm, gt_lm, size) if name != "gt" else 0.0, _UNITS["lmd"],
-                              "ground truth against itself" if name == "gt" else None)  # fmt: skip
+                              "ground truth against itself" if name == "gt" else None)
             m["mouth_open_r"] = metric("mouth_open_r", metrics.pearson(mouth, gt_mouth))
             m.update(sync_metrics(samples, rate, fps, mouth, reference, None))
             if name != "gt":

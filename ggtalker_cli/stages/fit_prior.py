@@ -120,11 +120,12 @@ def _plot(path: Path, parts: dict[str, dict]) -> None:
 
 
 def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: list[str] | None = None,
-        resume: bool = False, force: bool = False, device: str | None = None) -> dict[str, Any]:  # fmt: skip
+        resume: bool = False, force: bool = False, device: str | None = None) -> dict[str, Any]:
     names = parse_parts(parts)
     for name in names:
         if getattr(cfg, name).steps < 1:
-            raise GGError(f"{name}.steps {getattr(cfg, name).steps}: a prior needs at least 1 training step; raise --steps or the preset's {name}.steps", Exit.USAGE)
+            raise GGError(f"{name}.steps {getattr(cfg, name).steps}: a prior needs at least 1 training step; "
+                          f"raise --steps or the preset's {name}.steps", Exit.USAGE)
     for c in clips:
         artifacts.read_meta(c, "clip")  # fail on a wrong folder before any training
     held = choose_holdout(clips, holdout or [], cfg.a2e.holdout_fraction)
@@ -142,7 +143,7 @@ def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: 
         for name in names:
             console.info(f"fit-prior: training {name} on {len(clips) - len(held)} identities, validating on {len(held) or 'their own late frames'}")
             with out_of_memory(f"training the {name} prior (batch {getattr(cfg, name).batch} per GPU)",
-                               f"lower {name}.batch in a preset YAML (--preset FILE), then re-run with --resume"):  # fmt: skip
+                               f"lower {name}.batch in a preset YAML (--preset FILE), then re-run with --resume"):
                 summaries[name] = TRAINERS[name](clips, held, work, cfg, device, resume, rank, world)
     except (GGError, OSError):
         if rank == 0 and not any(work.glob("*.ckpt")):  # refused before the first checkpoint: nothing to resume

@@ -38,9 +38,9 @@ import ffmpeg
 import numpy as np
 
 from .. import artifacts, audio, console, media
+from ..device import device_name, device_of
 from ..errors import Exit, GGError
 from ..models import a2e
-from ..device import device_name, device_of
 from ..stream import Expressions, Frames
 from ..synthesis import BATCH, CHUNK_S, Synthesizer, load_a2e, read_audio, read_pose_file
 
@@ -57,7 +57,8 @@ def _file_samples(path: Path, start: float, end: float | None) -> np.ndarray:
     a = round(start * audio.SAMPLE_RATE)
     b = len(samples) if end is None else min(len(samples), round(end * audio.SAMPLE_RATE))
     if b - a < audio.MIN_SECONDS * audio.SAMPLE_RATE:
-        raise GGError(f"{path}: {max(b - a, 0) / audio.SAMPLE_RATE:.2f} s of audio in --start/--end; at least {audio.MIN_SECONDS} s is needed", Exit.INPUT_INVALID)
+        raise GGError(f"{path}: {max(b - a, 0) / audio.SAMPLE_RATE:.2f} s of audio in --start/--end; "
+                      f"at least {audio.MIN_SECONDS} s is needed", Exit.INPUT_INVALID)
     return samples[a:b]
 
 
@@ -345,7 +346,7 @@ def run(
             summary["plot"] = str(Path(out).with_suffix(".png"))
     else:
         summary.update(size=synth.size, body=synth.body.kind,
-                       ms_per_frame={k: round(1000 * v / max(n, 1), 3) for k, v in timings.items()})  # fmt: skip
+                       ms_per_frame={k: round(1000 * v / max(n, 1), 3) for k, v in timings.items()})
     return summary
 
 
@@ -359,7 +360,7 @@ def _write_expressions(path: Path, groups: list[Frames], fps: float, source: str
     opening = np.concatenate([g.mouth_open for g in groups])
     buffer = io.BytesIO()
     np.savez(buffer, blendshapes=bs, mouth=mouth, mouth_open=opening, fps=np.float32(fps), mouth_landmarks=np.asarray(a2e.MOUTH),
-             audio=np.str_(source), a2e=np.str_(a2e_source), start_s=np.float32(start))  # fmt: skip
+             audio=np.str_(source), a2e=np.str_(a2e_source), start_s=np.float32(start))
     artifacts.atomic_write_bytes(path, buffer.getvalue())
     if source == "-" or start != 0 or end is not None:
         return False
