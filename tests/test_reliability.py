@@ -181,10 +181,15 @@ def test_preset_name_and_file_must_exist(verb, verb_args, tmp_path):
     refused(cli(*verb_args[verb], "-o", out, "--preset", missing), Exit.INPUT_MISSING, missing, "preset file not found", target=out)
 
 
-@pytest.mark.parametrize("verb, section", [("adapt", "adapt"), ("fit-prior", "a2e")])
-def test_negative_steps_and_seed(verb, section, verb_args, tmp_path):
+@pytest.mark.parametrize(
+    "verb, section, words",
+    [("adapt", "adapt", "--steps -5: expected a step count ≥ 1 or head=N,inpainter=N,a2e=N"),
+     ("fit-prior", "a2e", "command-line flags: 'a2e.steps' must be ≥ 0, got -5")],
+    ids=["adapt", "fit-prior"],
+)
+def test_negative_steps_and_seed(verb, section, words, verb_args, tmp_path):
     out = tmp_path / "out"
-    refused(cli(*verb_args[verb], "-o", out, "--steps", "-5"), Exit.USAGE, f"command-line flags: '{section}.steps' must be ≥ 0, got -5", target=out)
+    refused(cli(*verb_args[verb], "-o", out, "--steps", "-5"), Exit.USAGE, words, target=out)
     refused(cli(*verb_args[verb], "-o", out, "--seed", "-1"), Exit.USAGE, f"'{section}.seed' must be ≥ 0, got -1", target=out)
 
 
