@@ -170,17 +170,19 @@ def synth(
     fps: Optional[float] = typer.Option(None, "--fps", help="Output frame rate (default: the clip's)."),
     start: float = typer.Option(0.0, "--start", help="Start this many seconds into the audio."),
     end: Optional[float] = typer.Option(None, "--end", help="Stop at this many seconds into the audio."),
-    crf: int = typer.Option(18, "--crf", help="x264 quality (0 lossless … 51 worst; 18 ≈ visually lossless)."),
+    crf: Optional[int] = typer.Option(None, "--crf", help="x264 quality (0 lossless … 51 worst; default synth.crf, 18 ≈ visually lossless)."),
     device: str = DeviceOpt,
     stream: bool = typer.Option(False, "--stream", help="Read audio as it arrives (file or stdin) and write frames as they are ready."),
     whisper: Optional[str] = typer.Option(None, "--whisper", help="Whisper model name or .pt (default: the one the A2E was trained with)."),
+    preset: Optional[str] = PresetOpt,
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:
     """Make the avatar say new speech: a lip-synced mp4 (or expressions, or raw frames)."""
     from .stages import synth as stage
 
     _run(lambda: stage.run(avatar, audio, out, a2e_path=a2e, clip=clip, pose=pose, yaw=yaw, pitch=pitch, orbit=orbit, background=background,
-                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force), out)
+                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force,
+                           cfg=load_config(preset)), out)
 
 
 @app.command()
@@ -207,13 +209,14 @@ def eval_(
     device: str = DeviceOpt,
     score: str = typer.Option("auto", "--score", help="Landmark scoring: auto (where mediapipe is), yes (required), no (render only)."),
     score_only: bool = typer.Option(False, "--score-only", help="Finish the landmark scoring of an existing report folder (-o)."),
+    preset: Optional[str] = PresetOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Score an avatar on its clip's held-out frames and any audio: report.json/md/html, plots, videos."""
     from .stages import eval as stage
 
     _run(lambda: stage.run(avatar, clip, out, audios=audio, a2e_path=a2e, device=device, size=size, max_frames=frames, score=score,
-                           score_only=score_only, force=force), out)
+                           score_only=score_only, force=force, cfg=load_config(preset)), out)
 
 
 def main() -> None:

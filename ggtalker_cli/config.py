@@ -181,12 +181,30 @@ class E2VConfig:
 
 
 @dataclass
+class SynthConfig:
+    """`synth`, and the renders of `eval` (the same synthesis runtime)."""
+
+    crf: int = 18  # x264 quality of synth's mp4 (0 lossless … 51 worst; 18 ≈ visually lossless); --crf overrides it
+    chunk_s: float = 2.0  # seconds of audio pushed to the expression stream per step
+    batch: int = 8  # frames rendered and composited per call (body frames are decoded 4 batches ahead)
+    orbit_period_s: float = 6.0  # one full left-right-left sweep of --orbit
+
+
+@dataclass
+class EvalConfig:
+    video_crf: int = 14  # near-transparent H.264: all variants and the ground truth go through it alike
+    strip_frames: int = 4  # test frames shown side by side in the report's strips
+
+
+@dataclass
 class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     inpainter: InpainterConfig = field(default_factory=InpainterConfig)
     a2e: A2EConfig = field(default_factory=A2EConfig)
     e2v: E2VConfig = field(default_factory=E2VConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -28,14 +28,11 @@ from .avatar import Avatar
 from .body import Body, load_track
 from .clip import Clip
 from .clip_view import Prefetch, intrinsics, resize
+from .config import SynthConfig
 from .errors import Exit, GGError
 
 A2E_FILE = "a2e.safetensors"
 EYE_PREFIXES = ("eye", "brow")  # blendshapes taken from the replayed frame, not from the audio
-ORBIT_PERIOD_S = 6.0  # one full left-right-left sweep of --orbit
-CHUNK_S = 2.0  # audio pushed per step
-BATCH = 8  # frames composited per inpainter call
-PREFETCH = 4 * BATCH  # body frames decoded ahead
 WORKERS = min(8, os.cpu_count() or 1)  # threads decoding body frames (JPEG decode + resize release the GIL)
 
 
@@ -140,8 +137,9 @@ def parse_background(spec: str, size: int) -> np.ndarray:
 class Synthesizer:
     """An avatar at one output size: head, body compositor, synthesis track and body frames."""
 
-    def __init__(self, folder: Path, device: torch.device, size: int | None = None, clip: Path | None = None, background: str | None = None):
-        self.folder, self.device = Path(folder), device
+    def __init__(self, folder: Path, device: torch.device, size: int | None = None, clip: Path | None = None, background: str | None = None,
+                 cfg: SynthConfig | None = None):
+        self.folder, self.device, self.cfg = Path(folder), device, cfg or SynthConfig()
         self.meta = artifacts.read_meta(self.folder, "avatar")
         self.avatar = Avatar.load(self.folder, device)
         self.track = load_track(self.folder)
@@ -191,7 +189,7 @@ class Synthesizer:
         base = self.track["pose"][bodies] if pose_track is None else pose_track[pingpong(np.asarray(frames), len(pose_track))]
         poses = torch.as_tensor(np.asarray(base, np.float32), device=self.device)
         if yaw or pitch or orbit:
-            sweep = orbit * np.sin(2 * np.pi * np.asarray(frames) / fps / ORBIT_PERIOD_S)
+            sweep = orbit * np.sin(2 * np.pi * np.asarray(frames) / fps / self.cfg.orbit_period_s)
             poses = torch.stack([p @ turn(self.centre, yaw + float(s), pitch) for p, s in zip(poses, sweep)])
         return poses
 
@@ -208,13 +206,14 @@ class Synthesizer:
         landmarks `bases` (T,478,3; default the expressions driven through the basis), composited
         onto body frames `bodies` by the inpainter (or, with `paste`, the plate paste)."""
         n = len(bodies)
-        stream = Prefetch(self.load, lambda k: [bodies[k]], n, ahead=PREFETCH, pool=self.pool)
+        batch = self.cfg.batch
+        stream = Prefetch(self.load, lambda k: [bodies[k]], n, ahead=4 * batch, pool=self.pool)
         stream.queue(0)  # body frames decode while the first batch renders
         exprs_t = torch.as_tensor(np.asarray(exprs, np.float32), device=self.device)
         bases_t = None if bases is None else torch.as_tensor(np.asarray(bases, np.float32), device=self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        for a in range(0, n, BATCH):
-            b = min(a + BATCH, n)
+        for a in range(0, n, batch):
+            b = min(a + batch, n)
             tic = time.perf_counter()
             # the whole batch in one pass: per-frame calls cost more in launches than in rasterizing
             base = self.avatar.head.drive(exprs_t[a:b]) if bases_t is None else bases_t[a:b]

@@ -187,3 +187,29 @@ def test_without_ffmpeg_video_only_and_wav_beside(tiny_avatar, speech, tmp_path,
     assert out.with_suffix(".wav").is_file()
     with pytest.raises(GGError, match="16 kHz mono"):
         synth.run(avatar, str(speech), str(tmp_path / "mp3.mp4"), device="cpu")
+
+
+def test_synth_and_eval_settings_come_from_the_preset(tiny_avatar, tmp_path):
+    """`synth:` and `eval:` are preset sections like any other; the frames do not depend on how
+    many are rendered per call (synth.batch), only the call count does."""
+    import torch
+
+    from ggtalker_cli.config import load_config
+    from ggtalker_cli.synthesis import Synthesizer
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("synth:\n  batch: 3\n  chunk_s: 1.0\n  crf: 30\neval:\n  video_crf: 20\n  strip_frames: 2\n")
+    cfg = load_config(preset)
+    assert (cfg.synth.batch, cfg.synth.chunk_s, cfg.synth.crf, cfg.eval.video_crf, cfg.eval.strip_frames) == (3, 1.0, 30, 20, 2)
+    with pytest.raises(GGError, match="unknown key 'synth.batchsize'"):
+        load_config(None, {"synth": {"batchsize": 3}})
+    frames = []
+    for synth_cfg in (None, cfg.synth):
+        s = Synthesizer(tiny_avatar[0], torch.device("cpu"), cfg=synth_cfg)
+        try:
+            idx = np.arange(10)
+            bodies = s.bodies(idx, s.clip.fps)
+            frames.append(np.stack(list(s.frames(s.track["blendshapes"][bodies], s.poses(idx, bodies, s.clip.fps), bodies))))
+        finally:
+            s.close()
+    assert frames[0].shape == (10, 64, 64, 3) and np.abs(frames[0].astype(int) - frames[1]).max() <= 1

@@ -38,13 +38,14 @@ import ffmpeg
 import numpy as np
 
 from .. import artifacts, audio, console, media
+from ..config import Config, SynthConfig, load_config
 from ..device import device_name, device_of
 from ..errors import Exit, GGError
 from ..models import a2e
 from ..stream import Expressions, Frames
-from ..synthesis import BATCH, CHUNK_S, Synthesizer, load_a2e, read_audio, read_pose_file
+from ..synthesis import Synthesizer, load_a2e, read_audio, read_pose_file
 
-ENCODE_QUEUE = 4 * BATCH  # frames waiting for the encoder thread
+ENCODE_QUEUE = 4 * SynthConfig.batch  # frames waiting for the encoder thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,8 +63,8 @@ def _file_samples(path: Path, start: float, end: float | None) -> np.ndarray:
     return samples[a:b]
 
 
-def _stream_chunks(source: str, start: float, end: float | None) -> Iterator[np.ndarray]:
-    """Audio from a file or stdin ('-') decoded by ffmpeg as it arrives, in CHUNK_S pieces."""
+def _stream_chunks(source: str, start: float, end: float | None, chunk_s: float) -> Iterator[np.ndarray]:
+    """Audio from a file or stdin ('-') decoded by ffmpeg as it arrives, in pieces of 4·chunk_s seconds."""
     if source != "-" and not Path(source).is_file():
         raise GGError(f"{source}: no such audio file; check the path", Exit.INPUT_MISSING)
     if not media.has_ffmpeg():
@@ -76,7 +77,7 @@ def _stream_chunks(source: str, start: float, end: float | None) -> Iterator[np.
     )
     skip = round(start * audio.SAMPLE_RATE)
     left = math.inf if end is None else round((end - start) * audio.SAMPLE_RATE)
-    step = int(CHUNK_S * audio.SAMPLE_RATE) * 4
+    step = int(chunk_s * audio.SAMPLE_RATE) * 4
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(args, stdin=sys.stdin.buffer if source == "-" else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
         try:
@@ -254,12 +255,16 @@ def run(
     fps: float | None = None,
     start: float = 0.0,
     end: float | None = None,
-    crf: int = 18,
+    crf: int | None = None,
     device: str = "auto",
     stream: bool = False,
     whisper: str | None = None,
     force: bool = False,
+    cfg: Config | None = None,
 ) -> dict[str, Any]:
+    """cfg: the `synth` settings (default: the default preset's); `crf` overrides synth.crf."""
+    sc = (cfg or load_config()).synth
+    crf = sc.crf if crf is None else crf
     out = str(out)
     check_target(out, force)
     if audio_source == "-" and not stream:
@@ -274,17 +279,17 @@ def run(
     artifacts.read_meta(Path(avatar_dir), "avatar")  # format check first: the clearest error for a foreign folder
     state, a2e_source = load_a2e(Path(avatar_dir), a2e_path)
     expr_only = out.endswith(".npz")
-    synth = None if expr_only else Synthesizer(Path(avatar_dir), dev, size, clip, background)
+    synth = None if expr_only else Synthesizer(Path(avatar_dir), dev, size, clip, background, cfg=sc)
     fps = float(fps or (synth.clip.fps if synth else artifacts.read_meta(Path(avatar_dir), "avatar").get("synthesis", {}).get("fps", 25.0)))
     if fps <= 0 or fps > 120:
         raise GGError(f"--fps {fps}: use a rate in (0, 120]", Exit.USAGE)
     pose_track = read_pose_file(pose) if pose is not None else None
     expressions = Expressions(state, fps, whisper, device=dev.type)
     if stream:
-        chunks, total = _stream_chunks(audio_source, start, end), None
+        chunks, total = _stream_chunks(audio_source, start, end, sc.chunk_s), None
     else:
         samples = _file_samples(Path(audio_source), start, end)
-        step = int(CHUNK_S * audio.SAMPLE_RATE)
+        step = int(sc.chunk_s * audio.SAMPLE_RATE)
         chunks, total = (samples[i : i + step] for i in range(0, len(samples), step)), math.ceil(len(samples) / audio.SAMPLE_RATE * fps)
         if synth is not None and out != "-":  # an mp4 of known length
             artifacts.check_disk_space(Path(out), _mp4_need(total, synth.size, len(samples) / audio.SAMPLE_RATE))
