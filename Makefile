@@ -27,13 +27,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/python bench/demo.py $(if $(VIDEO),--video "$(VIDEO)") $(if $(AUDIO),--audio "$(AUDIO)")
+	$(BIN)/ggtalker demo $(if $(VIDEO),--video "$(VIDEO)") $(if $(AUDIO),--audio "$(AUDIO)")
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" --timeout 900
 
 bench: setup
-	$(BIN)/python bench/run_all.py --out bench/results
+	$(BIN)/python -m bench.run_all --out bench/results
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,6 +1,6 @@
 """How much the prior A2E under-articulates on each real clip, and what the articulation gain costs.
 
-    python bench/a2e_articulation.py out/clips/* -o bench/results/a2e_articulation.json   # CPU
+    python -m bench.a2e_articulation out/clips/* -o bench/results/a2e_articulation.json   # CPU
 
 Per clip: the tracked/predicted inner-lip-gap spread over the training frames
 (models.a2e.articulation_gain's ratio, prior at gain 1), and the mean lip-vertex error (mm) of the
@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from source_lag import prior_over_clips
 
+from bench.source_lag import prior_over_clips
 from ggtalker_cli.models import a2e
 
 FPS = 25.0
@@ -33,7 +33,7 @@ def main() -> None:
         rows.append({"clip": clip.name, "test_frames": int(test.sum()), "spread_ratio": round(ratio, 3), "lip_vertex_mm": err})
         print(json.dumps(rows[-1]), flush=True)
     mean = {k: round(float(np.mean([r["lip_vertex_mm"][k] for r in rows])), 3) for k in rows[0]["lip_vertex_mm"]}
-    doc = {"command": f"python bench/a2e_articulation.py {' '.join(map(str, args.clips))} --prior {args.prior} -o {args.out}",
+    doc = {"command": f"python -m bench.a2e_articulation {' '.join(map(str, args.clips))} --prior {args.prior} -o {args.out}",
            "device": "cpu", "mean_lip_vertex_mm": mean, "rows": rows}  # fmt: skip
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
 

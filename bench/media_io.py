@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +30,9 @@ import ffmpeg
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 from ggtalker_cli import media
+
+ROOT = Path(__file__).resolve().parent.parent
 
 CLIP = ROOT.parent / "shared" / "data" / "real" / "videos" / "cnn_anchor_71s_512_25fps.mp4"
 SIZE, FPS, ENCODE_FRAMES, RENDER_MS = 512, 25, 250, 40

@@ -32,9 +32,11 @@ import yaml
 
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.clip import Clip
+from ggtalker_cli.clip_view import Data
 from ggtalker_cli.config import load_config
+from ggtalker_cli.device import device_of
+from ggtalker_cli.head_fit import NOVEL_YAWS, _yaw_about
 from ggtalker_cli.stages import adapt
-from ggtalker_cli.stages.adapt import NOVEL_YAWS, Data, _yaw_about
 
 KEYS = ("psnr_head", "ssim_head", "psnr_full", "ssim_full", "psnr_face", "ssim_face")
 CONSISTENCY_FRAMES = 10
@@ -52,7 +54,7 @@ def run_one(clip: Path, folder: Path, steps: int, prior: Path | None, args) -> d
 def novel_views(avatar_dir: Path, clip: Path, device: str) -> tuple[dict[int, tuple[list[np.ndarray], np.ndarray]], np.ndarray]:
     """Test frames turned by NOVEL_YAWS: per yaw the renders and the avatar's own landmarks
     projected at that view; plus the middle test frame's views side by side."""
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dev = device_of(device)
     avatar = Avatar.load(avatar_dir, dev)
     meta = yaml.safe_load((avatar_dir / "meta.yaml").read_text())
     data = Data(Clip(clip), int(meta["size"]), dev)
@@ -91,7 +93,8 @@ def save_views(path: Path, rendered: dict[str, tuple[dict, np.ndarray]]) -> None
     for init, (views, _) in rendered.items():
         for yaw, (images, projected) in views.items():
             for j, image in enumerate(images):
-                arrays[f"{init}/{yaw}/{j}"] = np.frombuffer(cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1], np.uint8)
+                jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+                arrays[f"{init}/{yaw}/{j}"] = np.frombuffer(jpeg, np.uint8)
             arrays[f"{init}/{yaw}/projected"] = projected.astype(np.float32)
     np.savez(path, **arrays)
 

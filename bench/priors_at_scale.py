@@ -6,22 +6,22 @@ identity that the judgement asks for, with k = the number of judged clips, at th
 
 Here (CPU), pack what one device call carries (64 MiB in all):
 
-    python bench/pack_prior_data.py .devdata/corpus/clips/* -o .devdata/gpu/corpus --size 256 --max-frames 200 --drop-audio
-    python bench/pack_prior_data.py out/clips512/macron_50s_512_30fps -o .devdata/gpu/eval --size 512 --max-frames 0 --drop-audio
+    python -m bench.staging shrink .devdata/corpus/clips/* -o .devdata/gpu/corpus --size 256 --max-frames 200 --drop-audio
+    python -m bench.staging shrink out/clips512/macron_50s_512_30fps -o .devdata/gpu/eval --size 512 --max-frames 0 --drop-audio
 
-    python bench/priors_at_scale.py compact .devdata/gpu/corpus      # float16 landmarks/verts: ~half the carry
+    python -m bench.priors_at_scale compact .devdata/gpu/corpus      # float16 landmarks/verts: ~half the carry
 
 There (device tool, nvidia-h200; carry [".whl", ".devdata/gpu"]), one call per step, on one warm machine:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && \\
-    python3 bench/priors_at_scale.py gpu --fit-steps 6000            # the E2V prior → $OUT/prior/
-    ... python3 bench/priors_at_scale.py gpu --judge macron_50s_512_30fps   # prior vs scratch → $OUT/
+    python3 -m bench.priors_at_scale gpu --fit-steps 6000            # the E2V prior → $OUT/prior/
+    ... python3 -m bench.priors_at_scale gpu --judge macron_50s_512_30fps   # prior vs scratch → $OUT/
 
-`gpu --judge` runs bench/prior_vs_scratch.py (adapt --steps N from the prior and from scratch, N
+`gpu --judge` runs bench.prior_vs_scratch (adapt --steps N from the prior and from scratch, N
 in --budgets) and returns its results.json, the novel views (JPEG) and the 4000-step avatars'
 small files (for the A2E's rendered lip metrics, scored here). Back here:
 
-    python bench/priors_at_scale.py report FILES_AT...    # → bench/results/priors_at_scale.json
+    python -m bench.priors_at_scale report FILES_AT...    # → bench/results/priors_at_scale.json
 
 `report` scores the novel views with mediapipe (detection rate and landmark reprojection error
 against the avatar's own projected mesh, per yaw) and merges the A2E numbers of
@@ -61,7 +61,7 @@ def _unpack(packed: Path) -> list[Path]:
     for d in sorted(p for p in packed.iterdir() if (p / "meta.yaml").is_file()):
         dest = REPO / "out" / "gpu_clips" / d.name
         if not (dest / "meta.yaml").is_file():
-            _python(str(REPO / "bench" / "pack_clip.py"), "unpack", str(d), str(dest))
+            _python("-m", "bench.staging", "unpack", str(d), str(dest))
         clips.append(dest)
     return clips
 
@@ -106,7 +106,7 @@ def gpu(args: argparse.Namespace) -> None:
         (clip,) = [c for c in _unpack(call / "eval") if c.name == name]
         prior = PRIOR if (PRIOR / "e2v.safetensors").is_file() else call / "prior"
         folder = WORK / "pvs" / name
-        _python(str(REPO / "bench" / "prior_vs_scratch.py"), str(clip), "--prior", str(prior), "-o", str(folder),
+        _python("-m", "bench.prior_vs_scratch", str(clip), "--prior", str(prior), "-o", str(folder),
                 "--budgets", args.budgets, "--no-consistency", "--views", str(out / f"views_{name}.npz"),
                 *(["--size", str(args.size)] if args.size else []))  # fmt: skip
         shutil.copy2(folder / "results.json", out / f"pvs_{name}.json")
@@ -120,7 +120,7 @@ def gpu(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    from prior_vs_scratch import consistency, load_views
+    from bench.prior_vs_scratch import consistency, load_views
 
     result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     e2v = result.setdefault("e2v", {})

@@ -153,9 +153,11 @@ def load_checkpoint(path: Path, device: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise GGError(f"{path}: refused: this checkpoint holds more than tensors (a foreign or tampered file); delete it and rerun without --resume", Exit.ARTIFACT) from e
+        raise GGError(f"{path}: refused: this checkpoint holds more than tensors (a foreign or tampered file); "
+                      "delete it and rerun without --resume", Exit.ARTIFACT) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise GGError(f"{path}: unreadable checkpoint ({e.__class__.__name__}, truncated or not a torch file); delete it and rerun without --resume", Exit.ARTIFACT) from e
+        raise GGError(f"{path}: unreadable checkpoint ({e.__class__.__name__}, truncated or not a torch file); "
+                      "delete it and rerun without --resume", Exit.ARTIFACT) from e
 
 
 def inside(folder: Path, relative: str) -> Path:

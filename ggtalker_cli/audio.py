@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import assets, console, media
+from .device import device_of
 from .errors import Exit, GGError
 
 SAMPLE_RATE = 16000
@@ -69,7 +70,9 @@ def resolve_model(model: str | Path | None = None) -> tuple[Path, str, str]:
 
         if name not in whisper._MODELS:
             raise GGError(f"unknown whisper model '{name}'; use one of {', '.join(whisper.available_models())} or a path to a .pt checkpoint", Exit.USAGE)
-        assets.register(assets.Asset(name=asset, filename=f"{asset}.pt", env=f"GGTALKER_WHISPER_{name.upper().replace('.', '_').replace('-', '_')}", url=whisper._MODELS[name], hint="pass --whisper PATH to an openai-whisper .pt"))
+        assets.register(assets.Asset(name=asset, filename=f"{asset}.pt",
+                                     env=f"GGTALKER_WHISPER_{name.upper().replace('.', '_').replace('-', '_')}", url=whisper._MODELS[name],
+                                     hint="pass --whisper PATH to an openai-whisper .pt"))
     path, source, tried = assets.locate(asset)
     if path is None:
         raise GGError(f"whisper model '{name}' not found (looked in: {'; '.join(tried)}); {assets.REGISTRY[asset].hint}", Exit.ASSET)
@@ -88,7 +91,7 @@ def _load(path: str, device: str):
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_of("auto").type
 
 
 def frame_weights(frames: np.ndarray, fps: float, t0: float, n_rows: int) -> np.ndarray:

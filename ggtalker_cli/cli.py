@@ -12,13 +12,14 @@ from __future__ import annotations
 import errno
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
 from . import __version__, console
-from .config import load_config
+from .config import load_config, set_steps
 from .errors import Exit, GGError
 
 app = typer.Typer(
@@ -87,7 +88,7 @@ def _run(stage: Callable[[], dict[str, Any]], out: Path | str | None = None) -> 
         _fail(e)
     except KeyboardInterrupt:
         _report("interrupted: partial work kept; re-run with --resume to continue", int(Exit.INTERRUPTED))
-        raise typer.Exit(int(Exit.INTERRUPTED))
+        raise typer.Exit(int(Exit.INTERRUPTED)) from None
     console.emit(summary)
 
 
@@ -125,7 +126,9 @@ def adapt(
     out: Path = typer.Option(..., "-o", "--out", help="Avatar folder to create."),
     prior: Optional[Path] = typer.Option(None, "--prior", help="Prior folder with an e2v part to start from (default: priors/default when present)."),
     no_prior: bool = typer.Option(False, "--no-prior", help="Adapt from scratch, even when the default prior exists."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (preset default otherwise)."),
+    steps: Optional[str] = typer.Option(
+        None, "--steps", help="Head training steps; the inpainter's and the A2E adaptation's scale with them (or set each: head=N,inpainter=N,a2e=N)."
+    ),
     size: Optional[int] = typer.Option(None, "--size", help="Training/render resolution in pixels (square)."),
     seed: Optional[int] = SeedOpt,
     preset: Optional[str] = PresetOpt,
@@ -134,11 +137,16 @@ def adapt(
     force: bool = ForceOpt,
 ) -> None:
     """Fit a Gaussian head avatar to one clip (held-out metrics, previews, PLY export)."""
-    from .models.e2v import choose_prior
+    from .priors import choose_prior
     from .stages import adapt as stage
 
-    overrides = {"adapt": {k: v for k, v in {"steps": steps, "size": size, "seed": seed}.items() if v is not None}}
-    _run(lambda: stage.run(clip, out, load_config(preset, overrides), prior=choose_prior(prior, no_prior), device=device, resume=resume, force=force), out)
+    def run() -> dict:
+        cfg = load_config(preset, {"adapt": {k: v for k, v in {"size": size, "seed": seed}.items() if v is not None}})
+        if steps is not None:
+            set_steps(cfg, "adapt", steps)
+        return stage.run(clip, out, cfg, prior=choose_prior(prior, no_prior), device=device, resume=resume, force=force)
+
+    _run(run, out)
 
 
 @app.command("fit-prior")
@@ -162,7 +170,7 @@ def fit_prior(
     names = [h.strip() for h in holdout.split(",") if h.strip()] if holdout else None
     _run(
         lambda: stage.run(clips, out, load_config(preset, overrides), parts=parts, holdout=names, resume=resume, force=force,
-                          device=None if device == "auto" else device),  # fmt: skip
+                          device=None if device == "auto" else device),
         out,
     )
 
@@ -183,17 +191,31 @@ def synth(
     fps: Optional[float] = typer.Option(None, "--fps", help="Output frame rate (default: the clip's)."),
     start: float = typer.Option(0.0, "--start", help="Start this many seconds into the audio."),
     end: Optional[float] = typer.Option(None, "--end", help="Stop at this many seconds into the audio."),
-    crf: int = typer.Option(18, "--crf", help="x264 quality (0 lossless … 51 worst; 18 ≈ visually lossless)."),
+    crf: Optional[int] = typer.Option(None, "--crf", help="x264 quality (0 lossless … 51 worst; default synth.crf, 18 ≈ visually lossless)."),
     device: str = DeviceOpt,
     stream: bool = typer.Option(False, "--stream", help="Read audio as it arrives (file or stdin) and write frames as they are ready."),
     whisper: Optional[str] = typer.Option(None, "--whisper", help="Whisper model name or .pt (default: the one the A2E was trained with)."),
+    preset: Optional[str] = PresetOpt,
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:
     """Make the avatar say new speech: a lip-synced mp4 (or expressions, or raw frames)."""
     from .stages import synth as stage
 
     _run(lambda: stage.run(avatar, audio, out, a2e_path=a2e, clip=clip, pose=pose, yaw=yaw, pitch=pitch, orbit=orbit, background=background,
-                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force), out)  # fmt: skip
+                           size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force,
+                           cfg=load_config(preset)), out)
+
+
+@app.command()
+def demo(
+    video: Optional[Path] = typer.Option(None, "--video", help="Talking-head video (default: the project's real Obama clip when ../shared is here)."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="New speech for the avatar (default: a real speech file, else the clip's own)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for clip/, avatar/ and talking.mp4 (default out/demo)."),
+) -> None:
+    """One video → clip → avatar → talking mp4 with the verbs above (what `make demo` runs)."""
+    from .recipes import demo as recipe
+
+    _run(lambda: recipe(video, audio, out), out)
 
 
 @app.command("eval")
@@ -208,13 +230,14 @@ def eval_(
     device: str = DeviceOpt,
     score: str = typer.Option("auto", "--score", help="Landmark scoring: auto (where mediapipe is), yes (required), no (render only)."),
     score_only: bool = typer.Option(False, "--score-only", help="Finish the landmark scoring of an existing report folder (-o)."),
+    preset: Optional[str] = PresetOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Score an avatar on its clip's held-out frames and any audio: report.json/md/html, plots, videos."""
     from .stages import eval as stage
 
     _run(lambda: stage.run(avatar, clip, out, audios=audio, a2e_path=a2e, device=device, size=size, max_frames=frames, score=score,
-                           score_only=score_only, force=force), out)  # fmt: skip
+                           score_only=score_only, force=force, cfg=load_config(preset)), out)
 
 
 GLOBAL_FLAGS = ("--json", "--quiet", "-q")

@@ -181,12 +181,30 @@ class E2VConfig:
 
 
 @dataclass
+class SynthConfig:
+    """`synth`, and the renders of `eval` (the same synthesis runtime)."""
+
+    crf: int = 18  # x264 quality of synth's mp4 (0 lossless … 51 worst; 18 ≈ visually lossless); --crf overrides it
+    chunk_s: float = 2.0  # seconds of audio pushed to the expression stream per step
+    batch: int = 8  # frames rendered and composited per call (body frames are decoded 4 batches ahead)
+    orbit_period_s: float = 6.0  # one full left-right-left sweep of --orbit
+
+
+@dataclass
+class EvalConfig:
+    video_crf: int = 14  # near-transparent H.264: all variants and the ground truth go through it alike
+    strip_frames: int = 4  # test frames shown side by side in the report's strips
+
+
+@dataclass
 class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     inpainter: InpainterConfig = field(default_factory=InpainterConfig)
     a2e: A2EConfig = field(default_factory=A2EConfig)
     e2v: E2VConfig = field(default_factory=E2VConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -243,6 +261,32 @@ def preset_path(preset: str | Path) -> Path:
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+# The trainers a verb runs, first its own: part -> (section, key) of that part's step count.
+VERB_STEPS = {"adapt": {"head": ("adapt", "steps"), "inpainter": ("inpainter", "steps"), "a2e": ("a2e", "adapt_steps")}}
+
+
+def set_steps(cfg: Config, verb: str, spec: str) -> dict[str, int]:
+    """A verb's `--steps`: `N` sets its own trainer's steps and scales every other part's by the
+    same factor (the preset's proportions are kept: `adapt --steps 8000` on balanced's 4000
+    head steps doubles the inpainter's and the A2E adaptation's); `head=N,inpainter=M,...` sets
+    the named parts and scales the others by the first part's factor (1 when it is not named).
+    -> the steps each part will run."""
+    parts = VERB_STEPS[verb]
+    first = next(iter(parts))
+    try:
+        named = {first: int(spec)} if "=" not in spec else {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
+    except ValueError:
+        named = {"": -1}
+    if set(named) - set(parts) or any(v < 1 for v in named.values()):
+        raise GGError(f"--steps {spec}: expected a step count ≥ 1 or {','.join(f'{p}=N' for p in parts)}", Exit.USAGE)
+    section, key = parts[first]
+    factor = named[first] / max(getattr(getattr(cfg, section), key), 1) if first in named else 1.0
+    for part, (section, key) in parts.items():
+        now = getattr(getattr(cfg, section), key)
+        setattr(getattr(cfg, section), key, named.get(part, max(1, round(now * factor)) if now > 0 else 0))
+    return {part: getattr(getattr(cfg, section), key) for part, (section, key) in parts.items()}
 
 
 def load_config(preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

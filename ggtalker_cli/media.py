@@ -121,7 +121,8 @@ def probe(path: Path, vfr_tolerance: float = 0.02) -> Probe:
         audio_start = float(Fraction(a.start_time) * a.time_base - origin) if a is not None and a.start_time is not None else 0.0
         w, h = v.codec_context.width, v.codec_context.height
         info = {"container": container.format.name, "codec": v.codec_context.codec.canonical_name, "n_frames": v.frames or None, "audio_start": audio_start}
-        audio = (a.codec_context.codec.canonical_name, a.codec_context.sample_rate or None, a.codec_context.channels or None) if a is not None else (None, None, None)
+        ctx = a.codec_context if a is not None else None
+        audio = (ctx.codec.canonical_name, ctx.sample_rate or None, ctx.channels or None) if ctx is not None else (None, None, None)
         rotation = _first_rotation(container, v)
     if rotation in (90, 270):
         w, h = h, w
@@ -204,7 +205,10 @@ def _audio_blocks(source: Path | BinaryIO, name: str, fmt: str, rate: int) -> It
     in blocks as they are decoded. FFmpeg's resampler downmixes and resamples, exactly as the
     command line's `-ac 1 -ar RATE` does, so any container, codec, rate and sample width works."""
     try:
-        container = av.open(source, metadata_errors="ignore") if not isinstance(source, Path) else _open(source, "a wav, mp3, m4a or video file", "not an audio or video file FFmpeg can read", "an audio file")
+        if isinstance(source, Path):
+            container = _open(source, "a wav, mp3, m4a or video file", "not an audio or video file FFmpeg can read", "an audio file")
+        else:
+            container = av.open(source, metadata_errors="ignore")
     except (av.FFmpegError, UnicodeDecodeError) as e:
         raise GGError(f"{name}: not a readable audio stream ({_why(e)}); pass a wav, mp3 or m4a", Exit.INPUT_INVALID) from e
     try:

@@ -85,7 +85,7 @@ def cuts(tmp_path_factory, real_video) -> Path:
     folder = tmp_path_factory.mktemp("cuts")
     for name in ("aoc_8s_512_25fps", "macron_50s_512_30fps", "katiehill_8s_512_25fps"):
         ffmpeg("-ss", "1", "-t", "3", "-i", str(real_video(name)), "-c:v", "libx264", "-preset", "ultrafast", "-crf", "18",
-               "-c:a", "aac", str(folder / f"{name}.mp4"))  # fmt: skip
+               "-c:a", "aac", str(folder / f"{name}.mp4"))
     return folder
 
 
@@ -129,7 +129,7 @@ def tiny_avatar(tmp_path_factory, clip_128):
         a2e_cfg = {"window": 16, "d_model": 32, "layers": 1, "heads": 2, "lip_components": 4, "steps": 100, "batch": 4, "val_every": 10}
         fit_prior.run([clip], root / "prior", load_config("fast", {"a2e": a2e_cfg}), parts="a2e", holdout=None, device="cpu")
         cfg = load_config("fast", {"adapt": {"steps": 40, "size": 64, "uv_res": 16, "eval_frames": 2, "log_every": 10},
-                                   "inpainter": {"steps": 300, "log_every": 50}})  # fmt: skip
+                                   "inpainter": {"steps": 300, "log_every": 50}})
         adapt.run(clip, root / "avatar", cfg, device="cpu")
     finally:
         torch.set_num_threads(threads)
@@ -148,7 +148,7 @@ def tiny_whisper(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)  # fmt: skip
+                           n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)
     path = tmp_path_factory.mktemp("whisper") / "tiny-random.pt"
     torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": Whisper(dims).state_dict()}, path)
     return path

@@ -24,6 +24,7 @@ import torch
 
 from .. import artifacts, console
 from ..config import Config
+from ..device import device_of
 from ..errors import Exit, GGError, out_of_memory
 
 PRIOR_NOTE = (
@@ -82,7 +83,7 @@ def _distributed(device: str | None) -> tuple[int, int, str]:
     """(rank, world size, device): torch.distributed is initialised when torchrun launched us."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, str(device_of(device or "auto"))
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -119,11 +120,12 @@ def _plot(path: Path, parts: dict[str, dict]) -> None:
 
 
 def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: list[str] | None = None,
-        resume: bool = False, force: bool = False, device: str | None = None) -> dict[str, Any]:  # fmt: skip
+        resume: bool = False, force: bool = False, device: str | None = None) -> dict[str, Any]:
     names = parse_parts(parts)
     for name in names:
         if getattr(cfg, name).steps < 1:
-            raise GGError(f"{name}.steps {getattr(cfg, name).steps}: a prior needs at least 1 training step; raise --steps or the preset's {name}.steps", Exit.USAGE)
+            raise GGError(f"{name}.steps {getattr(cfg, name).steps}: a prior needs at least 1 training step; "
+                          f"raise --steps or the preset's {name}.steps", Exit.USAGE)
     for c in clips:
         artifacts.read_meta(c, "clip")  # fail on a wrong folder before any training
     held = choose_holdout(clips, holdout or [], cfg.a2e.holdout_fraction)
@@ -141,7 +143,7 @@ def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: 
         for name in names:
             console.info(f"fit-prior: training {name} on {len(clips) - len(held)} identities, validating on {len(held) or 'their own late frames'}")
             with out_of_memory(f"training the {name} prior (batch {getattr(cfg, name).batch} per GPU)",
-                               f"lower {name}.batch in a preset YAML (--preset FILE), then re-run with --resume"):  # fmt: skip
+                               f"lower {name}.batch in a preset YAML (--preset FILE), then re-run with --resume"):
                 summaries[name] = TRAINERS[name](clips, held, work, cfg, device, resume, rank, world)
     except (GGError, OSError):
         if rank == 0 and not any(work.glob("*.ckpt")):  # refused before the first checkpoint: nothing to resume
