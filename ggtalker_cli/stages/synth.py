@@ -47,7 +47,7 @@ from ..avatar import Avatar
 from ..body import Body, load_track
 from ..clip import Clip
 from ..errors import Exit, GGError
-from ..models import a2e
+from .. import a2e
 from ..stream import Expressions, Frames
 
 A2E_FILE = "a2e.safetensors"
