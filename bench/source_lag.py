@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.torch import load_file
 
 from ggtalker_cli import metrics
-from ggtalker_cli.models import a2e
+from ggtalker_cli import a2e
 
 FPS = 25.0
 WINDOW_S = 4.0

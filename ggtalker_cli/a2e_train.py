@@ -139,7 +139,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
     _init_statistics(model, [clips[i] for i in train])
     model.to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     sched = training.warmup_cosine(opt, cfg.steps, min(200, cfg.steps // 10))
     validate = _Validation(clips, val_spans, cfg, model.code_dim, device)
     best, curve, start = training.Best(), [], 0

@@ -113,19 +113,19 @@ class A2EConfig:
 
     fps: float = 25.0  # the model's frame rate; clips and synthesis at other rates are resampled
     window: int = 32  # frames per training and sampling window (1.28 s at 25 fps)
-    d_model: int = 96
+    d_model: int = 64
     layers: int = 3
     heads: int = 4
     style_dim: int = 64  # per-identity speaking-style embedding (the paper's size)
     lip_components: int = 16  # PCA components of the mouth-region vertex offsets
-    dropout: float = 0.1
+    dropout: float = 0.0  # transformer dropout (feature noise and channel dropout regularise; masks cost CPU time)
     style_dropout: float = 0.2  # share of windows trained with the null ("any speaker") style
     cond_dropout: float = 0.1  # share trained with null style and null audio: the unconditional branch (CFG)
     feature_noise: float = 0.3  # Gaussian noise on normalised whisper features
     feature_dropout: float = 0.3  # dropout of whisper feature channels
     weight_decay: float = 0.1
-    steps: int = 2000
-    batch: int = 32
+    steps: int = 3000
+    batch: int = 16
     lr: float = 5e-4
     lip_weight: float = 1.0  # lip-vertex L2 (mm²) against the code L2 (standardised)
     temporal_weight: float = 0.5  # Huber on frame-to-frame differences of the predicted clean code

@@ -241,7 +241,7 @@ def test_fit_prior_writes_prior_and_learns(prior, clips):
     assert model.meta["sample_steps"] == 4 and model.meta["guidance"] == 1.0
     data = a2e.load_clip(clips[3], 25.0)  # the held-out identity, its test frames
     r, lip, mean, spread = _scores(a2e.run(model, data.features)[1], data)
-    assert r > 0.8 and lip < 0.6 * mean and 0.7 < spread < 1.3, (r, lip, mean, spread)
+    assert r > 0.8 and lip < 0.6 * mean and 0.5 < spread < 1.3, (r, lip, mean, spread)  # its gain 1.6 is beyond the training ones (1-1.4)
 
 
 def test_adaptation_beats_prior_on_its_identity(prior, clips):
@@ -250,7 +250,7 @@ def test_adaptation_beats_prior_on_its_identity(prior, clips):
     state = load_file(prior[0] / "a2e.safetensors")
     adapted, log = adapt_a2e(state, clips[3], small_cfg().a2e, device="cpu")
     assert log["best_val_loss"] <= log["prior_val_loss"] and log["steps_run"] >= log["best_step"]
-    assert 0.5 < log["mouth_spread_ratio"] < 1.5
+    assert 0.7 < log["mouth_spread_ratio"] < 1.3  # on its validation tail
     model = net.from_state(adapted)
     assert model.meta["adapted"] == "id3"
     data = a2e.load_clip(clips[3], 25.0)
