@@ -27,7 +27,15 @@ from . import metrics
 from .clip import Clip
 from .errors import Exit, GGError
 from .media import read_wav
-from .models.a2e import A2E, LOWER_LIP, MOUTH, N_BLENDSHAPES, N_LIPS, UPPER_LIP, from_state  # noqa: F401 (re-exported for callers)
+from .models.a2e import (  # noqa: F401 (re-exported for callers)
+    A2E,
+    LOWER_LIP,
+    MOUTH,
+    N_BLENDSHAPES,
+    N_LIPS,
+    UPPER_LIP,
+    from_state,
+)
 
 NOISE_BLOCK = 64  # frames of noise drawn per (seed, block) generator
 

@@ -24,7 +24,16 @@ import torch
 from torch import Tensor
 
 from . import training
-from .a2e import ClipData, fit_lip_basis, load_clip, mouth_gap, prior_lag, realign, run, source_lag
+from .a2e import (
+    ClipData,
+    fit_lip_basis,
+    load_clip,
+    mouth_gap,
+    prior_lag,
+    realign,
+    run,
+    source_lag,
+)
 from .config import A2EConfig
 from .errors import Exit, GGError
 from .models.a2e import A2E, from_state, make_meta, to_state
@@ -236,7 +245,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     lag, measured_by = source_lag(clip, model.meta["fps"]), "audio"
     if not math.isfinite(lag):
         lag, measured_by = prior_lag(model, data), "prior"
-    shift = int(round(lag)) if cfg.adapt_realign and math.isfinite(lag) else 0
+    shift = round(lag) if cfg.adapt_realign and math.isfinite(lag) else 0
     data = realign(data, shift)
     n_val = max(1, round(cfg.adapt_val_fraction * data.n_train))
     fit_spans, val_spans = [(0, 0, data.n_train - n_val)], [(0, data.n_train - n_val, data.n_train)]

@@ -42,12 +42,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .. import artifacts, audio, console, media
+from .. import a2e, artifacts, audio, console, media
 from ..avatar import Avatar
 from ..body import Body, load_track
 from ..clip import Clip
 from ..errors import Exit, GGError
-from .. import a2e
+from ..models.a2e import from_state
 from ..stream import Expressions, Frames
 
 A2E_FILE = "a2e.safetensors"
@@ -95,9 +95,11 @@ def load_a2e(folder: Path, explicit: Path | None = None) -> tuple[dict[str, torc
                 Exit.ARTIFACT,
             )
     try:
-        return load_file(str(path)), str(path)
+        state = load_file(str(path))
     except (OSError, SafetensorError) as e:
         raise GGError(f"{path}: unreadable A2E weights ({e.__class__.__name__}); re-run fit-prior or adapt", Exit.ARTIFACT) from e
+    from_state(state, str(path))  # another A2E version or a foreign file: refused naming it, before any work
+    return state, str(path)
 
 
 def turn(centre: torch.Tensor, yaw: float, pitch: float) -> torch.Tensor:
