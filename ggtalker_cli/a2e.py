@@ -189,10 +189,11 @@ class Sampler:
     is the sample. A window at level l runs once the level's sequence is final over it; a frame
     of level l + 1 is final once no later window covers it (the end-aligned window, placed only by
     `finish`, starts at or after the current length minus a window). Latency: about `steps`
-    windows of frames behind the newest feature row.
+    windows of frames behind the newest feature row. `start`: the absolute frame index of the
+    first row, for a caller that samples pieces of a longer sequence (the noise follows it).
     """
 
-    def __init__(self, model: A2E, style: Tensor | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None):
+    def __init__(self, model: A2E, style: Tensor | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None, start: int = 0):
         self.model = model
         self.device = model.bs_std.device
         self.w = int(model.meta["window"])
@@ -200,7 +201,7 @@ class Sampler:
         self.steps = int(steps or model.meta["sample_steps"])
         self.guidance = float(model.meta["guidance"] if guidance is None else guidance)
         self.style = model.style_vector() if style is None else style
-        self.seed, self.dim, self.n = seed, model.code_dim, 0
+        self.seed, self.dim, self.n, self.start = seed, model.code_dim, 0, start
         self.feats = _Rows(model.meta["feature_dim"], self.device)
         self.x = [_Rows(self.dim, self.device) for _ in range(self.steps + 1)]
         self.acc = [_Rows(self.dim + 1, self.device) for _ in range(self.steps)]  # Σ weight·x̂ | Σ weight
@@ -240,7 +241,7 @@ class Sampler:
         """Take more feature rows (T, D); return the codes (T', C) that became final."""
         self.feats.append(features.to(self.device, torch.float32))
         self.n += len(features)
-        noise = frame_noise(self.seed, self.x[0].end, self.n, self.dim)
+        noise = frame_noise(self.seed, self.start + self.x[0].end, self.start + self.n, self.dim)
         self.x[0].append(torch.as_tensor(noise, device=self.device) * self.model.audio_driven)
         for level in range(self.steps):
             while self.next[level] + self.w <= self.x[level].end:
@@ -265,9 +266,11 @@ class Sampler:
 
 
 @torch.no_grad()
-def codes(model: A2E, features: Tensor, style: Tensor | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None) -> Tensor:
-    """(T, D) features → (T, C) sampled standardised codes, the whole sequence at once."""
-    sampler = Sampler(model, style, seed, steps, guidance)
+def codes(model: A2E, features: Tensor, style: Tensor | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+          start: int = 0) -> Tensor:  # fmt: skip
+    """(T, D) features → (T, C) sampled standardised codes, the whole sequence at once (rows from
+    absolute frame `start` on, for the noise)."""
+    sampler = Sampler(model, style, seed, steps, guidance, start)
     return torch.cat([sampler.push(features), sampler.finish()])
 
 

@@ -159,6 +159,10 @@ def test_sampler_is_exact_for_any_chunking_and_seeded(n):
         assert torch.equal(got, reference), (chunk, (got - reference).abs().max())
     assert torch.equal(a2e.codes(model, features, seed=3), reference)
     assert not torch.equal(a2e.codes(model, features, seed=4), reference)
+    piece = a2e.Sampler(model, seed=3, start=100)  # a piece of a longer sequence draws that piece's noise
+    piece.push(features)
+    kept = piece.x[0]  # the rows not yet trimmed, in the piece's own frame numbers
+    assert torch.equal(kept.data, torch.as_tensor(a2e.frame_noise(3, 100 + kept.base, 100 + kept.end, model.code_dim)) * model.audio_driven)
 
 
 def test_guidance_and_steps():
