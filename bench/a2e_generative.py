@@ -23,7 +23,9 @@ Scores are computed here, with this checkout's data loader, on each judged clip'
   mouth opening against the speech envelope of each ≥ 8-s non-English file.
 
 A generative model's numbers are averaged over `--seeds` sampling seeds (the deterministic one
-has none). Work is kept in `--work` and reused on a re-run.
+has none). Work is kept in `--work` and reused on a re-run. `--ship PRIOR_DIR` then puts the
+generative prior's a2e part into an existing prior folder (priors/default): weights, its
+`parts.a2e` and `config.a2e` in meta.yaml, its curve plot as a2e_val_loss.png.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from ggtalker_cli import a2e, audio, metrics
 
@@ -117,13 +121,13 @@ def tree(commit: str | None, work: Path) -> Path:
     return src
 
 
-def produce(src: Path, work: Path, train: list[Path], judge: list[Path], speech: list[Path], seeds: int) -> float:
+def produce(src: Path, work: Path, train: list[Path], judge: list[Path], speech: list[Path], seeds: int, steps: int | None) -> float:
     """fit-prior and the predictions in the tree `src` (skipped where `work` has them); seconds."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
     start = time.time()
     if not (work / "prior" / "a2e.safetensors").is_file():
         subprocess.run([sys.executable, "-m", "ggtalker_cli.cli", "-q", "fit-prior", *map(str, train), "-o", str(work / "prior"),
-                        "--parts", "a2e", "--device", "cpu", "--force"], env=env, check=True)  # fmt: skip
+                        "--parts", "a2e", "--device", "cpu", "--force", *(["--steps", str(steps)] if steps else [])], env=env, check=True)  # fmt: skip
     if not (work / "predictions.npz").is_file():
         subprocess.run([sys.executable, "-c", PREDICT, str(work), str(seeds), ",".join(map(str, judge)), ",".join(map(str, speech))], env=env, check=True)
     return time.time() - start
@@ -174,15 +178,27 @@ def judge_model(work: Path, judge: list[Path], speech: list[Path]) -> dict:
     return out
 
 
+def ship(prior: Path, into: Path) -> None:
+    """Replace the a2e part of the prior folder `into` by the one fit-prior wrote at `prior`."""
+    new, meta = yaml.safe_load((prior / "meta.yaml").read_text()), yaml.safe_load((into / "meta.yaml").read_text())
+    meta["parts"]["a2e"] = {**new["parts"]["a2e"], "clips": [c["name"] for c in new["clips"]]}
+    meta["config"]["a2e"] = new["config"]["a2e"]
+    shutil.copy(prior / "a2e.safetensors", into / "a2e.safetensors")
+    shutil.copy(prior / "val_loss.png", into / "a2e_val_loss.png")
+    (into / "meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", nargs="+", type=Path, required=True, help="clip folders or folders of clip folders")
     ap.add_argument("--judge", nargs="+", type=Path, required=True, help="judged clip folders (removed from --train)")
     ap.add_argument("--baseline", default=None, help="commit of the deterministic A2E to compare with")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=None, help="generative prior steps (default: a2e.steps); the baseline keeps its own")
     ap.add_argument("--speech", type=Path, default=SPEECH)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--ship", type=Path, default=None, help="prior folder whose a2e part becomes the generative prior")
     args = ap.parse_args()
     judged = {p.resolve().name for p in args.judge}
     train = [p for p in clip_dirs(args.train) if p.resolve().name not in judged]
@@ -202,10 +218,12 @@ def main() -> None:
             continue
         work = args.work / tag
         work.mkdir(parents=True, exist_ok=True)
-        seconds = produce(tree(commit, args.work), work, train, args.judge, speech, args.seeds)
+        seconds = produce(tree(commit, args.work), work, train, args.judge, speech, args.seeds, args.steps if commit is None else None)
         doc[tag] = {"code": commit or "this checkout", "seconds": round(seconds), **judge_model(work, args.judge, speech)}
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps({k: doc[k]["mean"] for k in ("generative", "deterministic") if k in doc}, indent=1))
+    if args.ship:
+        ship(args.work / "generative" / "prior", args.ship)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ class A2EConfig:
     feature_noise: float = 0.3  # Gaussian noise on normalised whisper features
     feature_dropout: float = 0.3  # dropout of whisper feature channels
     weight_decay: float = 0.1
-    steps: int = 3000
+    steps: int = 2000
     batch: int = 16
     lr: float = 5e-4
     lip_weight: float = 1.0  # lip-vertex L2 (mm²) against the code L2 (standardised)
