@@ -188,8 +188,8 @@ class Sampler:
     Level l holds the noisy sequence at flow time l / steps: level 0 is the frame noise, the last
     is the sample. A window at level l runs once the level's sequence is final over it; a frame
     of level l + 1 is final once no later window covers it (the end-aligned window, placed only by
-    `finish`, starts at or after the current length minus a window). Latency: about `steps`
-    windows of frames behind the newest feature row. `start`: the absolute frame index of the
+    `finish`, starts at or after the current length minus a window). Each level trails the one
+    before by at most a half window, the first by a window: `latency` frames in all. `start`: the absolute frame index of the
     first row, for a caller that samples pieces of a longer sequence (the noise follows it).
     """
 
@@ -207,6 +207,7 @@ class Sampler:
         self.acc = [_Rows(self.dim + 1, self.device) for _ in range(self.steps)]  # Σ weight·x̂ | Σ weight
         self.next = [0] * self.steps  # next regular window start per level
         self.emitted = 0
+        self.latency = self.w + self.steps * self.hop - 1  # most feature rows pushed beyond the last code emitted
 
     @torch.no_grad()
     def _window(self, level: int, s: int, length: int) -> None:

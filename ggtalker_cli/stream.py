@@ -10,7 +10,7 @@ and emits a frame once no later audio can change it:
   window k is complete every frame up to its centre is owned by a known window.
 - **A2E** (`a2e.Sampler`, the same code a whole-file run uses): `sample_steps` flow steps over
   windows every `window/2`, the last end-aligned, each frame's starting noise drawn from
-  (seed, frame index). Frame t is final once features exist up to about t + steps·window.
+  (seed, frame index). Frame t is final once features exist up to t + `Sampler.latency`.
 - **resampling** to the output rate (`a2e.resample`, linear at frame centres).
 
 Each emitted group is fixed by the audio alone, never by the chunking, so a stream's output does
@@ -109,7 +109,7 @@ class Expressions:
         self.bs, self.mouth, self.m0 = np.zeros((0, N_BLENDSHAPES), np.float32), np.zeros((0, len(MOUTH), 3), np.float32), 0
         self.n_model = 0  # decoded model frames
         self.n_out = 0  # output frames emitted
-        self.latency_s = WHISPER_LATENCY_S + (self.sampler.steps * self.sampler.w + 1) / self.mfps + 1 / self.fps
+        self.latency_s = WHISPER_LATENCY_S + self.sampler.latency / self.mfps + 1 / self.fps
 
     @property
     def seconds(self) -> float:

@@ -155,7 +155,10 @@ def test_sampler_is_exact_for_any_chunking_and_seeded(n):
     assert reference.shape == (n, model.code_dim) and torch.isfinite(reference).all()
     for chunk in (1, 7, 16, 33):
         sampler = a2e.Sampler(model, seed=3)
-        got = torch.cat([sampler.push(features[i : i + chunk]) for i in range(0, n, chunk)] + [sampler.finish()])
+        pieces = [sampler.push(features[i : i + chunk]) for i in range(0, n, chunk)]
+        lag = [min(i + chunk, n) - sum(map(len, pieces[: k + 1])) for k, i in enumerate(range(0, n, chunk))]
+        assert max(lag) <= sampler.latency == 16 + 3 * 8 - 1  # a frame is out once `latency` rows follow it
+        got = torch.cat([*pieces, sampler.finish()])
         assert torch.equal(got, reference), (chunk, (got - reference).abs().max())
     assert torch.equal(a2e.codes(model, features, seed=3), reference)
     assert not torch.equal(a2e.codes(model, features, seed=4), reference)
