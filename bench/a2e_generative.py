@@ -198,6 +198,7 @@ def main() -> None:
     ap.add_argument("--speech", type=Path, default=SPEECH)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--only", choices=("generative", "deterministic"), default=None, help="run one model's steps (to run both in parallel)")
     ap.add_argument("--ship", type=Path, default=None, help="prior folder whose a2e part becomes the generative prior")
     args = ap.parse_args()
     judged = {p.resolve().name for p in args.judge}
@@ -214,7 +215,7 @@ def main() -> None:
         "protocol": __doc__.split("\n\n", 2)[2].strip(),
     }
     for tag, commit in (("generative", None), ("deterministic", args.baseline)):
-        if tag == "deterministic" and commit is None:
+        if (tag == "deterministic" and commit is None) or args.only not in (None, tag):
             continue
         work = args.work / tag
         work.mkdir(parents=True, exist_ok=True)

@@ -113,8 +113,8 @@ class A2EConfig:
 
     fps: float = 25.0  # the model's frame rate; clips and synthesis at other rates are resampled
     window: int = 32  # frames per training and sampling window (1.28 s at 25 fps)
-    d_model: int = 64
-    layers: int = 3
+    d_model: int = 96
+    layers: int = 4
     heads: int = 4
     style_dim: int = 64  # per-identity speaking-style embedding (the paper's size)
     lip_components: int = 16  # PCA components of the mouth-region vertex offsets
@@ -131,7 +131,7 @@ class A2EConfig:
     temporal_weight: float = 0.5  # Huber on frame-to-frame differences of the predicted clean code
     gap_weight: float = 2.0  # L2 (mm²) of the inner-lip opening vector: the mouth opening weighs above the other lip points
     sample_steps: int = 6  # Euler steps from noise to code at synthesis
-    guidance: float = 1.5  # classifier-free guidance scale (1: the conditional model alone)
+    guidance: float = 2.0  # classifier-free guidance scale (1: the conditional model alone)
     val_every: int = 100
     val_windows: int = 256  # fixed validation windows (each scored at 5 flow times with fixed noise)
     checkpoint_every: int = 500
