@@ -123,13 +123,13 @@ def tree(commit: str | None, work: Path) -> Path:
 
 def produce(src: Path, work: Path, train: list[Path], judge: list[Path], speech: list[Path], seeds: int, steps: int | None) -> float:
     """fit-prior and the predictions in the tree `src` (skipped where `work` has them); seconds."""
-    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}  # run in `src`: `-m`/`-c` put the working folder first on sys.path
     start = time.time()
     if not (work / "prior" / "a2e.safetensors").is_file():
         subprocess.run([sys.executable, "-m", "ggtalker_cli.cli", "-q", "fit-prior", *map(str, train), "-o", str(work / "prior"),
-                        "--parts", "a2e", "--device", "cpu", "--force", *(["--steps", str(steps)] if steps else [])], env=env, check=True)  # fmt: skip
+                        "--parts", "a2e", "--device", "cpu", "--force", *(["--steps", str(steps)] if steps else [])], env=env, cwd=src, check=True)  # fmt: skip
     if not (work / "predictions.npz").is_file():
-        subprocess.run([sys.executable, "-c", PREDICT, str(work), str(seeds), ",".join(map(str, judge)), ",".join(map(str, speech))], env=env, check=True)
+        subprocess.run([sys.executable, "-c", PREDICT, str(work), str(seeds), ",".join(map(str, judge)), ",".join(map(str, speech))], env=env, cwd=src, check=True)
     return time.time() - start
 
 
@@ -201,8 +201,9 @@ def main() -> None:
     ap.add_argument("--only", choices=("generative", "deterministic"), default=None, help="run one model's steps (to run both in parallel)")
     ap.add_argument("--ship", type=Path, default=None, help="prior folder whose a2e part becomes the generative prior")
     args = ap.parse_args()
-    judged = {p.resolve().name for p in args.judge}
-    train = [p for p in clip_dirs(args.train) if p.resolve().name not in judged]
+    args.judge, args.work = [p.resolve() for p in args.judge], args.work.resolve()  # the steps run in another folder
+    judged = {p.name for p in args.judge}
+    train = [p.resolve() for p in clip_dirs(args.train) if p.resolve().name not in judged]
     speech = [args.speech / f for f in OOD]
     minutes = sum(a2e.load_clip(p, FPS).n_train for p in train) / FPS / 60
     doc = {
