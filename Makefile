@@ -1,4 +1,5 @@
-# ggtalker — one-command setup, demo, tests and benchmarks.
+# ggtalker — one-command setup, demo, tests and benchmarks. Needs only python3 and PyPI: FFmpeg comes
+# inside the av wheel (PyAV), so no system package is installed.
 #   make demo [VIDEO=my.mp4] [AUDIO=speech.wav]   set up, then video → avatar → talking mp4 (out/demo/)
 #   make test                                      set up, then the test suite (what CI runs)
 #   make bench                                     the quality/speed table over every real clip

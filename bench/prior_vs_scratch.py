@@ -85,6 +85,31 @@ def consistency(views: dict[int, tuple[list[np.ndarray], np.ndarray]]) -> dict[s
     return rows
 
 
+def save_views(path: Path, rendered: dict[str, tuple[dict, np.ndarray]]) -> None:
+    """Each init's novel views as JPEG bytes (q95) + projected landmarks: a few MB instead of raw frames."""
+    arrays = {}
+    for init, (views, _) in rendered.items():
+        for yaw, (images, projected) in views.items():
+            for j, image in enumerate(images):
+                arrays[f"{init}/{yaw}/{j}"] = np.frombuffer(cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1], np.uint8)
+            arrays[f"{init}/{yaw}/projected"] = projected.astype(np.float32)
+    np.savez(path, **arrays)
+
+
+def load_views(path: Path) -> dict[str, dict[int, tuple[list[np.ndarray], np.ndarray]]]:
+    """Inverse of `save_views`: {init: {yaw: (RGB images, projected landmarks)}}, `consistency`'s input."""
+    out: dict[str, dict[int, tuple[list[np.ndarray], np.ndarray]]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            init, yaw, item = key.split("/")
+            if item != "projected":
+                continue
+            n = len(z[key])
+            images = [cv2.cvtColor(cv2.imdecode(z[f"{init}/{yaw}/{j}"], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for j in range(n)]
+            out.setdefault(init, {})[int(yaw)] = (images, z[key])
+    return out
+
+
 def plot(results: dict, budgets: list[int], path: Path) -> None:
     import matplotlib
 
@@ -117,6 +142,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--inpainter-steps", type=int, default=1, help="adapt's body inpainter steps (no metric here uses it)")
     parser.add_argument("--no-consistency", action="store_true", help="skip the mediapipe novel-view check")
+    parser.add_argument("--views", type=Path, default=None, help="also save the novel views (JPEG) and projected landmarks here (.npz), "
+                        "to score their consistency on another machine (bench/priors_at_scale.py report)")
     args = parser.parse_args()
     budgets = sorted(int(b) for b in args.budgets.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +179,8 @@ def main() -> None:
     rendered = {init: novel_views(args.out / f"{init}_{top}", args.clip, args.device) for init in ("prior", "scratch")}
     strips = np.concatenate([rendered[init][1] for init in ("prior", "scratch")], 0)
     cv2.imwrite(str(args.out / "novel_views.png"), cv2.cvtColor(strips, cv2.COLOR_RGB2BGR))
+    if args.views is not None:
+        save_views(args.views, rendered)
     if not args.no_consistency:
         try:
             summary["consistency"] = {init: consistency(rendered[init][0]) for init in ("prior", "scratch")}

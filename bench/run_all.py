@@ -145,7 +145,7 @@ def speed(avatar: Path, clip: Path, device: str, frames: int = 250) -> dict:
     finally:
         synth.close()
     return {"frames": frames, "size": synth.size, "fps": round(frames / wall, 1), "body": synth.body.kind,
-            "encoder": "libx264" if media.has_ffmpeg() else "OpenCV mp4v",
+            "encoder": media.video_encoder(),
             **{f"{k}_ms": round(1000 * v / frames, 3) for k, v in timings.items()}}  # fmt: skip
 
 

@@ -67,12 +67,11 @@ def run(avatar: Path, clip: Path, speech: Path, out: Path, device: str) -> None:
         if done.returncode != 0:
             raise SystemExit(f"synth exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
         summary = json.loads(done.stdout.strip().splitlines()[-1])
-        for made in (target, target.with_suffix(".wav")):  # without ffmpeg the speech lands beside the video
-            made.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
         rows.append({"audio": name, "process_wall_s": round(wall, 2), "process_fps": round(summary["frames"] / wall, 1), "synth": summary})
         print(f"{name}: {summary['frames']} frames, synth {summary['fps_achieved']} fps, process {rows[-1]['process_fps']} fps", flush=True)
     doc = {"command": " ".join(["python bench/synth_speed.py run", str(avatar), "--clip", str(clip), "--audio", str(speech), "--device", device]),
-           "encoder": "libx264 (ffmpeg)" if media.has_ffmpeg() else "OpenCV mp4v (no ffmpeg)", "cpu_cores": os.cpu_count(), "rows": rows}  # fmt: skip
+           "encoder": media.video_encoder(), "cpu_cores": os.cpu_count(), "rows": rows}  # fmt: skip
     out.write_text(json.dumps(doc, indent=1) + "\n")
 
 

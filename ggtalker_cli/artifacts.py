@@ -81,10 +81,9 @@ def atomic_dir(target: Path, force: bool = False, work: Path | None = None, resu
         if work is None or (resumable is not None and not resumable(tmp)):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
+    if target.exists():  # --force: the old target moves into a fresh folder of ours, then goes
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.resolve().parent))
+        target.rename(old / target.name)
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
     else:

@@ -2,12 +2,15 @@
 
 Each verb parses flags into a Config (preset + overrides) and calls its stage's `run()`, which
 returns a JSON-able summary. Expected failures are GGError: one line on stderr, a documented
-exit code (errors.Exit). Stages are imported lazily so `ggtalker --help` stays instant.
+exit code (errors.Exit), and under --json one object `{"error": ..., "exit": N}` on stdout.
+`--json` and `--quiet` go before or after the verb. Stages are imported lazily so
+`ggtalker --help` stays instant.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
@@ -24,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: flags read `--resume`, not typer's rich `--resume <bool>`
 )
 
 PresetOpt = typer.Option(None, "--preset", help="Preset name (fast, balanced, quality) or a YAML file.")
@@ -33,20 +37,37 @@ DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 
 
-@app.callback()
-def _global(
-    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or info on stderr (errors still print)."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _version(value: bool) -> None:
+    """Eager: answers before click asks for a verb (a group callback would run only with one)."""
+    if value:
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary (or the error) on stdout; before or after the verb."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or info on stderr (errors still print); before or after the verb."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True, callback=_version),
+) -> None:
     console.configure(quiet=quiet, json_mode=json_out)
 
 
+def _json_error(message: str, code: int) -> None:
+    """Under --json, a failure is the one object a script reads on stdout."""
+    if console._state["json"]:
+        sys.stdout.write(json.dumps({"error": message, "exit": code}) + "\n")
+        sys.stdout.flush()
+
+
+def _report(message: str, code: int) -> None:
+    """One failure: a line on stderr (and the --json object)."""
+    console.err.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    _json_error(message, code)
+
+
 def _fail(e: GGError) -> NoReturn:
-    console.err.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
+    _report(e.message, int(e.code))
     raise typer.Exit(int(e.code))
 
 
@@ -65,7 +86,7 @@ def _run(stage: Callable[[], dict[str, Any]], out: Path | str | None = None) -> 
     except GGError as e:
         _fail(e)
     except KeyboardInterrupt:
-        console.err.print("[red]interrupted[/red]: partial work kept; re-run with --resume to continue")
+        _report("interrupted: partial work kept; re-run with --resume to continue", int(Exit.INTERRUPTED))
         raise typer.Exit(int(Exit.INTERRUPTED))
     console.emit(summary)
 
@@ -92,7 +113,7 @@ def preprocess(
 
 @app.command()
 def doctor() -> None:
-    """Report versions, devices, ffmpeg and where each model file resolves from."""
+    """Report versions, devices, where FFmpeg comes from and where each model file resolves from."""
     from .stages import doctor as stage
 
     _run(stage.run)
@@ -196,12 +217,36 @@ def eval_(
                            score_only=score_only, force=force), out)  # fmt: skip
 
 
+GLOBAL_FLAGS = ("--json", "--quiet", "-q")
+
+
+def _globals_first(args: list[str]) -> list[str]:
+    """`ggtalker preprocess v.mp4 -o c --json` as `ggtalker --json preprocess ...`: click reads a
+    group's own flags only before the verb, and no verb has a flag of these names."""
+    end = args.index("--") if "--" in args else len(args)
+    head = args[:end]
+    return [a for a in head if a in GLOBAL_FLAGS] + [a for a in head if a not in GLOBAL_FLAGS] + args[end:]
+
+
 def main() -> None:
+    args = _globals_first(sys.argv[1:])
     try:
-        app()
+        code = app(args=args, prog_name="ggtalker", standalone_mode=False)
     except GGError as e:  # raised while parsing config before a stage starts
-        console.err.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
+        _report(e.message, int(e.code))
         sys.exit(int(e.code))
+    except typer.TyperException as e:  # a bad flag or argument: click's usage message, exit 2
+        console._state["json"] = "--json" in args  # it may fail before the flag is read
+        e.show()
+        _json_error(e.format_message(), e.exit_code)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        _report("interrupted", int(Exit.INTERRUPTED))
+        sys.exit(int(Exit.INTERRUPTED))
+    except Exception as e:  # a bug: the traceback follows, and a script still gets its object
+        _json_error(f"internal error: {type(e).__name__}: {e}", int(Exit.INTERNAL))
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

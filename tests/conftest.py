@@ -6,6 +6,7 @@ third-party footage: cuts are written to pytest's temporary folders only, never 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,10 +16,38 @@ REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
 
 
+def _ffmpeg_binary() -> str:
+    """The ffmpeg command line that makes the tests' inputs (cuts, filters, lavfi sources): a
+    system one when on PATH, else imageio-ffmpeg's static binary from pip (the `test` extra).
+    ggtalker itself needs neither: it reads and writes media in process (PyAV)."""
+    import imageio_ffmpeg
+
+    return shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+
+
+FFMPEG = _ffmpeg_binary()
+
+
 def ffmpeg(*args: str) -> None:
     """Run ffmpeg quietly; a failure shows its stderr."""
-    done = subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", *args], capture_output=True, text=True)
+    done = subprocess.run([FFMPEG, "-nostdin", "-y", "-loglevel", "error", *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def streams(path: Path) -> dict[str, dict]:
+    """What ffprobe -count_frames says of a file, read back by decoding every packet (PyAV):
+    per stream type its codec_name, nb_read_frames, duration (s) and pix_fmt (video)."""
+    import av
+
+    found: dict[str, dict] = {}
+    with av.open(str(path)) as container:
+        for stream in container.streams:
+            frames = sum(1 for _ in container.decode(stream))
+            container.seek(0)
+            found[stream.type] = {"codec_name": stream.codec_context.codec.canonical_name, "nb_read_frames": frames,
+                                  "duration": float(stream.duration * stream.time_base) if stream.duration else None,
+                                  "pix_fmt": getattr(stream.codec_context, "pix_fmt", None)}  # fmt: skip
+    return found
 
 
 def same_tensors(a: Path, b: Path) -> bool:

@@ -284,9 +284,10 @@ def test_resume_continues_from_checkpoint(clips, tmp_path):
 def test_predict_expressions_and_plot(tmp_path, tiny_whisper):
     """Audio file → expressions at any fps through the real whisper path (tiny random whisper)."""
     import ffmpeg
+    from conftest import FFMPEG
 
     wav = tmp_path / "speech.mp3"
-    ffmpeg.input("aevalsrc=0.5*sin(2*PI*300*t)*sin(2*PI*3*t):s=44100:d=1.3", f="lavfi").output(str(wav)).overwrite_output().run(quiet=True)
+    ffmpeg.input("aevalsrc=0.5*sin(2*PI*300*t)*sin(2*PI*3*t):s=44100:d=1.3", f="lavfi").output(str(wav)).overwrite_output().run(cmd=FFMPEG, quiet=True)
     model = net.A2E(net.make_meta(small_cfg().a2e, 32, {"model": "tiny-random"}, ["a"]))
     torch.nn.init.normal_(model.head[1].weight, std=0.3)
     state = net.to_state(model)

@@ -6,7 +6,6 @@ import types
 
 import numpy as np
 import pytest
-from conftest import ffmpeg
 
 from ggtalker_cli import media
 from ggtalker_cli.errors import Exit, GGError
@@ -33,14 +32,30 @@ def test_decode_resamples_vfr_to_constant_rate(real_video):
     assert abs(n - p.duration * 25) <= 1.5
 
 
-def test_rotation_metadata_is_applied(tmp_path):
-    src, rotated = tmp_path / "src.mp4", tmp_path / "rot.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x64:rate=25:duration=1", "-pix_fmt", "yuv420p", str(src))
-    ffmpeg("-i", str(src), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(rotated))
-    p = media.probe(rotated)
-    assert p.rotation in (90, 270) and (p.width, p.height) == (64, 96)
-    frame = next(media.decode(rotated, 25, p.width, p.height))
-    assert frame.shape == (96, 64, 3)
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotation_metadata_is_applied(tmp_path, degrees):
+    """A phone video: stored landscape with a display matrix. Frames come out upright, turned
+    counter-clockwise by the stored angle (what players and the ffmpeg command line show)."""
+    import av
+
+    stored = np.zeros((64, 96, 3), np.uint8)
+    stored[:32, :48] = (255, 0, 0)  # red top-left quarter: shows which way the frame turned
+    path = tmp_path / "rot.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"crf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv444p"
+        stream.set_display_rotation(degrees)
+        for k in range(5):
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            frame.pts = k
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    p = media.probe(path)
+    assert p.rotation == degrees and (p.width, p.height) == ((64, 96) if degrees != 180 else (96, 64))
+    frames = list(media.decode(path, 25, p.width, p.height))
+    expected = np.rot90(stored, degrees // 90)
+    assert len(frames) == 5 and frames[0].shape == expected.shape
+    assert np.abs(frames[0].astype(int) - expected).mean() < 4
 
 
 def test_extract_audio_is_exact_length_and_aligned(tmp_path, aoc_cut):

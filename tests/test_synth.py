@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ffmpeg
+from conftest import ffmpeg, streams
 from safetensors.torch import load_file
 
 from ggtalker_cli import a2e, audio
-from ggtalker_cli.errors import Exit, GGError
+from ggtalker_cli.errors import Exit
 from ggtalker_cli.stages import synth
 from ggtalker_cli.stream import Expressions
 
@@ -41,9 +40,7 @@ def _cli(*args: str, stdin=None, **kw) -> subprocess.CompletedProcess:
 
 
 def _probe(path: Path) -> dict[str, dict]:
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries", "stream=codec_type,codec_name,nb_read_frames,duration,pix_fmt",
-                          "-of", "json", str(path)], capture_output=True, text=True, check=True).stdout  # fmt: skip
-    return {s["codec_type"]: s for s in json.loads(out)["streams"]}
+    return streams(path)
 
 
 def test_mp4_frames_and_audio_match_the_speech(tiny_avatar, speech, tmp_path):
@@ -168,20 +165,3 @@ def test_interrupted_synth_leaves_no_file(tiny_avatar, real_dir, tmp_path):
     assert proc.wait(timeout=60) == Exit.INTERRUPTED
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []  # temps removed too
-
-
-def test_without_ffmpeg_video_only_and_wav_beside(tiny_avatar, speech, tmp_path, monkeypatch):
-    """The GPU machines have no ffmpeg binary: OpenCV writes the video, the speech lands beside it."""
-    from ggtalker_cli import media
-
-    avatar, _, _ = tiny_avatar
-    wav = tmp_path / "speech16k.wav"
-    ffmpeg("-i", str(speech), "-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le", str(wav))
-    monkeypatch.setattr(media, "has_ffmpeg", lambda: False)
-    out = tmp_path / "gpu.mp4"
-    summary = synth.run(avatar, str(wav), str(out), device="cpu", end=1.0)
-    streams = _probe(out)
-    assert "audio" not in streams and int(streams["video"]["nb_read_frames"]) == summary["frames"] == 25
-    assert out.with_suffix(".wav").is_file()
-    with pytest.raises(GGError, match="16 kHz mono"):
-        synth.run(avatar, str(speech), str(tmp_path / "mp3.mp4"), device="cpu")

@@ -219,8 +219,7 @@ class _Videos:
 
     def write(self, name: str, frame: np.ndarray) -> None:
         if name not in self.writers:
-            wav = self.audio_for.get(name) if media.has_ffmpeg() else None
-            self.writers[name] = media.open_writer(self.folder / "videos" / f"{name}.mp4", self.fps, self.size, self.size, wav, VIDEO_CRF).__enter__()
+            self.writers[name] = media.open_writer(self.folder / "videos" / f"{name}.mp4", self.fps, self.size, self.size, self.audio_for.get(name), VIDEO_CRF).__enter__()
         self.writers[name].write(frame)
 
     def close(self, failed: bool = False) -> None:

@@ -13,9 +13,10 @@ body frame → H.264 with the speech muxed in sync.
 - **Body and pose**: the clip's training frames played forward and backward (ping-pong), so any
   audio length works, each with its refined head pose (`synthesis/track.npz`); or a pose file
   (`--pose`); turned by `--yaw/--pitch` and a sinusoidal `--orbit` for novel views.
-- **Output**: frames stream into ffmpeg (video only) while the audio is kept in a temp wav; the
-  speech is muxed in at the end into a hidden temp file renamed onto the target, so an
-  interrupted run never leaves a corrupt mp4 there. `-o -` writes raw rgb24 frames to stdout;
+- **Output**: frames stream into the H.264 encoder (media.VideoWriter, video only) while the
+  audio is kept in a temp wav; the speech is muxed in at the end into a hidden temp file renamed
+  onto the target, so an interrupted run never leaves a corrupt mp4 there. Nothing but the
+  target is ever written: the temps are fresh names made exclusively, and removed. `-o -` writes raw rgb24 frames to stdout;
   `-o x.npz` writes the expressions alone, with a mouth-opening plot beside it.
 """
 
@@ -23,8 +24,8 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import ffmpeg
 import numpy as np
 import torch
 from safetensors import SafetensorError
@@ -293,19 +293,8 @@ class Synthesizer:
 
 
 def read_audio(path: Path) -> np.ndarray:
-    """16 kHz mono float32 samples. A 16 kHz mono 16-bit wav (whisper's own rate) is read by the
-    standard library: exact, no decoder process, and readable where ffmpeg/ffprobe are missing
-    (the GPU machines, static ffmpeg builds); anything else goes through audio.load_audio."""
-    try:
-        samples, rate = media.read_wav(path)
-        if rate == audio.SAMPLE_RATE:
-            return samples
-        why = f"{rate} Hz"
-    except (wave.Error, EOFError, GGError):
-        why = "not a 16 kHz mono 16-bit wav"
-    if media.has_ffmpeg():
-        return audio.load_audio(path)
-    raise GGError(f"{path}: {why}; without ffmpeg only 16 kHz mono 16-bit wav can be read; install ffmpeg or convert the audio", Exit.RESOURCE)
+    """16 kHz mono float32 samples of any file FFmpeg reads (audio.load_audio, in process)."""
+    return audio.load_audio(path)
 
 
 def _file_samples(path: Path, start: float, end: float | None) -> np.ndarray:
@@ -319,51 +308,41 @@ def _file_samples(path: Path, start: float, end: float | None) -> np.ndarray:
 
 
 def _stream_chunks(source: str, start: float, end: float | None) -> Iterator[np.ndarray]:
-    """Audio from a file or stdin ('-') decoded by ffmpeg as it arrives, in CHUNK_S pieces."""
+    """Audio from a file or stdin ('-') decoded as it arrives (media.audio_chunks), cut to [start, end)."""
     if source != "-" and not Path(source).is_file():
         raise GGError(f"{source}: no such audio file; check the path", Exit.INPUT_MISSING)
-    if not media.has_ffmpeg():
-        raise GGError("ffmpeg not found on PATH; install ffmpeg (apt-get install ffmpeg) to read audio", Exit.RESOURCE)
-    args = (
-        ffmpeg.input("pipe:" if source == "-" else source)
-        .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=audio.SAMPLE_RATE, map="0:a:0")
-        .global_args("-nostdin" if source != "-" else "-hide_banner", "-loglevel", "error")
-        .compile()
-    )
     skip = round(start * audio.SAMPLE_RATE)
     left = math.inf if end is None else round((end - start) * audio.SAMPLE_RATE)
-    step = int(CHUNK_S * audio.SAMPLE_RATE) * 4
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(args, stdin=sys.stdin.buffer if source == "-" else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
-        try:
-            pending = b""
-            while left > 0:
-                block = proc.stdout.read(step)
-                if not block:
-                    break
-                pending += block
-                usable = len(pending) // 4 * 4
-                x, pending = np.frombuffer(pending[:usable], np.float32), pending[usable:]
-                if skip:
-                    cut = min(skip, len(x))
-                    x, skip = x[cut:], skip - cut
-                x = x[: int(min(left, len(x)))]
-                left -= len(x)
-                if len(x):
-                    yield x
-        finally:
-            proc.stdout.close()
-            if proc.poll() is None:
-                proc.kill()
-            code = proc.wait()
-            log.seek(0)
-            message = log.read().decode(errors="replace").strip().splitlines()
-    if code not in (0, -signal.SIGKILL) and left > 0:
-        raise GGError(f"{source}: ffmpeg could not decode the audio ({message[-1] if message else 'no message'}); pass a wav/mp3/m4a", Exit.INPUT_INVALID)
+    blocks = media.audio_chunks(sys.stdin.buffer if source == "-" else Path(source), "stdin" if source == "-" else source)
+    try:
+        for x in blocks:
+            if skip:
+                cut = min(skip, len(x))
+                x, skip = x[cut:], skip - cut
+            x = x[: int(min(left, len(x)))]
+            left -= len(x)
+            if len(x):
+                yield x
+            if left <= 0:
+                break
+    finally:
+        blocks.close()
 
 
 # ---------------------------------------------------------------------------------------------
 # output
+
+
+def _fresh_sibling(path: Path, suffix: str) -> Path:
+    """A new hidden file beside `path`, created exclusively (O_EXCL: never a file that was already
+    there) with the umask's permissions, so the mp4 renamed from it reads like any other file."""
+    while True:
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
 
 
 class _Output:
@@ -378,11 +357,14 @@ class _Output:
         self.writer = self.wav = self.behind = None
         if self.kind == "video":
             path = Path(target)
-            stem = f".{path.name}.{os.getpid()}"
-            self.video_tmp, self.wav_tmp, self.final_tmp = (path.parent / f"{stem}.{s}" for s in ("video.mp4", "audio.wav", "tmp.mp4"))
-            self.temps = [self.video_tmp, self.wav_tmp, self.final_tmp]
-            self.writer = media.open_writer(self.video_tmp, fps, size, size, crf=crf)
-            self.wav = wave.open(str(self.wav_tmp), "wb")
+            self.temps = [_fresh_sibling(path, suffix) for suffix in (".video.mp4", ".audio.wav", ".tmp.mp4")]
+            self.video_tmp, self.wav_tmp, self.final_tmp = self.temps
+            try:
+                self.writer = media.open_writer(self.video_tmp, fps, size, size, crf=crf)
+                self.wav = wave.open(str(self.wav_tmp), "wb")
+            except BaseException:
+                self.cleanup()
+                raise
             self.wav.setnchannels(1)
             self.wav.setsampwidth(2)
             self.wav.setframerate(audio.SAMPLE_RATE)
@@ -426,14 +408,8 @@ class _Output:
         self.wav = None
         self.writer.close()
         self.writer = None
-        target = Path(self.target)
-        if media.has_ffmpeg():
-            media.mux(self.video_tmp, self.wav_tmp, self.final_tmp)
-            os.replace(self.final_tmp, target)
-        else:
-            console.warn(f"{target}: no ffmpeg here, so the video has no sound (OpenCV mp4v); its speech is in {target.with_suffix('.wav')}")
-            os.replace(self.video_tmp, target)
-            os.replace(self.wav_tmp, target.with_suffix(".wav"))
+        media.mux(self.video_tmp, self.wav_tmp, self.final_tmp)
+        os.replace(self.final_tmp, Path(self.target))  # the named output (checked free, or --force)
         self.cleanup()
 
     def cleanup(self) -> None:
@@ -463,6 +439,9 @@ def check_target(target: str, force: bool) -> None:
     path = Path(target)
     if path.suffix.lower() not in (".mp4", ".mov", ".mkv", ".npz"):
         raise GGError(f"{path}: unknown output type; use .mp4 (video), .npz (expressions only) or - (raw rgb24 frames)", Exit.USAGE)
+    plot = path.with_suffix(".png")
+    if path.suffix.lower() == ".npz" and plot.exists():  # --force names the .npz only, never its side-car
+        raise GGError(f"{plot}: already exists, and synth writes the mouth-opening plot of {path.name} there; move it or choose another -o", Exit.OUTPUT)
     if path.is_dir():
         raise GGError(f"{path}: is a folder; pass a file path for -o", Exit.OUTPUT)
     if path.exists() and not force:
