@@ -29,6 +29,7 @@ from .clip import Clip
 from .clip_view import Prefetch, intrinsics, resize
 from .config import SynthConfig
 from .errors import Exit, GGError
+from .models.a2e import from_state
 
 A2E_FILE = "a2e.safetensors"
 EYE_PREFIXES = ("eye", "brow")  # blendshapes taken from the replayed frame, not from the audio
@@ -56,9 +57,11 @@ def load_a2e(folder: Path, explicit: Path | None = None) -> tuple[dict[str, torc
                 Exit.ARTIFACT,
             )
     try:
-        return load_file(str(path)), str(path)
+        state = load_file(str(path))
     except (OSError, SafetensorError) as e:
         raise GGError(f"{path}: unreadable A2E weights ({e.__class__.__name__}); re-run fit-prior or adapt", Exit.ARTIFACT) from e
+    from_state(state, str(path))  # another A2E version or a foreign file: refused naming it, before any work
+    return state, str(path)
 
 
 def turn(centre: torch.Tensor, yaw: float, pitch: float) -> torch.Tensor:

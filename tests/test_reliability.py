@@ -31,7 +31,7 @@ from conftest import ffmpeg, same_tensors
 from test_a2e import make_clip
 from typer.testing import CliRunner, Result
 
-from ggtalker_cli import a2e_train, artifacts, head_fit
+from ggtalker_cli import a2e_train, artifacts, head_fit, training
 from ggtalker_cli.cli import app
 from ggtalker_cli.config import Config, load_config
 from ggtalker_cli.errors import Exit, GGError
@@ -704,7 +704,7 @@ def test_disk_filling_up_mid_run(voices, tmp_path, monkeypatch):
         with open("/dev/full", "wb") as f:
             f.write(data)
 
-    monkeypatch.setattr(a2e_train, "atomic_write_bytes", onto_full_disk)
+    monkeypatch.setattr(training, "atomic_write_bytes", onto_full_disk)
     out = tmp_path / "prior"
     result = cli("fit-prior", *voices, "-o", out, "--device", "cpu", "--preset", preset(tmp_path, {"a2e": A2E}))
     refused(result, Exit.OUTPUT, out, f"disk full ({os.strerror(errno.ENOSPC)}); free disk space there or choose another -o", target=out)

@@ -15,9 +15,8 @@ import yaml
 from conftest import ffmpeg, streams
 from safetensors.torch import load_file
 
-from ggtalker_cli import audio
+from ggtalker_cli import a2e, audio
 from ggtalker_cli.errors import Exit, GGError
-from ggtalker_cli.models import a2e
 from ggtalker_cli.stages import synth
 from ggtalker_cli.stream import Expressions
 

@@ -37,11 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import artifacts, audio, console, media
+from .. import a2e, artifacts, audio, console, media
 from ..config import Config, SynthConfig, load_config
 from ..device import device_name, device_of
 from ..errors import Exit, GGError
-from ..models import a2e
 from ..stream import Expressions, Frames
 from ..synthesis import Synthesizer, load_a2e, read_audio, read_pose_file
 
