@@ -89,8 +89,20 @@ def check(clips: list[dict], data: Path = DATA) -> list[str]:
     return bad
 
 
+def _summary(rows: list[dict]) -> str:
+    lines = ["| clip | frames | tracked % | faces | seconds | failure |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        tracked = "" if r["tracked"] is None else f"{100 * r['tracked']:.0f}"
+        lines.append(f"| {r['clip']} | {r['frames'] or ''} | {tracked} | {r['faces'] or ''} | {r['seconds'] or ''} | {r['failure'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def preprocess(clips: list[dict], data: Path = DATA, size: int = 256) -> list[dict]:
-    """Preprocess every clip not done yet; one row per clip (frames, tracked share, seconds, failure)."""
+    """Preprocess every clip not done yet; one row per clip (frames, tracked share, faces, seconds, failure).
+
+    The summary table (`preprocess_summary.md`) is rewritten after every clip, so an interrupted
+    batch still says how far it got.
+    """
     out = data / "clips"
     logs = data / "logs"
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +110,7 @@ def preprocess(clips: list[dict], data: Path = DATA, size: int = 256) -> list[di
     rows = []
     for i, c in enumerate(clips):
         dest = out / c["id"]
-        row = {"clip": c["id"], "frames": None, "tracked": None, "seconds": None, "failure": None}
+        row = {"clip": c["id"], "frames": None, "tracked": None, "faces": None, "seconds": None, "failure": None}
         if not (dest / "meta.yaml").exists():
             cmd = [sys.executable, "-m", "ggtalker_cli.cli", "preprocess", str(media_path(c, data)), "-o", str(dest), "--size", str(size)]
             if dest.exists():
@@ -116,13 +128,10 @@ def preprocess(clips: list[dict], data: Path = DATA, size: int = 256) -> list[di
             meta = yaml.safe_load((dest / "meta.yaml").read_text())
             row["frames"] = int(meta["n_frames"])
             row["tracked"] = float(meta["tracking"]["tracked_fraction"])
+            row["faces"] = meta["tracking"].get("faces_seen")
             row["seconds"] = row["seconds"] or round(sum(meta.get("timings_s", {}).values()), 1)
         rows.append(row)
-    summary = ["| clip | frames | tracked % | seconds | failure |", "|---|---|---|---|---|"]
-    for r in rows:
-        tracked = "" if r["tracked"] is None else f"{100 * r['tracked']:.0f}"
-        summary.append(f"| {r['clip']} | {r['frames'] or ''} | {tracked} | {r['seconds'] or ''} | {r['failure'] or ''} |")
-    (data / "preprocess_summary.md").write_text("\n".join(summary) + "\n")
+        (data / "preprocess_summary.md").write_text(_summary(rows))
     return rows
 
 
