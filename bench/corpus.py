@@ -61,7 +61,7 @@ def extract(clips: list[dict], mirrors: Path, data: Path = DATA) -> int:
         if dest.exists() and sha256(dest) == c["sha256"]:
             continue
         git_dir = mirrors / c["repo"].replace("/", "+") / "repo"
-        run = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{c['commit']}:{c['path']}"], capture_output=True)
+        run = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{c['commit']}:{c['path']}"], check=False, capture_output=True)
         if run.returncode != 0:
             print(f"error: {c['id']}: {c['repo']}@{c['commit']}:{c['path']} not readable from {git_dir}: {run.stderr.decode().strip()}")
             bad += 1
@@ -118,12 +118,12 @@ def preprocess(clips: list[dict], data: Path = DATA, size: int = 256) -> list[di
             print(f"[{i + 1}/{len(clips)}] {c['id']}", flush=True)
             t0 = time.monotonic()
             with (logs / f"{c['id']}.log").open("w") as log:
-                run = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                run = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
             row["seconds"] = round(time.monotonic() - t0, 1)
             if run.returncode != 0:
                 lines = [ln.strip() for ln in (logs / f"{c['id']}.log").read_text(errors="replace").splitlines() if ln.strip()]
                 errors = [ln for ln in lines if ln.lower().startswith("error")]
-                row["failure"] = (errors or lines or ["exit status %d" % run.returncode])[-1][:200]
+                row["failure"] = (errors or lines or [f"exit status {run.returncode}"])[-1][:200]
         if (dest / "meta.yaml").exists():
             meta = yaml.safe_load((dest / "meta.yaml").read_text())
             row["frames"] = int(meta["n_frames"])

@@ -68,12 +68,10 @@ def expand_clips(given: list[Path]) -> list[Path]:
     """Clip folders from clip folders, folders of clip folders and list files, in the order given."""
     clips: list[Path] = []
     for item in map(Path, given):
-        if not item.exists():
-            raise GGError(f"{item}: no such clip folder, folder of clips or list file; check the path", Exit.INPUT_MISSING)
+        if not item.exists() or (item / artifacts.META).is_file():
+            clips.append(item)  # a clip folder; run() names a missing one
+            continue
         if item.is_dir():
-            if (item / artifacts.META).is_file():
-                clips.append(item)
-                continue
             subdirs = sorted(d for d in item.iterdir() if d.is_dir())
             found = [d for d in subdirs if (d / artifacts.META).is_file()]
             skipped = [d.name for d in subdirs if d not in found]
