@@ -9,8 +9,8 @@
 `priors/corpus.yaml` is the manifest (one row per clip: repo@commit:path, sha256, the person in it);
 `priors/corpus.md` is its human table, written from it. The media are third-party footage of real
 people: they live in a git-ignored folder (default `.devdata/corpus/`), never in the repository.
-A mirror is a bare git directory `<mirrors>/<owner>+<name>/repo` (what the search tool's fetch
-brings); `extract` takes the blob at `commit:path` and refuses one whose sha256 differs.
+A mirror is a git directory `<mirrors>/<owner>+<name>/repo` (or `repo/.git`: what the search tool's
+fetch brings); `extract` takes the blob at `commit:path` and refuses one whose sha256 differs.
 `preprocess` runs `ggtalker preprocess` per clip in its own process, so one bad video is reported
 and skipped and the batch goes on; finished clips are skipped on a re-run (resumable).
 """
@@ -61,6 +61,8 @@ def extract(clips: list[dict], mirrors: Path, data: Path = DATA) -> int:
         if dest.exists() and sha256(dest) == c["sha256"]:
             continue
         git_dir = mirrors / c["repo"].replace("/", "+") / "repo"
+        if (git_dir / ".git").is_dir():  # some snapshots arrive as a work tree
+            git_dir = git_dir / ".git"
         run = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{c['commit']}:{c['path']}"], check=False, capture_output=True)
         if run.returncode != 0:
             print(f"error: {c['id']}: {c['repo']}@{c['commit']}:{c['path']} not readable from {git_dir}: {run.stderr.decode().strip()}")
