@@ -151,7 +151,7 @@ def adapt(
 
 @app.command("fit-prior")
 def fit_prior(
-    clips: list[Path] = typer.Argument(..., help="Clip folders made by `ggtalker preprocess` (one identity each)."),
+    clips: list[Path] = typer.Argument(..., help="Clip folders made by `ggtalker preprocess` (one identity each), folders of them, or text files listing them one a line."),
     out: Path = typer.Option(..., "-o", "--out", help="Prior folder to create."),
     parts: str = typer.Option("a2e", "--parts", help="Comma-separated parts to train: a2e, e2v."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Comma-separated clip names held out for validation (default: every k-th clip)."),
