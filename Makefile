@@ -1,4 +1,5 @@
-# ggtalker — one-command setup, demo, tests and benchmarks.
+# ggtalker — one-command setup, demo, tests and benchmarks. Needs only python3 and PyPI: FFmpeg comes
+# inside the av wheel (PyAV), so no system package is installed.
 #   make demo [VIDEO=my.mp4] [AUDIO=speech.wav]   set up, then video → avatar → talking mp4 (out/demo/)
 #   make test                                      set up, then the test suite (what CI runs)
 #   make bench                                     the quality/speed table over every real clip
@@ -26,13 +27,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/python bench/demo.py $(if $(VIDEO),--video "$(VIDEO)") $(if $(AUDIO),--audio "$(AUDIO)")
+	$(BIN)/ggtalker demo $(if $(VIDEO),--video "$(VIDEO)") $(if $(AUDIO),--audio "$(AUDIO)")
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" --timeout 900
 
 bench: setup
-	$(BIN)/python bench/run_all.py --out bench/results
+	$(BIN)/python -m bench.run_all --out bench/results
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

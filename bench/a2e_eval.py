@@ -35,10 +35,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ggtalker_cli import audio, metrics
+from ggtalker_cli import a2e, audio, metrics
 from ggtalker_cli.a2e_train import adapt_a2e
 from ggtalker_cli.config import load_config
-from ggtalker_cli.models import a2e
 from ggtalker_cli.stages import fit_prior
 
 AUDIO_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "audio"

@@ -1,15 +1,15 @@
 """Adapt real clips on one GPU and report held-out quality and wall-clock (issue 3's numbers).
 
 The GPU machine has no ffmpeg: pack each clip here first (near-lossless H.264 frames, see
-bench/pack_clip.py) into an ignored folder, carry it and `.whl` (the gsplat wheel; the GPU image has the rest):
+bench/staging.py) into an ignored folder, carry it and `.whl` (the gsplat wheel; the GPU image has the rest):
 
-    python bench/pack_clip.py pack out/clips/cnn_anchor_71s_512_25fps .devdata/packed/cnn_anchor_71s_512_25fps
+    python -m bench.staging pack out/clips/cnn_anchor_71s_512_25fps .devdata/packed/cnn_anchor_71s_512_25fps
 
 then, through the device tool (carry [".whl", ".devdata/packed"]):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
     export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 && \
-    python3 bench/adapt_gpu.py .devdata/packed/* --out $OUT --size 512 --preset balanced
+    python3 -m bench.adapt_gpu .devdata/packed/* --out $OUT --size 512 --preset balanced
 
 Several settings in one call: repeat the last line with `--set KEY=VALUE ... --tag T` (outputs
 NAME-T.json). Per clip it prints one line and writes NAME.json (held-out PSNR/SSIM on head, full frame and
@@ -24,7 +24,6 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -32,9 +31,7 @@ import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import pack_clip
-
+from bench import staging
 from ggtalker_cli import console
 from ggtalker_cli.artifacts import read_meta
 from ggtalker_cli.config import load_config
@@ -84,7 +81,7 @@ def main() -> None:
         if (clip / "frames.mp4").is_file():
             unpacked = args.work / "clips" / name
             shutil.rmtree(unpacked, ignore_errors=True)
-            pack_clip.unpack(clip, unpacked)
+            staging.unpack(clip, unpacked)
             clip = unpacked
         avatar = args.work / "avatars" / name
         torch.cuda.reset_peak_memory_stats()

@@ -80,7 +80,7 @@ def bench_cuda(model: Inpainter, size: int, batches: list[int], iters: int, comp
             ms = start.elapsed_time(end) / iters
             rows.append({"mode": f"cuda fp16 {name}", "size": size, "batch": batch, "ms_per_batch": round(ms, 4),
                          "ms_per_frame": round(ms / batch, 4), "fps": round(1000 * batch / ms, 1),
-                         "peak_vram_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)})  # fmt: skip
+                         "peak_vram_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)})
     return rows
 
 
@@ -97,7 +97,7 @@ def bench_cpu(model: Inpainter, sizes: list[int], iters: int) -> list[dict]:
                 step(model, head, alpha, frame, plate, radius)
             ms = 1000 * (time.perf_counter() - t) / iters
         rows.append({"mode": f"cpu fp32 ({torch.get_num_threads()} threads)", "size": size, "batch": 1, "ms_per_batch": round(ms, 2),
-                     "ms_per_frame": round(ms, 2), "fps": round(1000 / ms, 2)})  # fmt: skip
+                     "ms_per_frame": round(ms, 2), "fps": round(1000 / ms, 2)})
     return rows
 
 
@@ -139,12 +139,12 @@ def main() -> None:
 
     result = {"bench": "inpainter", "date": date.today().isoformat(), "device": device_name, "torch": torch.__version__,
               "channels": list(channels), "params": sum(p.numel() for p in model.parameters()),
-              f"gflops_per_frame_{args.size}": round(gflops, 2), "rows": rows}  # fmt: skip
+              f"gflops_per_frame_{args.size}": round(gflops, 2), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"Inpainter {'-'.join(map(str, channels))}, {result['params']:,} params, {gflops:.1f} GFLOP/frame at {args.size}², "
-          f"on {device_name} (torch {torch.__version__}, {result['date']})\n")  # fmt: skip
+          f"on {device_name} (torch {torch.__version__}, {result['date']})\n")
     print("| mode | size | batch | ms/batch | ms/frame | fps |")
     print("|---|---|---|---|---|---|")
     for r in rows:

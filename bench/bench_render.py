@@ -11,7 +11,7 @@ rgb, alpha and depth into every Gaussian parameter. FPS counts images (B per cal
 Avatar path (`--avatar`): the head of a fresh avatar at the balanced preset's size (UV 256, ~52k
 Gaussians, colour MLP 16→64) rendered as `Synthesizer.frames` does it, landmarks driven from
 blendshapes (`head.drive`) then `Avatar.render`, over `--frames` frames (yaws over ±20°) in
-batches of B = synth's BATCH (`--batches` to vary it): one call per frame ("per-frame", synth
+batches of B = synth.batch (`--batches` to vary it): one call per frame ("per-frame", synth
 before batching) against one call per batch ("batched", synth now). Reports ms per frame of each.
 The template head's expression basis is zero, so driven landmarks are the neutral face: the
 timing does not depend on the expression, and the frames differ by pose and colour condition.
@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 from ggtalker_cli.avatar import Avatar
-from ggtalker_cli.config import AdaptConfig
+from ggtalker_cli.config import AdaptConfig, SynthConfig
 from ggtalker_cli.face_model import N_BLENDSHAPES, HeadModel
-from ggtalker_cli.stages.synth import BATCH
 from kernels import render
 from kernels.synthetic import front_cameras, head_scene
 
@@ -144,13 +143,13 @@ SCENE_COLUMNS: list[Column] = [
     ("Gaussians", lambda r: f"{r['gaussians']:,}"), ("size", lambda r: f"{r['size']}²"), ("batch", lambda r: str(r["batch"])),
     ("fwd ms", lambda r: f"{r['fwd_ms']:.2f}"), ("fwd FPS", lambda r: f"{r['fwd_fps']:.1f}"),
     ("fwd+bwd ms", lambda r: f"{r['fwd_bwd_ms']:.2f}"), ("fwd+bwd FPS", lambda r: f"{r['fwd_bwd_fps']:.1f}"),
-]  # fmt: skip
+]
 SCENE_CPU_COLUMNS: list[Column] = [("CPU ms fwd", lambda r: f"{r['fwd_cpu_ms']:.1f}"), ("CPU ms fwd+bwd", lambda r: f"{r['fwd_bwd_cpu_ms']:.1f}")]
 AVATAR_COLUMNS: list[Column] = [
     ("Gaussians", lambda r: f"{r['gaussians']:,}"), ("size", lambda r: f"{r['size']}²"), ("B", lambda r: str(r["batch"])),
     ("ms/frame per-frame", lambda r: f"{r['per_frame_ms_per_frame']:.3f}"), ("ms/frame batched", lambda r: f"{r['batched_ms_per_frame']:.3f}"),
     ("speedup", lambda r: f"{r['speedup']:.2f}×"), ("batched FPS", lambda r: f"{r['batched_fps']:.1f}"),
-]  # fmt: skip
+]
 AVATAR_CPU_COLUMNS: list[Column] = [
     ("CPU ms/frame per-frame", lambda r: f"{r['per_frame_cpu_ms_per_frame']:.1f}"),
     ("CPU ms/frame batched", lambda r: f"{r['batched_cpu_ms_per_frame']:.1f}"),
@@ -170,11 +169,11 @@ def avatar_rows(args: argparse.Namespace, device: str, backend: str, warmup: int
     frames = args.frames or (8 if cpu else 64)
     rows = []
     for size in args.sizes or ([128] if cpu else [512]):
-        for batch in args.batches or [BATCH]:
+        for batch in args.batches or [SynthConfig.batch]:
             rows.append(bench_avatar(size, frames, batch, args.uv_res, device, backend, warmup, repeats))
             r = rows[-1]
             print(f"  avatar {r['gaussians']} Gaussians {size}² B={batch}: per-frame {r['per_frame_ms_per_frame']:.2f} ms/frame, "
-                  f"batched {r['batched_ms_per_frame']:.2f} ms/frame", flush=True)  # fmt: skip
+                  f"batched {r['batched_ms_per_frame']:.2f} ms/frame", flush=True)
     return rows
 
 
@@ -184,7 +183,7 @@ def main() -> None:
     ap.add_argument("--avatar", action="store_true", help="time the avatar path synth runs, per frame vs batched")
     ap.add_argument("--counts", type=int, nargs="+", help="Gaussian counts (default 10k 50k 100k; CPU 10k 30k)")
     ap.add_argument("--sizes", type=int, nargs="+", help="image sizes (default 512; CPU 128 256, --avatar 128)")
-    ap.add_argument("--batches", type=int, nargs="+", default=None, help=f"cameras per call (default 1 8; CPU 1; --avatar {BATCH})")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help=f"cameras per call (default 1 8; CPU 1; --avatar {SynthConfig.batch})")
     ap.add_argument("--frames", type=int, default=None, help="--avatar: frames per timed run (default 64; CPU 8)")
     ap.add_argument("--uv-res", type=int, default=AdaptConfig.uv_res, help="--avatar: UV map resolution (default %(default)s)")
     ap.add_argument("--backend", default=None, help="kernels backend (default gsplat on CUDA, torch on CPU)")

@@ -79,7 +79,7 @@ def main() -> None:
         r = properties(folder)
         rows.append(r)
         print(f"| {r['clip']} | {r['frames']} ({r['test_frames']}) | {r['test_rotation_gap_deg']:.2f} | {r['train_rotation_gap_deg']:.2f} "
-              f"| {r['floor_1px_psnr_head']:.2f} | {r['sharpness']:.0f} |", flush=True)  # fmt: skip
+              f"| {r['floor_1px_psnr_head']:.2f} | {r['sharpness']:.0f} |", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"command": "python bench/clip_floor.py " + " ".join(str(c) for c in args.clips), "rows": rows}, indent=1) + "\n")
 

@@ -4,7 +4,7 @@
 # scaling of its throughput (samples/s at a fixed per-GPU batch; warm-up and validation excluded).
 #
 # Here (CPU), once; the clips shrink to 256² and ≤200 frames each so they fit the 64 MiB carry:
-#   python bench/pack_prior_data.py $(ls -d out/clips/* | grep -v macron_50s) -o out/carry/prior --size 256 --max-frames 200 --drop-audio
+#   python -m bench.staging shrink $(ls -d out/clips/* | grep -v macron_50s) -o out/carry/prior --size 256 --max-frames 200 --drop-audio
 # There (device tool, kind nvidia-h200-x2, carry [".whl", "out/carry/prior"]):
 #   STEPS=300 PRESET=bench/presets/fit_prior_gpu.yaml bash bench/fit_prior_gpu.sh   (32 samples per GPU and step)
 # Comes back in $OUT: fit_prior_scaling.json, the two logs, the 2-GPU prior's val_loss.png.
@@ -25,7 +25,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIS
 if [ -f "$DATA/face_landmarker.task" ]; then export GGTALKER_FACE_LANDMARKER=${GGTALKER_FACE_LANDMARKER:-$(realpath "$DATA/face_landmarker.task")}; fi
 for d in "$DATA"/*/; do
   name=$(basename "$d")
-  [ -f "$CLIPS/$name/meta.yaml" ] || python3 bench/pack_clip.py unpack "$d" "$CLIPS/$name"
+  [ -f "$CLIPS/$name/meta.yaml" ] || python3 -m bench.staging unpack "$d" "$CLIPS/$name"
 done
 # gsplat builds its CUDA extension on first use (~40 s): do it before anything is timed
 python3 -c "from kernels import gsplat_backend as g; r = g.unavailable(); print('gsplat:', r or 'ok'); assert r is None"

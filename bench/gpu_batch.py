@@ -3,21 +3,21 @@
 Here, once (ffmpeg, whisper and mediapipe are here):
 
     export GGTALKER_FEATURE_CACHE=$PWD/.devdata/bench/features
-    python bench/run_all.py --steps preprocess,features --work out/bench_gpu
+    python -m bench.run_all --steps preprocess,features --work out/bench_gpu
 
-per batch, here: `python bench/gpu_batch.py stage A,B` assembles .devdata/call (the clips packed
-by bench/pack_clip.py, the whisper-cache files their eval and synth read, the bench's speech);
+per batch, here: `python -m bench.gpu_batch stage A,B` assembles .devdata/call (the clips packed
+by bench/staging.py, the whisper-cache files their eval and synth read, the bench's speech);
 then through the device tool, carry [".whl", ".devdata/assets", ".devdata/call"]:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-    PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 python3 bench/gpu_batch.py run
+    PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1 python3 -m bench.gpu_batch run
 
 which unpacks, runs adapt, synth, eval (scoring deferred) and speed on cuda, and writes
 bench.tgz.* (state, reports, avatar metadata; no weights) to $OUT. Back here:
 
     cat FILES/bench.tgz.* | tar xzf - -C out/bench_gpu
-    python bench/run_all.py --steps score,summary --work out/bench_gpu
-    python bench/gpu_batch.py table      # adapt quality + speed per clip: bench/results/adapt_all.{md,json}
+    python -m bench.run_all --steps score,summary --work out/bench_gpu
+    python -m bench.gpu_batch table      # adapt quality + speed per clip: bench/results/adapt_all.{md,json}
 
 A clip's folder recorded by adapt on the GPU machine is out/clips/NAME there as here.
 """
@@ -61,14 +61,13 @@ def run(call: Path = CALL, steps: str = "adapt,synth,eval,speed", deadline: floa
     limit) still leaves the finished clips packed: a clip is not started when the time left is
     under the longest clip so far, and one that overruns is stopped (its finished steps are kept).
     """
-    sys.path.insert(0, str(REPO / "bench"))
-    import pack_clip
+    from bench import staging
 
     start = time.monotonic()
 
     names = sorted(p.name for p in (call / "clips").iterdir())
     for name in names:
-        pack_clip.unpack(call / "clips" / name, REPO / "out" / "clips" / name)
+        staging.unpack(call / "clips" / name, REPO / "out" / "clips" / name)
     work = REPO / "out" / "bench"
     shutil.copytree(call / "audio", work / "audio", dirs_exist_ok=True)
     env = {**os.environ, "GGTALKER_FEATURE_CACHE": str(call / "features")}
@@ -83,13 +82,14 @@ def run(call: Path = CALL, steps: str = "adapt,synth,eval,speed", deadline: floa
             continue
         began = time.monotonic()
         try:
-            subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--steps", steps, "--device", "cuda",
-                            "--work", str(work), "--clips", name], env=env, timeout=left)  # fmt: skip
+            subprocess.run([sys.executable, "-m", "bench.run_all", "--steps", steps, "--device", "cuda",
+                            "--work", str(work), "--clips", name], env=env, timeout=left, cwd=REPO)
         except subprocess.TimeoutExpired:
             print(f"deadline: {name} stopped after {time.monotonic() - began:.0f} s", flush=True)
         longest = max(longest, time.monotonic() - began)
-    keep = [f"{d}/{n}{x}" for n in names for d, x in (("state", ".json"), ("logs", ".log"), ("eval", ""), ("avatars", "/meta.yaml"), ("avatars", "/train_log.jsonl"))
-            if (work / d / f"{n}{x}").exists()]  # fmt: skip
+    keep = [f"{d}/{n}{x}" for n in names
+            for d, x in (("state", ".json"), ("logs", ".log"), ("eval", ""), ("avatars", "/meta.yaml"), ("avatars", "/train_log.jsonl"))
+            if (work / d / f"{n}{x}").exists()]
     out = Path(os.environ["OUT"])
     tar = subprocess.Popen(["tar", "czf", "-", "-C", str(work), *keep], stdout=subprocess.PIPE)
     subprocess.run(["split", "-b", "15M", "-", str(out / "bench.tgz.")], stdin=tar.stdout, check=True)
@@ -113,18 +113,22 @@ def table(work: Path = LOCAL_WORK, out: Path = REPO / "bench" / "results") -> No
                      "initial_psnr_head": round(meta["initial_metrics"]["psnr_head"], 2), "gaussians": meta.get("gaussians"),
                      "train_s": meta.get("train_seconds"), "adapt_s": round(sum((meta.get("timings_s") or {}).values()), 1),
                      "device": meta.get("device"), "speed": state.get("speed"),
-                     "adapted": datetime.datetime.fromtimestamp(meta_path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")})  # fmt: skip
-    doc = {"command": "bench/gpu_batch.py (module docstring), then `python bench/gpu_batch.py table`",
-           "date": datetime.date.fromtimestamp(made).isoformat(), "protocol": protocol, "rows": rows}  # fmt: skip
+                     "adapted": datetime.datetime.fromtimestamp(meta_path.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")})
+    doc = {"command": "bench/gpu_batch.py (module docstring), then `python -m bench.gpu_batch table`",
+           "date": datetime.date.fromtimestamp(made).isoformat(), "protocol": protocol, "rows": rows}
     (out / "adapt_all.json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = ["| clip | test frames | head PSNR / SSIM | head inner PSNR | full PSNR / SSIM | face PSNR / SSIM | initial head PSNR | train s | adapt s | render+inpaint+encode fps | adapted (UTC) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| clip | test frames | head PSNR / SSIM | head inner PSNR | full PSNR / SSIM | face PSNR / SSIM | "
+             "initial head PSNR | train s | adapt s | render+inpaint+encode fps | adapted (UTC) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sp = r["speed"] or {}
-        lines.append(f"| {r['clip']} | {r['test_frames']} | {r['psnr_head']:.2f} / {r['ssim_head']:.3f} | {r['psnr_head_inner']:.2f} | {r['psnr_full']:.2f} / {r['ssim_full']:.3f} "
-                     f"| {r['psnr_face']:.2f} / {r['ssim_face']:.3f} | {r['initial_psnr_head']:.2f} | {r['train_s']} | {r['adapt_s']} | {sp.get('fps', '–')} | {r['adapted']} |")  # fmt: skip
+        lines.append(f"| {r['clip']} | {r['test_frames']} | {r['psnr_head']:.2f} / {r['ssim_head']:.3f} | {r['psnr_head_inner']:.2f} "
+                     f"| {r['psnr_full']:.2f} / {r['ssim_full']:.3f} "
+                     f"| {r['psnr_face']:.2f} / {r['ssim_face']:.3f} | {r['initial_psnr_head']:.2f} "
+                     f"| {r['train_s']} | {r['adapt_s']} | {sp.get('fps', '–')} | {r['adapted']} |")
     devices = sorted({r["device"] for r in rows})
-    (out / "adapt_all.md").write_text(f"# adapt on every real clip — {doc['date']}, {', '.join(devices)}\n\n{doc['command']}\n\nProtocol: {doc['protocol']}\n\n" + "\n".join(lines) + "\n")
+    (out / "adapt_all.md").write_text(f"# adapt on every real clip — {doc['date']}, {', '.join(devices)}\n\n{doc['command']}\n\n"
+                                      f"Protocol: {doc['protocol']}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

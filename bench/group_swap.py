@@ -23,9 +23,10 @@ import torch
 from ggtalker_cli import metrics
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.clip import Clip
+from ggtalker_cli.clip_view import Data
 from ggtalker_cli.config import load_config
 from ggtalker_cli.gaussians import GROUPS
-from ggtalker_cli.stages.adapt import Data, _fit_head
+from ggtalker_cli.head_fit import fit_head
 
 SETS = {**{k: [k] for k in (*GROUPS, "feature", "mlp")}, "geometry": ["offset", "quat", "log_scale", "opacity"], "appearance": ["color", "feature", "mlp"]}
 
@@ -67,17 +68,17 @@ def main() -> None:
     frames = data.test[np.linspace(0, len(data.test) - 1, min(args.eval_frames, len(data.test))).astype(int)]
     after = Avatar.load(args.after)
     if args.prior is not None:
-        from ggtalker_cli.models.e2v import init_from_prior
+        from ggtalker_cli.priors import init_from_prior
 
         cfg = load_config("balanced", {"adapt": {"size": data.size, "uv_res": after.gmap.res}})
-        head, _ = _fit_head(clip, data, cfg.adapt)
+        head, _ = fit_head(clip, data, cfg.adapt)
         before = init_from_prior(args.prior, clip, head, cfg)
     else:
         before = Avatar.load(args.before)
     rows = {"before": head_psnr(before, data, frames), "after": head_psnr(after, data, frames)}
     for name, groups in SETS.items():
         rows[name] = {"before_with_after": head_psnr(swapped(before, after, groups), data, frames),
-                      "after_with_before": head_psnr(swapped(after, before, groups), data, frames)}  # fmt: skip
+                      "after_with_before": head_psnr(swapped(after, before, groups), data, frames)}
     print(json.dumps(rows, indent=1))
 
 

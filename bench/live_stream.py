@@ -41,9 +41,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ggtalker_cli import artifacts, audio, live, media, metrics
+from ggtalker_cli import a2e, artifacts, audio, live, media, metrics
 from ggtalker_cli.config import LiveConfig
-from ggtalker_cli.models import a2e
 from ggtalker_cli.stream import Expressions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +152,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="speech fed in each timing run")
     ap.add_argument("--random-whisper", action="store_true", help="time a random-weight whisper of base's dimensions (no checkpoint here)")
     ap.add_argument("--no-timing", action="store_true")
-    ap.add_argument("--quality", type=Path, nargs="*", default=[], help="clips to score live vs exact lips on (the avatar's A2E on its own clip, the prior's on others)")
+    ap.add_argument("--quality", type=Path, nargs="*", default=[],
+                    help="clips to score live vs exact lips on (the avatar's A2E on its own clip, the prior's on others)")
     ap.add_argument("--quality-latencies", default="0.5,1.0")
     ap.add_argument("--windows", default="cut:8,cut:4,padded:8", help="live whisper settings scored: window:context_s")
     ap.add_argument("--prior", type=Path, default=REPO / "priors" / "default")

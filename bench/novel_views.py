@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ggtalker_cli.metrics import LMD_SIZE, detect_landmarks
-from ggtalker_cli.stages.synth import Synthesizer, turn
+from ggtalker_cli.synthesis import Synthesizer, turn
 
 YAWS = (-30, -15, 0, 15, 30)
 TILE = 256  # grid tile side
@@ -66,7 +66,7 @@ def _errors(found: np.ndarray, projected: np.ndarray, size: int) -> dict[str, An
 
     per_view = iter(raw.round(2).tolist())
     return {"views": len(ok), "detected": round(float(ok.mean()), 3), "reproj_px": mean(raw), "reproj_centred_px": mean(centred),
-            "reproj_px_per_view": [next(per_view) if found_one else None for found_one in ok]}  # fmt: skip
+            "reproj_px_per_view": [next(per_view) if found_one else None for found_one in ok]}
 
 
 @torch.no_grad()

@@ -32,9 +32,11 @@ import yaml
 
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.clip import Clip
+from ggtalker_cli.clip_view import Data
 from ggtalker_cli.config import load_config
+from ggtalker_cli.device import device_of
+from ggtalker_cli.head_fit import NOVEL_YAWS, _yaw_about
 from ggtalker_cli.stages import adapt
-from ggtalker_cli.stages.adapt import NOVEL_YAWS, Data, _yaw_about
 
 KEYS = ("psnr_head", "ssim_head", "psnr_full", "ssim_full", "psnr_face", "ssim_face")
 CONSISTENCY_FRAMES = 10
@@ -52,7 +54,7 @@ def run_one(clip: Path, folder: Path, steps: int, prior: Path | None, args) -> d
 def novel_views(avatar_dir: Path, clip: Path, device: str) -> tuple[dict[int, tuple[list[np.ndarray], np.ndarray]], np.ndarray]:
     """Test frames turned by NOVEL_YAWS: per yaw the renders and the avatar's own landmarks
     projected at that view; plus the middle test frame's views side by side."""
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dev = device_of(device)
     avatar = Avatar.load(avatar_dir, dev)
     meta = yaml.safe_load((avatar_dir / "meta.yaml").read_text())
     data = Data(Clip(clip), int(meta["size"]), dev)
@@ -83,6 +85,32 @@ def consistency(views: dict[int, tuple[list[np.ndarray], np.ndarray]]) -> dict[s
         err = np.linalg.norm(found[ok] - projected[ok], axis=-1).mean() if ok.any() else math.nan
         rows[str(yaw)] = {"detected": round(float(ok.mean()), 3), "reprojection_px": round(float(err), 2)}
     return rows
+
+
+def save_views(path: Path, rendered: dict[str, tuple[dict, np.ndarray]]) -> None:
+    """Each init's novel views as JPEG bytes (q95) + projected landmarks: a few MB instead of raw frames."""
+    arrays = {}
+    for init, (views, _) in rendered.items():
+        for yaw, (images, projected) in views.items():
+            for j, image in enumerate(images):
+                jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+                arrays[f"{init}/{yaw}/{j}"] = np.frombuffer(jpeg, np.uint8)
+            arrays[f"{init}/{yaw}/projected"] = projected.astype(np.float32)
+    np.savez(path, **arrays)
+
+
+def load_views(path: Path) -> dict[str, dict[int, tuple[list[np.ndarray], np.ndarray]]]:
+    """Inverse of `save_views`: {init: {yaw: (RGB images, projected landmarks)}}, `consistency`'s input."""
+    out: dict[str, dict[int, tuple[list[np.ndarray], np.ndarray]]] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            init, yaw, item = key.split("/")
+            if item != "projected":
+                continue
+            n = len(z[key])
+            images = [cv2.cvtColor(cv2.imdecode(z[f"{init}/{yaw}/{j}"], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB) for j in range(n)]
+            out.setdefault(init, {})[int(yaw)] = (images, z[key])
+    return out
 
 
 def plot(results: dict, budgets: list[int], path: Path) -> None:
@@ -117,6 +145,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--inpainter-steps", type=int, default=1, help="adapt's body inpainter steps (no metric here uses it)")
     parser.add_argument("--no-consistency", action="store_true", help="skip the mediapipe novel-view check")
+    parser.add_argument("--views", type=Path, default=None, help="also save the novel views (JPEG) and projected landmarks here (.npz), "
+                        "to score their consistency on another machine (bench/priors_at_scale.py report)")
     args = parser.parse_args()
     budgets = sorted(int(b) for b in args.budgets.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -152,6 +182,8 @@ def main() -> None:
     rendered = {init: novel_views(args.out / f"{init}_{top}", args.clip, args.device) for init in ("prior", "scratch")}
     strips = np.concatenate([rendered[init][1] for init in ("prior", "scratch")], 0)
     cv2.imwrite(str(args.out / "novel_views.png"), cv2.cvtColor(strips, cv2.COLOR_RGB2BGR))
+    if args.views is not None:
+        save_views(args.views, rendered)
     if not args.no_consistency:
         try:
             summary["consistency"] = {init: consistency(rendered[init][0]) for init in ("prior", "scratch")}

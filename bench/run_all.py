@@ -1,9 +1,9 @@
 """`make bench`: preprocess → adapt → synth → eval over every real clip, one summary table.
 
-    python bench/run_all.py                                          # everything, on this machine
-    python bench/run_all.py --steps preprocess,features              # CPU part before a GPU run
-    python bench/run_all.py --steps adapt,eval,speed --device cuda --clips A,B   # the GPU part (device tool)
-    python bench/run_all.py --steps score,summary                    # finish where mediapipe is
+    python -m bench.run_all                                          # everything, on this machine
+    python -m bench.run_all --steps preprocess,features              # CPU part before a GPU run
+    python -m bench.run_all --steps adapt,eval,speed --device cuda --clips A,B   # the GPU part (device tool)
+    python -m bench.run_all --steps score,summary                    # finish where mediapipe is
 
 Every step reuses what an earlier run left in `--work` (default out/bench; clips in out/clips),
 so a run can be split across machines. The device tool's GPU machines have no ffmpeg, whisper
@@ -42,7 +42,7 @@ OOD = ("de_german_9s.wav", "zh_chinese_news_8s.wav", "multilingual_53s.wav")  # 
 # Made here by concatenation: 8-9 s of speech is the least av_sync_lag measures, and there a cycle
 # slip to the neighbouring syllable (±5-7 frames) is common; 53 s of seven languages is not.
 JOINED = {"multilingual_53s.wav": ("de_german_9s.wav", "es_spanish1_5s.wav", "fr_french_7s.wav", "it_italian1_9s.wav",
-                                   "ja_japanese_9s.wav", "ru_russian_6s.wav", "zh_chinese_news_8s.wav")}  # fmt: skip
+                                   "ja_japanese_9s.wav", "ru_russian_6s.wav", "zh_chinese_news_8s.wav")}
 SYNTH_AUDIO = "en_hallo2_12s.wav"
 PRIOR = REPO / "priors" / "default"
 
@@ -103,13 +103,12 @@ def warm_features(prior: Path, clip_dir: Path, work: Path) -> dict:
     from safetensors.torch import load_file
 
     from ggtalker_cli.clip import Clip
-    from ggtalker_cli.stages import eval as eval_stage
-    from ggtalker_cli.stages.synth import read_audio
+    from ggtalker_cli.synthesis import held_out_audio, read_audio
 
     if not os.environ.get("GGTALKER_FEATURE_CACHE"):
         raise RuntimeError("set GGTALKER_FEATURE_CACHE to the folder to fill")
     clip, state = Clip(clip_dir), load_file(str(prior / "a2e.safetensors"))
-    test = eval_stage.held_out_audio(clip, clip.test_indices, work / "audio" / f".test_{clip_dir.name}.wav")
+    test = held_out_audio(clip, clip.test_indices, work / "audio" / f".test_{clip_dir.name}.wav")
     seconds, files = 0.0, []
     for samples in (test, *(read_audio(p) for p in speech_files(work))):
         seconds += len(samples) / 16000
@@ -123,7 +122,8 @@ def speed(avatar: Path, clip: Path, device: str, frames: int = 250) -> dict:
     import numpy as np
 
     from ggtalker_cli import media
-    from ggtalker_cli.stages.synth import Synthesizer, device_of
+    from ggtalker_cli.device import device_of
+    from ggtalker_cli.synthesis import Synthesizer
 
     dev = device_of(device)
     synth = Synthesizer(avatar, dev, clip=clip)  # the clip folder here (adapt may have run elsewhere)
@@ -145,8 +145,8 @@ def speed(avatar: Path, clip: Path, device: str, frames: int = 250) -> dict:
     finally:
         synth.close()
     return {"frames": frames, "size": synth.size, "fps": round(frames / wall, 1), "body": synth.body.kind,
-            "encoder": "libx264" if media.has_ffmpeg() else "OpenCV mp4v",
-            **{f"{k}_ms": round(1000 * v / frames, 3) for k, v in timings.items()}}  # fmt: skip
+            "encoder": media.video_encoder(),
+            **{f"{k}_ms": round(1000 * v / frames, 3) for k, v in timings.items()}}
 
 
 def value(report: dict, variant: str, key: str):
@@ -163,23 +163,24 @@ def summary(work: Path, names: list[str], out: Path, device: str) -> None:
         if rep:
             row.update(
                 test_frames=rep["protocol"]["frames"], size=rep["protocol"]["size"],
-                **{f"{v}_{k}": value(rep, v, k) for v in ("audio", "tracked", "no_audio") for k in ("psnr", "ssim", "lmd", "mouth_open_r", "mouth_lag", "av_sync_lag")},
+                **{f"{v}_{k}": value(rep, v, k) for v in ("audio", "tracked", "no_audio")
+                   for k in ("psnr", "ssim", "lmd", "mouth_open_r", "mouth_lag", "av_sync_lag")},
                 clip_av_sync_lag=(rep["clip"].get("av_sync_lag") or {}).get("value"), lmd_floor=value(rep, "detector_floor", "lmd"),
                 retrieval_psnr=value(rep, "retrieval_landmarks", "psnr"), retrieval_lmd=value(rep, "retrieval_landmarks", "lmd"),
                 seam_inpainter=value(rep, "tracked", "psnr_seam"), seam_paste=value(rep, "tracked_paste", "psnr_seam"),
                 eval_device=rep["speed"]["device"], pending=bool(rep["pending"]),
                 ood=[{"audio": Path(e["audio"]).name, **{k: (e["metrics"].get(k) or {}).get("value") for k in ("av_sync_lag", "av_sync_lag_rel", "render_lag")}}
                      for e in rep["ood"]],
-            )  # fmt: skip
+            )
         meta_path = work / "avatars" / name / "meta.yaml"
         meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else {}
         adapt_s = (meta.get("train_seconds") or 0) + ((meta.get("inpainter") or {}).get("train_seconds") or 0)
         row.update(adapt_s=adapt_s or None, adapt_device=meta.get("device"), inpainter_rejected=bool((meta.get("inpainter") or {}).get("rejected")),
                    synth_fps=state.get("synth", {}).get("fps_achieved"), synth_device=state.get("synth", {}).get("device"),
-                   render_fps=state.get("speed", {}).get("fps"), speed=state.get("speed"))  # fmt: skip
+                   render_fps=state.get("speed", {}).get("fps"), speed=state.get("speed"))
         rows.append(row)
     result = {"bench": "run_all", "date": datetime.date.today().isoformat(), "scored_on": device_name(device), "protocol": "docs/evaluation.md",
-              "rows": rows}  # fmt: skip
+              "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
 
@@ -192,10 +193,12 @@ def summary(work: Path, names: list[str], out: Path, device: str) -> None:
         ("Self-reenactment on each clip's held-out last 10% (docs/evaluation.md): the full system (expressions from the held-out "
          "audio) and the no-audio baseline (mean expression), both composited onto the test frames' own bodies. LMD in px at 512² "
          "(mediapipe lips, centred). Lags in frames, > 0: mouth after the reference. OOD: the other-language speech the "
-         "avatar was driven with (German, Mandarin, and the seven languages joined: 53 s), av_sync_lag of the written video (not measured under 8 s), beside the "
+         "avatar was driven with (German, Mandarin, and the seven languages joined: 53 s), "
+         "av_sync_lag of the written video (not measured under 8 s), beside the "
          "training clip's own whole-length av_sync_lag; render lag: written video's mouth vs the mouth A2E drove."),
         "",
-        "| clip | frames | PSNR | SSIM | LMD | mouth r | mouth lag vs GT | OOD av-sync lag (clip's own) | OOD render lag | no-audio PSNR | no-audio LMD | no-audio mouth r | LMD floor | seam PSNR inpainter / paste | adapt s | synth fps | render+inpaint+encode fps |",
+        "| clip | frames | PSNR | SSIM | LMD | mouth r | mouth lag vs GT | OOD av-sync lag (clip's own) | OOD render lag | "
+        "no-audio PSNR | no-audio LMD | no-audio mouth r | LMD floor | seam PSNR inpainter / paste | adapt s | synth fps | render+inpaint+encode fps |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -203,10 +206,13 @@ def summary(work: Path, names: list[str], out: Path, device: str) -> None:
             lines.append(f"| {r['clip']} | failed: {'; '.join(f'{k}: {v}' for k, v in r['errors'].items()) or 'not run'} |" + " |" * 15)
             continue
         lines.append(
-            f"| {r['clip']} | {r['test_frames']} | {f(r['audio_psnr'])} | {f(r['audio_ssim'], '.3f')} | {f(r['audio_lmd'])} | {f(r['audio_mouth_open_r'], '.3f')} "
+            f"| {r['clip']} | {r['test_frames']} | {f(r['audio_psnr'])} | {f(r['audio_ssim'], '.3f')} | {f(r['audio_lmd'])} "
+            f"| {f(r['audio_mouth_open_r'], '.3f')} "
             f"| {f(r['audio_mouth_lag'], '+.0f')} | {' / '.join(f(o['av_sync_lag'], '+.1f') for o in r['ood'])} ({f(r['clip_av_sync_lag'], '+.1f')}) "
-            f"| {' / '.join(f(o['render_lag'], '+.0f') for o in r['ood'])} | {f(r['no_audio_psnr'])} | {f(r['no_audio_lmd'])} | {f(r['no_audio_mouth_open_r'], '.3f')} "
-            f"| {f(r['lmd_floor'])} | {'rejected by adapt' if r['inpainter_rejected'] else f(r['seam_inpainter'])} / {f(r['seam_paste'])} | {f(r['adapt_s'], '.0f')} | {f(r['synth_fps'], '.1f')} | {f(r['render_fps'], '.1f')} |"
+            f"| {' / '.join(f(o['render_lag'], '+.0f') for o in r['ood'])} | {f(r['no_audio_psnr'])} "
+            f"| {f(r['no_audio_lmd'])} | {f(r['no_audio_mouth_open_r'], '.3f')} "
+            f"| {f(r['lmd_floor'])} | {'rejected by adapt' if r['inpainter_rejected'] else f(r['seam_inpainter'])} / {f(r['seam_paste'])} "
+            f"| {f(r['adapt_s'], '.0f')} | {f(r['synth_fps'], '.1f')} | {f(r['render_fps'], '.1f')} |"
         )
     devices = sorted({f"{k}: {r[k]}" for r in rows for k in ("adapt_device", "synth_device", "eval_device") if r.get(k)})
     lines += ["", "Devices: " + "; ".join(devices) if devices else "", ""]
@@ -240,7 +246,7 @@ def run_step(step: str, name: str, args: argparse.Namespace, prior: Path, device
         return warm_features(prior, clip, args.work)
     if step == "synth":
         return ggtalker("synth", str(avatar), "--audio", str(args.work / "audio" / SYNTH_AUDIO), "-o", str(args.work / "synth" / f"{name}.mp4"),
-                        "--clip", str(clip), "--device", device, "--force", log=log)  # fmt: skip
+                        "--clip", str(clip), "--device", device, "--force", log=log)
     if step == "eval":
         ood = [x for a in OOD if (args.work / "audio" / a).is_file() for x in ("--audio", str(args.work / "audio" / a))]  # a batch may leave one out (64 MiB)
         size = ["--size", str(args.eval_size)] if args.eval_size else []

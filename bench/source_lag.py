@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-from ggtalker_cli import metrics
-from ggtalker_cli.models import a2e
+from ggtalker_cli import a2e, metrics
 
 FPS = 25.0
 WINDOW_S = 4.0
@@ -61,10 +60,10 @@ def main() -> None:
             "audio": metrics.jsonable(round(audio_lag, 2)), "prior": metrics.jsonable(round(prior, 2)),
             "windows_4s": [metrics.jsonable(x) for x in spans],
             "windows_max_dev": metrics.jsonable(round(max(abs(x - np.median(finite)) for x in finite), 2) if finite else math.nan),
-        })  # fmt: skip
+        })
         print(json.dumps(rows[-1]), flush=True)
     doc = {"command": f"python bench/source_lag.py {' '.join(map(str, args.clips))} --prior {args.prior} -o {args.out}",
-           "prior": str(args.prior), "fps": FPS, "rows": rows}  # fmt: skip
+           "prior": str(args.prior), "fps": FPS, "rows": rows}
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
 
 

@@ -1,7 +1,7 @@
 """End-to-end `ggtalker synth` speed on 12 s and 60 s of speech, the way a user runs it.
 
-    python bench/synth_speed.py stage --to .devdata/c5        # here: the speech + its whisper windows
-    python bench/synth_speed.py run AVATAR --clip CLIP --audio DIR -o speed.json --device cuda   # there
+    python -m bench.synth_speed stage --to .devdata/c5        # here: the speech + its whisper windows
+    python -m bench.synth_speed run AVATAR --clip CLIP --audio DIR -o speed.json --device cuda   # there
 
 `stage` writes 60 s of the bench's other speech (English, German, Mandarin, cycled) as a 16 kHz mono
 wav into the batch's audio folder and its whisper windows into the batch's feature cache, so a
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import run_all  # the bench's speech files and the feature-cache warm-up
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-import run_all  # the bench's speech files and the feature-cache warm-up
 
 LONG = "speech_60s.wav"
 SECONDS = 60.0
@@ -39,7 +39,7 @@ def stage(to: Path, work: Path = run_all.REPO / "out" / "bench_gpu") -> None:
     from safetensors.torch import load_file
 
     from ggtalker_cli import audio, media
-    from ggtalker_cli.stages.synth import read_audio
+    from ggtalker_cli.synthesis import read_audio
 
     speech = np.concatenate([read_audio(p) for p in run_all.speech_files(work)])
     samples = np.resize(speech, int(SECONDS * audio.SAMPLE_RATE))  # cycled
@@ -60,19 +60,18 @@ def run(avatar: Path, clip: Path, speech: Path, out: Path, device: str) -> None:
     for name in (run_all.SYNTH_AUDIO, LONG):
         target = out.parent / f".synth_speed_{name}.mp4"
         cmd = [sys.executable, "-m", "ggtalker_cli.cli", "--json", "synth", str(avatar), "--audio", str(speech / name),
-               "-o", str(target), "--clip", str(clip), "--device", device, "--force"]  # fmt: skip
+               "-o", str(target), "--clip", str(clip), "--device", device, "--force"]
         tic = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - tic
         if done.returncode != 0:
             raise SystemExit(f"synth exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
         summary = json.loads(done.stdout.strip().splitlines()[-1])
-        for made in (target, target.with_suffix(".wav")):  # without ffmpeg the speech lands beside the video
-            made.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
         rows.append({"audio": name, "process_wall_s": round(wall, 2), "process_fps": round(summary["frames"] / wall, 1), "synth": summary})
         print(f"{name}: {summary['frames']} frames, synth {summary['fps_achieved']} fps, process {rows[-1]['process_fps']} fps", flush=True)
-    doc = {"command": " ".join(["python bench/synth_speed.py run", str(avatar), "--clip", str(clip), "--audio", str(speech), "--device", device]),
-           "encoder": "libx264 (ffmpeg)" if media.has_ffmpeg() else "OpenCV mp4v (no ffmpeg)", "cpu_cores": os.cpu_count(), "rows": rows}  # fmt: skip
+    doc = {"command": " ".join(["python -m bench.synth_speed run", str(avatar), "--clip", str(clip), "--audio", str(speech), "--device", device]),
+           "encoder": media.video_encoder(), "cpu_cores": os.cpu_count(), "rows": rows}
     out.write_text(json.dumps(doc, indent=1) + "\n")
 
 

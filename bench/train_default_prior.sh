@@ -4,7 +4,7 @@
 # (HOLDOUT, also left out of training). Uses every GPU it is given (torchrun when more than one).
 #
 # Here (CPU), once (clips at 256², ≤200 frames each, to fit the 64 MiB carry):
-#   python bench/pack_prior_data.py $(ls -d out/clips/* | grep -v macron_50s) -o out/carry/prior --size 256 --max-frames 200 --drop-audio
+#   python -m bench.staging shrink $(ls -d out/clips/* | grep -v macron_50s) -o out/carry/prior --size 256 --max-frames 200 --drop-audio
 # There (device tool, nvidia-h100-x1 or nvidia-h200; carry [".whl", "out/carry/prior"]):
 #   STEPS=4000 bash bench/train_default_prior.sh          # RESUME=1 continues an interrupted run; PRESET=file.yaml overrides settings
 # Back here: cp <files_at>/default/* priors/default/      (e2v_grid.png beside it shows real people: never commit it)
@@ -30,8 +30,8 @@ CLIPS=()
 for d in "$DATA"/*/; do
   name=$(basename "$d")
   [ "$name" = "$TARGET" ] && continue
-  if [ -f "$d/frames.mp4" ]; then  # packed by bench/pack_prior_data.py: decode the frames
-    [ -f "out/gpu_clips/$name/meta.yaml" ] || python3 bench/pack_clip.py unpack "$d" "out/gpu_clips/$name"
+  if [ -f "$d/frames.mp4" ]; then  # packed by bench/staging.py shrink: decode the frames
+    [ -f "out/gpu_clips/$name/meta.yaml" ] || python3 -m bench.staging unpack "$d" "out/gpu_clips/$name"
     CLIPS+=("out/gpu_clips/$name")
   else
     CLIPS+=("${d%/}")
@@ -64,7 +64,7 @@ Trained by `bench/train_default_prior.sh` on {device}, {e2v['steps']} steps, {e2
 - Trained on {len(seen)} identities (each also mirrored): {', '.join(seen)}.
 - Validation identity (held out, not trained on): {', '.join(e2v['held_out'])}; best validation loss {e2v['best_val_loss']} (head PSNR {e2v['best_val_psnr']} dB) at step {e2v['best_step']}.
 - Never seen: {target} (the adaptation target of the prior-vs-scratch benchmark).
-- Clips: the project's preprocessed real clips (256², at most ~200 frames each, `bench/pack_prior_data.py`); {len(clips)} clip folders given.
+- Clips: the project's preprocessed real clips (256², at most ~200 frames each, `bench/staging.py shrink`); {len(clips)} clip folders given.
 
 {len(seen)} identities are far from the paper's thousands: this prior mostly knows where a head's
 parts are and copies colours from the reference frames. `ggtalker fit-prior --parts e2v` on a large

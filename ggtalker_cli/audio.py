@@ -17,18 +17,15 @@ import hashlib
 import math
 import os
 import pickle
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import ffmpeg
 import numpy as np
 import torch
 
-from . import assets, console
+from . import assets, console, media
+from .device import device_of
 from .errors import Exit, GGError
 
 SAMPLE_RATE = 16000
@@ -40,49 +37,18 @@ DEFAULT_MODEL = "base"
 
 
 def load_audio(path: str | Path, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Decode the first audio stream of any file ffmpeg reads into float32 mono at `sr`.
+    """Decode the first audio stream of any file FFmpeg reads into float32 mono at `sr`.
 
-    ffmpeg resamples and downmixes; the samples are read from its pipe in chunks, so a long
-    file costs only its decoded size (4 bytes a sample: 77 MB for 20 minutes).
+    FFmpeg's resampler (in process, media.read_audio) resamples and downmixes; a long file costs
+    only its decoded size (4 bytes a sample: 77 MB for 20 minutes).
     """
     path = Path(path)
     if not path.is_file():
         raise GGError(f"{path}: no such audio file; check the path", Exit.INPUT_MISSING)
-    if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
-        raise GGError("ffmpeg/ffprobe not found on PATH; install ffmpeg (apt-get install ffmpeg) to read audio", Exit.RESOURCE)
-    try:
-        probe = ffmpeg.probe(str(path))
-    except ffmpeg.Error as e:
-        raise GGError(f"{path}: not an audio or video file ffmpeg can read ({_last_line(e.stderr)}); pass a wav, mp3, m4a, mp4, ...") from e
-    if not any(s.get("codec_type") == "audio" for s in probe.get("streams", [])):
-        raise GGError(f"{path}: contains no audio stream; pass a file with speech in it")
-    args = (
-        ffmpeg.input(str(path))
-        .output("pipe:", format="f32le", acodec="pcm_f32le", ac=1, ar=sr, map="0:a:0")
-        .global_args("-nostdin", "-loglevel", "error")
-        .compile()
-    )
-    data = bytearray()
-    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty stderr cannot block ffmpeg
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log)
-        while block := process.stdout.read(1 << 20):
-            data += block
-        process.wait()
-        log.seek(0)
-        message = log.read().decode(errors="replace")
-    if process.returncode != 0:
-        raise GGError(f"{path}: ffmpeg could not decode the audio ({_last_line(message)}); re-encode it, e.g. to wav")
-    audio = np.frombuffer(data, np.float32)
+    audio = media.read_audio(path, sr)
     if len(audio) < MIN_SECONDS * sr:
         raise GGError(f"{path}: audio is {len(audio) / sr:.2f} s long; at least {MIN_SECONDS} s of speech is needed")
     return audio
-
-
-def _last_line(text: bytes | str | None) -> str:
-    if isinstance(text, bytes):
-        text = text.decode(errors="replace")
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "no details"
 
 
 def resolve_model(model: str | Path | None = None) -> tuple[Path, str, str]:
@@ -104,7 +70,9 @@ def resolve_model(model: str | Path | None = None) -> tuple[Path, str, str]:
 
         if name not in whisper._MODELS:
             raise GGError(f"unknown whisper model '{name}'; use one of {', '.join(whisper.available_models())} or a path to a .pt checkpoint", Exit.USAGE)
-        assets.register(assets.Asset(name=asset, filename=f"{asset}.pt", env=f"GGTALKER_WHISPER_{name.upper().replace('.', '_').replace('-', '_')}", url=whisper._MODELS[name], hint="pass --whisper PATH to an openai-whisper .pt"))
+        assets.register(assets.Asset(name=asset, filename=f"{asset}.pt",
+                                     env=f"GGTALKER_WHISPER_{name.upper().replace('.', '_').replace('-', '_')}", url=whisper._MODELS[name],
+                                     hint="pass --whisper PATH to an openai-whisper .pt"))
     path, source, tried = assets.locate(asset)
     if path is None:
         raise GGError(f"whisper model '{name}' not found (looked in: {'; '.join(tried)}); {assets.REGISTRY[asset].hint}", Exit.ASSET)
@@ -123,7 +91,7 @@ def _load(path: str, device: str):
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_of("auto").type
 
 
 def frame_weights(frames: np.ndarray, fps: float, t0: float, n_rows: int) -> np.ndarray:

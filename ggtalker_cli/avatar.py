@@ -40,7 +40,7 @@ class Avatar(nn.Module):
         frames = base.shape[:-2]
         if base.shape[-2:] != (N_BASE, 3) or pose.shape != frames + (4, 4) or expr.shape != frames + (N_BLENDSHAPES,):
             raise ValueError(f"landmarks {tuple(base.shape)}, poses {tuple(pose.shape)}, blendshapes {tuple(expr.shape)}: "
-                             "expected (478, 3), (4, 4), (52,), each with the same leading batch dims")  # fmt: skip
+                             "expected (478, 3), (4, 4), (52,), each with the same leading batch dims")
         s = self.gmap.splats(self.head.vertices(base))
         colors = self.color(s["color"], s["feature"], expr, pose)
         return Gaussians(s["means"], s["quats"], s["scales"], s["opacities"], colors), s

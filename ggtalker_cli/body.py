@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +27,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import artifacts, console, metrics
+from . import artifacts, console, metrics, training
+from .clip_view import Data, Prefetch
 from .config import InpainterConfig
 from .errors import Exit, GGError
-from .models.inpainter import Inpainter, blank_mask, paste, train_inpainter
+from .models.inpainter import Inpainter, blank_mask, inpainter_loss, paste, random_dilated_mask
 
 if TYPE_CHECKING:
     from .avatar import Avatar
-    from .stages.adapt import Data
 
 INPAINTER = "inpainter.safetensors"
 DIVERGED_DB = 3.0  # held-out PSNR this far below the plate paste it starts from: training diverged
@@ -66,8 +66,6 @@ def render_head(avatar: Avatar, expr: Tensor, pose: Tensor, K: Tensor, size: int
 def _samples(avatar: Avatar, data: Data, track: dict[str, Tensor], steps: int, seed: int) -> Iterator[tuple[Tensor, ...]]:
     """Training frames in seeded epochs: (driven head rgb, alpha, frame, head mask), frames
     decoded a few steps ahead on background threads (adapt's Prefetch)."""
-    from .stages.adapt import Prefetch
-
     def order(step: int) -> list[int]:
         epoch, k = divmod(step, len(data.train))
         return [int(data.train[np.random.default_rng([seed, epoch]).permutation(len(data.train))[k]])]
@@ -83,6 +81,68 @@ def _samples(avatar: Avatar, data: Data, track: dict[str, Tensor], steps: int, s
         stream.close()
 
 
+def _batch(x: Tensor, device: torch.device) -> Tensor:
+    x = torch.as_tensor(x, device=device).float()
+    return x[None] if x.dim() == 3 else x
+
+
+def train_inpainter(
+    samples: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], plate: Tensor, cfg: InpainterConfig, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], list[dict]]:
+    """Train on (head rgb, alpha, frame, head mask) samples over the clip's background `plate`
+    ((1,)H,W,3); -> (state_dict, log).
+
+    Each sample is BHWC (or HWC): head (…,3) premultiplied, alpha (…,1), frame (…,3), head mask
+    (…,1) in {0,1} (the clip mask's head label).
+
+    Uses up to `cfg.steps` samples (pass a generator cycling over the clip's training frames;
+    a shorter iterable ends training early, and the log says how many steps ran). The target is
+    the frame itself: the model must reproduce it from the render and the blanked frame.
+    The state dict is on the CPU, ready for safetensors.
+    """
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = Inpainter(cfg.channels).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * 0.1)
+    amp = device.type == "cuda"
+    plate = _batch(plate, device)
+    log: list[dict] = []
+    start = time.perf_counter()
+    stream = iter(samples)
+    pending = [next(stream, None)]  # one sample ahead: the loop stops after the step that used the last one
+    loop = training.Loop("inpainter training", cfg.steps, fix="lower inpainter.lr", check_every=cfg.log_every)
+
+    def step(i: int) -> dict[str, Tensor]:
+        head, alpha, frame, mask = (_batch(x, device) for x in pending[0])
+        side = frame.shape[2]
+        radii = (round(cfg.dilate_min * side), round(cfg.dilate_max * side))
+        blank = random_dilated_mask(mask, alpha, radii, generator)
+        seam = metrics.seam_band(mask[..., 0], round(cfg.seam_radius * side))[..., None]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(head, alpha, frame, blank, plate)
+        loss = inpainter_loss(pred, frame, seam, cfg.ssim_weight, cfg.seam_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        pending[0] = next(stream, None)
+        if pending[0] is None:
+            loop.stop()
+        return {"loss": loss.detach()}
+
+    def row(done: int) -> str:
+        log.append({"step": done, "loss": round(loop.values["loss"], 5), "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)})
+        return f"loss {log[-1]['loss']:.4f}"
+
+    done = loop.every(cfg.log_every, row).run(step) if pending[0] is not None else 0
+    if done < cfg.steps:
+        log.append({"step": done, "note": f"samples ran out after {done} of {cfg.steps} steps"})
+    # contiguous: channels_last conv weights are strided, and safetensors refuses strided tensors
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, log
+
+
 def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: InpainterConfig) -> dict[str, Any]:
     """Train the inpainter on the avatar's driven renders of the clip's training frames, write
     `folder/inpainter.safetensors`; return what meta.yaml records under `inpainter`."""
@@ -90,15 +150,7 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
         raise GGError(f"adapt.size {data.size}: the inpainter needs a multiple of 8; change adapt.size in the preset", Exit.USAGE)
     track = {k: torch.as_tensor(v, dtype=torch.float32, device=data.device) for k, v in load_track(folder).items() if k in ("pose", "blendshapes")}
     tic = time.perf_counter()
-    with console.progress() as bar:
-        task = bar.add_task("inpainter", total=cfg.steps)
-
-        def counted() -> Iterator[tuple[Tensor, ...]]:
-            for sample in _samples(avatar, data, track, cfg.steps, cfg.seed):
-                bar.advance(task)
-                yield sample
-
-        state, log = train_inpainter(counted(), data.plate, cfg, data.device)
+    state, log = train_inpainter(_samples(avatar, data, track, cfg.steps, cfg.seed), data.plate, cfg, data.device)
     (Path(folder) / "inpainter_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     info = {
         "file": INPAINTER,
@@ -106,6 +158,7 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
         "channels": list(cfg.channels),
         "dilate": cfg.dilate,
         "steps": cfg.steps,
+        "steps_run": max((r["step"] for r in log), default=0),
         "train_seconds": round(time.perf_counter() - tic, 1),
         "final_loss": next((r["loss"] for r in reversed(log) if "loss" in r), None),
         "trained_on": "training frames; head driven by the tracked blendshapes at the refined synthesis pose",
@@ -116,12 +169,12 @@ def train_avatar_inpainter(avatar: Avatar, data: Data, folder: Path, cfg: Inpain
         # it starts as the paste (models/inpainter.py): ending far below it is an unstable run, and its
         # outputs are bounded, so the loss need not have gone to NaN on the way
         raise GGError(f"inpainter training diverged (held-out full PSNR {check['psnr']:.2f} dB, {check['psnr_paste']:.2f} for the paste "
-                      "it starts as); lower inpainter.lr", Exit.DIVERGED)  # fmt: skip
+                      "it starts as); lower inpainter.lr", Exit.DIVERGED)
     if check["psnr"] < check["psnr_paste"] or check["psnr_seam"] < check["psnr_seam_paste"]:
         # a composite worse than the plain paste is never shipped: synth falls back to the paste
         console.warn(f"the inpainter did not learn (held-out full PSNR {check['psnr']:.2f} vs paste {check['psnr_paste']:.2f} dB, "
                      f"seam {check['psnr_seam']:.2f} vs {check['psnr_seam_paste']:.2f}); the avatar composites with the plate "
-                     "paste instead: raise inpainter.steps in a preset and re-run adapt")  # fmt: skip
+                     "paste instead: raise inpainter.steps in a preset and re-run adapt")
         return {**info, "rejected": True}
     save_file({k: v.contiguous() for k, v in state.items()}, str(Path(folder) / INPAINTER))  # channels_last → packed
     return info

@@ -2,20 +2,24 @@
 
 Each verb parses flags into a Config (preset + overrides) and calls its stage's `run()`, which
 returns a JSON-able summary. Expected failures are GGError: one line on stderr, a documented
-exit code (errors.Exit). Stages are imported lazily so `ggtalker --help` stays instant.
+exit code (errors.Exit), and under --json one object `{"error": ..., "exit": N}` on stdout.
+`--json` and `--quiet` go before or after the verb. Stages are imported lazily so
+`ggtalker --help` stays instant.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
 from . import __version__, console
-from .config import load_config
+from .config import load_config, set_steps
 from .errors import Exit, GGError
 
 app = typer.Typer(
@@ -24,6 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: flags read `--resume`, not typer's rich `--resume <bool>`
 )
 
 PresetOpt = typer.Option(None, "--preset", help="Preset name (fast, balanced, quality) or a YAML file.")
@@ -33,20 +38,37 @@ DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when
 ResumeOpt = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
 
 
-@app.callback()
-def _global(
-    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or info on stderr (errors still print)."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _version(value: bool) -> None:
+    """Eager: answers before click asks for a verb (a group callback would run only with one)."""
+    if value:
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary (or the error) on stdout; before or after the verb."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or info on stderr (errors still print); before or after the verb."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True, callback=_version),
+) -> None:
     console.configure(quiet=quiet, json_mode=json_out)
 
 
+def _json_error(message: str, code: int) -> None:
+    """Under --json, a failure is the one object a script reads on stdout."""
+    if console._state["json"]:
+        sys.stdout.write(json.dumps({"error": message, "exit": code}) + "\n")
+        sys.stdout.flush()
+
+
+def _report(message: str, code: int) -> None:
+    """One failure: a line on stderr (and the --json object)."""
+    console.err.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    _json_error(message, code)
+
+
 def _fail(e: GGError) -> NoReturn:
-    console.err.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
+    _report(e.message, int(e.code))
     raise typer.Exit(int(e.code))
 
 
@@ -65,8 +87,8 @@ def _run(stage: Callable[[], dict[str, Any]], out: Path | str | None = None) -> 
     except GGError as e:
         _fail(e)
     except KeyboardInterrupt:
-        console.err.print("[red]interrupted[/red]: partial work kept; re-run with --resume to continue")
-        raise typer.Exit(int(Exit.INTERRUPTED))
+        _report("interrupted: partial work kept; re-run with --resume to continue", int(Exit.INTERRUPTED))
+        raise typer.Exit(int(Exit.INTERRUPTED)) from None
     console.emit(summary)
 
 
@@ -92,7 +114,7 @@ def preprocess(
 
 @app.command()
 def doctor() -> None:
-    """Report versions, devices, ffmpeg and where each model file resolves from."""
+    """Report versions, devices, where FFmpeg comes from and where each model file resolves from."""
     from .stages import doctor as stage
 
     _run(stage.run)
@@ -104,7 +126,9 @@ def adapt(
     out: Path = typer.Option(..., "-o", "--out", help="Avatar folder to create."),
     prior: Optional[Path] = typer.Option(None, "--prior", help="Prior folder with an e2v part to start from (default: priors/default when present)."),
     no_prior: bool = typer.Option(False, "--no-prior", help="Adapt from scratch, even when the default prior exists."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (preset default otherwise)."),
+    steps: Optional[str] = typer.Option(
+        None, "--steps", help="Head training steps; the inpainter's and the A2E adaptation's scale with them (or set each: head=N,inpainter=N,a2e=N)."
+    ),
     size: Optional[int] = typer.Option(None, "--size", help="Training/render resolution in pixels (square)."),
     seed: Optional[int] = SeedOpt,
     preset: Optional[str] = PresetOpt,
@@ -113,16 +137,23 @@ def adapt(
     force: bool = ForceOpt,
 ) -> None:
     """Fit a Gaussian head avatar to one clip (held-out metrics, previews, PLY export)."""
-    from .models.e2v import choose_prior
+    from .priors import choose_prior
     from .stages import adapt as stage
 
-    overrides = {"adapt": {k: v for k, v in {"steps": steps, "size": size, "seed": seed}.items() if v is not None}}
-    _run(lambda: stage.run(clip, out, load_config(preset, overrides), prior=choose_prior(prior, no_prior), device=device, resume=resume, force=force), out)
+    def run() -> dict:
+        cfg = load_config(preset, {"adapt": {k: v for k, v in {"size": size, "seed": seed}.items() if v is not None}})
+        if steps is not None:
+            set_steps(cfg, "adapt", steps)
+        return stage.run(clip, out, cfg, prior=choose_prior(prior, no_prior), device=device, resume=resume, force=force)
+
+    _run(run, out)
 
 
 @app.command("fit-prior")
 def fit_prior(
-    clips: list[Path] = typer.Argument(..., help="Clip folders made by `ggtalker preprocess` (one identity each)."),
+    clips: list[Path] = typer.Argument(
+        ..., help="Clip folders made by `ggtalker preprocess` (one identity each), folders of them, or text files listing them one a line."
+    ),
     out: Path = typer.Option(..., "-o", "--out", help="Prior folder to create."),
     parts: str = typer.Option("a2e", "--parts", help="Comma-separated parts to train: a2e, e2v."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Comma-separated clip names held out for validation (default: every k-th clip)."),
@@ -141,7 +172,7 @@ def fit_prior(
     names = [h.strip() for h in holdout.split(",") if h.strip()] if holdout else None
     _run(
         lambda: stage.run(clips, out, load_config(preset, overrides), parts=parts, holdout=names, resume=resume, force=force,
-                          device=None if device == "auto" else device),  # fmt: skip
+                          device=None if device == "auto" else device),
         out,
     )
 
@@ -162,19 +193,37 @@ def synth(
     fps: Optional[float] = typer.Option(None, "--fps", help="Output frame rate (default: the clip's)."),
     start: float = typer.Option(0.0, "--start", help="Start this many seconds into the audio."),
     end: Optional[float] = typer.Option(None, "--end", help="Stop at this many seconds into the audio."),
-    crf: int = typer.Option(18, "--crf", help="x264 quality (0 lossless … 51 worst; 18 ≈ visually lossless)."),
+    crf: Optional[int] = typer.Option(None, "--crf", help="x264 quality (0 lossless … 51 worst; default synth.crf, 18 ≈ visually lossless)."),
     device: str = DeviceOpt,
     stream: bool = typer.Option(False, "--stream", help="Read audio as it arrives (file or stdin) and write frames as they are ready."),
     whisper: Optional[str] = typer.Option(None, "--whisper", help="Whisper model name or .pt (default: the one the A2E was trained with)."),
+    preset: Optional[str] = PresetOpt,
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
-    latency: Optional[float] = typer.Option(None, "--latency", help="With --stream: live mode, frames within about this many seconds of their audio (approximate lips; file at real-time pace, or raw s16le 16 kHz PCM from '-', unix:PATH or a FIFO)."),
+    latency: Optional[float] = typer.Option(
+        None,
+        "--latency",
+        help="With --stream: live mode, frames within about this many seconds of their audio (approximate lips; file at real"
+        "-time pace, or raw s16le 16 kHz PCM from '-', unix:PATH or a FIFO).",
+    ),
 ) -> None:
     """Make the avatar say new speech: a lip-synced mp4 (or expressions, or raw frames)."""
     from .stages import synth as stage
 
     _run(lambda: stage.run(avatar, audio, out, a2e_path=a2e, clip=clip, pose=pose, yaw=yaw, pitch=pitch, orbit=orbit, background=background,
                            size=size, fps=fps, start=start, end=end, crf=crf, device=device, stream=stream, whisper=whisper, force=force,
-                           latency=latency), out)  # fmt: skip
+                           cfg=load_config(preset), latency=latency), out)
+
+
+@app.command()
+def demo(
+    video: Optional[Path] = typer.Option(None, "--video", help="Talking-head video (default: the project's real Obama clip when ../shared is here)."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="New speech for the avatar (default: a real speech file, else the clip's own)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for clip/, avatar/ and talking.mp4 (default out/demo)."),
+) -> None:
+    """One video → clip → avatar → talking mp4 with the verbs above (what `make demo` runs)."""
+    from .recipes import demo as recipe
+
+    _run(lambda: recipe(video, audio, out), out)
 
 
 @app.command("eval")
@@ -189,21 +238,46 @@ def eval_(
     device: str = DeviceOpt,
     score: str = typer.Option("auto", "--score", help="Landmark scoring: auto (where mediapipe is), yes (required), no (render only)."),
     score_only: bool = typer.Option(False, "--score-only", help="Finish the landmark scoring of an existing report folder (-o)."),
+    preset: Optional[str] = PresetOpt,
     force: bool = ForceOpt,
 ) -> None:
     """Score an avatar on its clip's held-out frames and any audio: report.json/md/html, plots, videos."""
     from .stages import eval as stage
 
     _run(lambda: stage.run(avatar, clip, out, audios=audio, a2e_path=a2e, device=device, size=size, max_frames=frames, score=score,
-                           score_only=score_only, force=force), out)  # fmt: skip
+                           score_only=score_only, force=force, cfg=load_config(preset)), out)
+
+
+GLOBAL_FLAGS = ("--json", "--quiet", "-q")
+
+
+def _globals_first(args: list[str]) -> list[str]:
+    """`ggtalker preprocess v.mp4 -o c --json` as `ggtalker --json preprocess ...`: click reads a
+    group's own flags only before the verb, and no verb has a flag of these names."""
+    end = args.index("--") if "--" in args else len(args)
+    head = args[:end]
+    return [a for a in head if a in GLOBAL_FLAGS] + [a for a in head if a not in GLOBAL_FLAGS] + args[end:]
 
 
 def main() -> None:
+    args = _globals_first(sys.argv[1:])
     try:
-        app()
+        code = app(args=args, prog_name="ggtalker", standalone_mode=False)
     except GGError as e:  # raised while parsing config before a stage starts
-        console.err.print(f"[red]error:[/red] {e.message}", soft_wrap=True)
+        _report(e.message, int(e.code))
         sys.exit(int(e.code))
+    except typer.TyperException as e:  # a bad flag or argument: click's usage message, exit 2
+        console._state["json"] = "--json" in args  # it may fail before the flag is read
+        e.show()
+        _json_error(e.format_message(), e.exit_code)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        _report("interrupted", int(Exit.INTERRUPTED))
+        sys.exit(int(Exit.INTERRUPTED))
+    except Exception as e:  # a bug: the traceback follows, and a script still gets its object
+        _json_error(f"internal error: {type(e).__name__}: {e}", int(Exit.INTERNAL))
+        raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

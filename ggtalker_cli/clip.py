@@ -42,7 +42,7 @@ class Clip:
         self.features_path = inside(self.path, files["audio_features"]) if files.get("audio_features") else None
         self.identity_path = inside(self.path, files["identity"]) if files.get("identity") else None
         required = [self.tracking_path, self.background_path, self._frame_file(0), self._frame_file(self.n_frames - 1),
-                    self._mask_file(0), self._mask_file(self.n_frames - 1)]  # fmt: skip
+                    self._mask_file(0), self._mask_file(self.n_frames - 1)]
         optional = [p for p in (self.audio_path, self.features_path, self.identity_path) if p is not None]
         for p in required + optional:
             if not p.is_file():

@@ -103,48 +103,47 @@ class InpainterConfig:
 
 @dataclass
 class A2EConfig:
-    """Audio→expression prior (`fit-prior --parts a2e`) and its per-identity adaptation.
+    """Audio→expression prior (`fit-prior --parts a2e`), its per-identity adaptation and sampling.
 
-    The prior's defaults are strongly regularised on purpose: with a dozen identities a larger
-    or freer model learns which speaker and moment a whisper feature belongs to and does worse
-    than the mean expression on a new voice (docs/a2e_results.md has the numbers).
+    The model is a flow-matching transformer (models/a2e.py); `sample_steps` and `guidance` are
+    stored in the state it trains and used by synth and eval. Regularisers stay on: with tens
+    of identities a free model learns which speaker and moment a whisper feature belongs to
+    instead of how it sounds (docs/a2e.md).
     """
 
     fps: float = 25.0  # the model's frame rate; clips and synthesis at other rates are resampled
-    window: int = 32  # frames per training window (1.28 s at 25 fps)
-    d_model: int = 64
-    layers: int = 2
+    window: int = 32  # frames per training and sampling window (1.28 s at 25 fps)
+    d_model: int = 96
+    layers: int = 4
     heads: int = 4
-    style_dim: int = 64  # per-identity style embedding (the paper's size)
+    style_dim: int = 64  # per-identity speaking-style embedding (the paper's size)
     lip_components: int = 16  # PCA components of the mouth-region vertex offsets
-    dropout: float = 0.3
+    dropout: float = 0.0  # transformer dropout (feature noise and channel dropout regularise; masks cost CPU time)
     style_dropout: float = 0.2  # share of windows trained with the null ("any speaker") style
-    feature_noise: float = 0.5  # Gaussian noise on normalised whisper features
-    feature_dropout: float = 0.5  # dropout of whisper feature channels
-    weight_decay: float = 0.5
-    steps: int = 800
+    cond_dropout: float = 0.1  # share trained with null style and null audio: the unconditional branch (CFG)
+    feature_noise: float = 0.3  # Gaussian noise on normalised whisper features
+    feature_dropout: float = 0.3  # dropout of whisper feature channels
+    weight_decay: float = 0.1
+    steps: int = 2000
     batch: int = 16
-    lr: float = 3e-4
-    lip_weight: float = 1.0  # lip-vertex L2 (mm²) against the expression L2 (standardised)
-    temporal_weight: float = 0.5  # Huber on frame-to-frame differences
+    lr: float = 5e-4
+    lip_weight: float = 1.0  # lip-vertex L2 (mm²) against the code L2 (standardised)
+    temporal_weight: float = 0.5  # Huber on frame-to-frame differences of the predicted clean code
     gap_weight: float = 2.0  # L2 (mm²) of the inner-lip opening vector: the mouth opening weighs above the other lip points
-    val_every: int = 25
-    checkpoint_every: int = 200
+    sample_steps: int = 6  # Euler steps from noise to code at synthesis
+    guidance: float = 2.0  # classifier-free guidance scale (1: the conditional model alone)
+    val_every: int = 100
+    val_windows: int = 256  # fixed validation windows (each scored at 5 flow times with fixed noise)
+    checkpoint_every: int = 500
     holdout_fraction: float = 0.2  # identities held out for validation when none are named
     adapt_steps: int = 800
-    adapt_lr: float = 3e-4
+    adapt_lr: float = 1e-4  # every A2E layer, low: the prior's audio mapping is kept
     adapt_style_lr: float = 1e-2  # the new identity's style vector starts from the null style
     adapt_feature_noise: float = 0.1  # one voice: no need for the prior's heavy feature regularisers
     adapt_patience: int = 4  # validations (every 50 steps) without improvement before stopping
     adapt_val_fraction: float = 0.1  # last share of the training frames used for early stopping
     adapt_realign: bool = True  # train on the clip's audio shifted by its own measured audio-mouth lag (≥ 8 s; docs/a2e.md)
-    # An L2-trained A2E under-articulates (the prior's mouth opening spreads 2.4-4.9x less than
-    # the tracked one on every real clip): after adaptation its audio-driven expression is scaled
-    # by (tracked / predicted spread on the training frames) ** exponent, at most max_gain.
-    # 0.5 doubles the motion at +0.9% held-out lip-vertex error; 1 matches the spread (+6.5%; bench/a2e_articulation.py).
-    adapt_articulation: float = 0.5
-    adapt_max_gain: float = 3.0
-    seed: int = 0
+    seed: int = 0  # training randomness; synthesis draws its noise from synth's own seed
 
 
 @dataclass
@@ -199,12 +198,30 @@ class LiveConfig:
 
 
 @dataclass
+class SynthConfig:
+    """`synth`, and the renders of `eval` (the same synthesis runtime)."""
+
+    crf: int = 18  # x264 quality of synth's mp4 (0 lossless … 51 worst; 18 ≈ visually lossless); --crf overrides it
+    chunk_s: float = 2.0  # seconds of audio pushed to the expression stream per step
+    batch: int = 8  # frames rendered and composited per call (body frames are decoded 4 batches ahead)
+    orbit_period_s: float = 6.0  # one full left-right-left sweep of --orbit
+
+
+@dataclass
+class EvalConfig:
+    video_crf: int = 14  # near-transparent H.264: all variants and the ground truth go through it alike
+    strip_frames: int = 4  # test frames shown side by side in the report's strips
+
+
+@dataclass
 class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     inpainter: InpainterConfig = field(default_factory=InpainterConfig)
     a2e: A2EConfig = field(default_factory=A2EConfig)
     e2v: E2VConfig = field(default_factory=E2VConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     live: LiveConfig = field(default_factory=LiveConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,6 +279,32 @@ def preset_path(preset: str | Path) -> Path:
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+# The trainers a verb runs, first its own: part -> (section, key) of that part's step count.
+VERB_STEPS = {"adapt": {"head": ("adapt", "steps"), "inpainter": ("inpainter", "steps"), "a2e": ("a2e", "adapt_steps")}}
+
+
+def set_steps(cfg: Config, verb: str, spec: str) -> dict[str, int]:
+    """A verb's `--steps`: `N` sets its own trainer's steps and scales every other part's by the
+    same factor (the preset's proportions are kept: `adapt --steps 8000` on balanced's 4000
+    head steps doubles the inpainter's and the A2E adaptation's); `head=N,inpainter=M,...` sets
+    the named parts and scales the others by the first part's factor (1 when it is not named).
+    -> the steps each part will run."""
+    parts = VERB_STEPS[verb]
+    first = next(iter(parts))
+    try:
+        named = {first: int(spec)} if "=" not in spec else {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
+    except ValueError:
+        named = {"": -1}
+    if set(named) - set(parts) or any(v < 1 for v in named.values()):
+        raise GGError(f"--steps {spec}: expected a step count ≥ 1 or {','.join(f'{p}=N' for p in parts)}", Exit.USAGE)
+    section, key = parts[first]
+    factor = named[first] / max(getattr(getattr(cfg, section), key), 1) if first in named else 1.0
+    for part, (section, key) in parts.items():
+        now = getattr(getattr(cfg, section), key)
+        setattr(getattr(cfg, section), key, named.get(part, max(1, round(now * factor)) if now > 0 else 0))
+    return {part: getattr(getattr(cfg, section), key) for part, (section, key) in parts.items()}
 
 
 def load_config(preset: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -22,7 +22,6 @@ writes.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -35,15 +34,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from . import console, metrics
-from .artifacts import atomic_write_bytes, load_checkpoint
+from . import console, metrics, training
+from .artifacts import atomic_write_bytes
 from .clip import Clip
+from .clip_view import Data
 from .config import Config, E2VConfig
 from .errors import Exit, GGError
 from .face_model import HeadModel, Shell, canonical_mesh
+from .head_fit import fit_head
 from .losses import hinge_sq, photometric
 from .models.e2v import COLOR, E2V, WEIGHTS, unwrap, with_topology
-from .stages.adapt import Data, _fit_head
 
 CHECKPOINT = "e2v.ckpt"
 GRID = "e2v_grid.png"
@@ -66,7 +66,10 @@ def landmark_mirror() -> np.ndarray:
 def blendshape_mirror(names: list[str]) -> np.ndarray:
     """(52,) index of each blendshape's mirror (eyeBlinkLeft ↔ eyeBlinkRight, others themselves)."""
     where = {n: i for i, n in enumerate(names)}
-    swap = lambda n: n.replace("Left", "\0").replace("Right", "Left").replace("\0", "Right")
+
+    def swap(name: str) -> str:
+        return name.replace("Left", "\0").replace("Right", "Left").replace("\0", "Right")
+
     return np.array([where.get(swap(n), i) for i, n in enumerate(names)])
 
 
@@ -102,7 +105,7 @@ class Identity:
 
 
 def load_identities(clip_dirs: list[Path], names: list[str], frames: str, cfg: Config, template: HeadModel,
-                    device: torch.device, flip: bool) -> list[Identity]:  # fmt: skip
+                    device: torch.device, flip: bool) -> list[Identity]:
     """Identities of the named clips. frames: "train" (all valid training frames), "fit" (their
     first 90%) or "late" (their last 10%: validation when no identity is held out).
 
@@ -116,7 +119,7 @@ def load_identities(clip_dirs: list[Path], names: list[str], frames: str, cfg: C
             continue
         clip = Clip(path)
         data = Data(clip, cfg.e2v.size, device)
-        head, shell = _fit_head(clip, data, cfg.adapt)
+        head, shell = fit_head(clip, data, cfg.adapt)
         train = data.train
         cut = len(train) - max(1, round(0.1 * len(train)))
         chosen = {"train": train, "fit": train[:cut], "late": train[cut:]}[frames]
@@ -176,7 +179,7 @@ class Samples(Dataset):
             "identity": k, "refs": np.pad(refs, (0, c.max_sources - n)).astype(np.int64), "valid": np.arange(c.max_sources) < n,
             "ref_images": images, "ref_masks": masks, "affine": affine,
             "target": target, "target_image": t_image, "target_mask": t_mask, "jitter": jitter,
-        }  # fmt: skip
+        }
 
 
 class Stream(Sampler):
@@ -295,16 +298,10 @@ class _Clock:
         self.restart()
 
 
-def _save(path: Path, payload: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def _loader(samples: Samples, sampler: Sampler, cfg: E2VConfig, device: torch.device) -> DataLoader:
     workers = cfg.workers
     return DataLoader(samples, batch_size=cfg.batch, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=4 if workers else None, persistent_workers=False)  # fmt: skip
+                      prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
 def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: Config, device: str, resume: bool, rank: int = 0, world: int = 1) -> dict:
@@ -323,70 +320,76 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, config: C
     model = E2V(template, cfg.uv_res, cfg.feature_dim, cfg.hidden, cfg.channels, cfg.embed_dim).to(dev)
     train = load_identities(clip_dirs, train_names, "train" if holdout else "fit", config, template, dev, cfg.flip)
     val = load_identities(clip_dirs, holdout, "train", config, template, dev, False) if holdout else \
-        load_identities(clip_dirs, train_names, "late", config, template, dev, False)  # fmt: skip
+        load_identities(clip_dirs, train_names, "late", config, template, dev, False)
     objective = Objective(model, cfg)
     net = nn.parallel.DistributedDataParallel(objective, gradient_as_bucket_view=True) if world > 1 else objective  # no grad copy into buckets
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    warmup = min(200, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
-    step, curve, best, best_state, seconds = 0, [], math.inf, None, 0.0
+    sched = training.warmup_cosine(opt, cfg.steps, warmup=min(200, cfg.steps // 10))
+    start, curve, best, seconds = 0, [], training.Best(), 0.0
     ckpt = work / CHECKPOINT
     if resume and ckpt.is_file():
-        saved = load_checkpoint(ckpt, dev)
+        saved = training.load(ckpt, dev)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
-        step, curve, best, best_state, seconds = saved["step"], saved["curve"], saved["best"], saved["best_state"], saved["seconds"]
-        console.info(f"e2v: resumed at step {step}")
+        best.load(saved["best"])
+        start, curve, seconds = saved["step"], saved["curve"], saved["seconds"]
+        console.info(f"e2v: resumed at step {start}")
     val_loader = _loader(Samples(val, cfg, cfg.seed + 1, augment=False), Stream(0, math.ceil(cfg.val_samples / cfg.batch), cfg.batch), cfg, dev)
-    stream = _loader(Samples(train, cfg, cfg.seed, augment=True), Stream(step, cfg.steps, cfg.batch, rank, world), cfg, dev)
+    batches = [iter(_loader(Samples(train, cfg, cfg.seed, augment=True), Stream(start, cfg.steps, cfg.batch, rank, world), cfg, dev))]
     model.train()
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if rank == 0 and step == 0:  # the untrained generator: the unwrapped references on the mean head
+    if rank == 0 and start == 0:  # the untrained generator: the unwrapped references on the mean head
         val_loss, val_psnr = evaluate(objective, val_loader, val, dev)
         curve.append({"step": 0, "train": None, "val": round(val_loss, 5), "val_psnr": round(val_psnr, 3)})
-        best, best_state = val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best.offer(val_loss, 0, model)
     clock = _Clock(seconds, dev)
-    timed_from = step + min(20, (cfg.steps - step) // 5)  # throughput leaves out worker start-up and warm-up
-    with console.progress() as bar:
-        task = bar.add_task("e2v prior", total=cfg.steps, completed=step)
-        for batch in stream:
-            terms = net(_to_device(batch, dev), train)
-            value = terms["loss"].item()
-            if not math.isfinite(value):
-                raise GGError(f"e2v training diverged at step {step} (loss {value}); lower the preset's e2v.lr or re-run with --resume", Exit.DIVERGED)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            bar.advance(task)
-            if step == timed_from:
-                clock.lap(timed=False)
-            if rank == 0 and (step % cfg.val_every == 0 or step == cfg.steps):
-                clock.lap(timed=step > timed_from)
-                val_loss, val_psnr = evaluate(objective, val_loader, val, dev)
-                curve.append({"step": step, "train": round(value, 5), "val": round(val_loss, 5), "val_psnr": round(val_psnr, 3)})
-                if val_loss < best:
-                    best, best_state = val_loss, {k: v.detach().clone() for k, v in model.state_dict().items()}
-                bar.update(task, status=f"loss {value:.4f} val {val_loss:.4f} ({val_psnr:.2f} dB)")
-                clock.restart()
-            if rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                clock.lap(timed=step > timed_from)
-                _save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                             "curve": curve, "best": best, "best_state": best_state, "seconds": clock.total})  # fmt: skip
-                clock.restart()
-    clock.lap(timed=step > timed_from)
+    timed_from = start + min(20, (cfg.steps - start) // 5)  # throughput leaves out worker start-up and warm-up
+
+    def step(i: int) -> dict[str, Tensor]:
+        terms = net(_to_device(next(batches[0]), dev), train)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if i + 1 == timed_from:
+            clock.lap(timed=False)
+        return {"loss": terms["loss"].detach()}
+
+    def validate(done: int) -> str:
+        clock.lap(timed=done > timed_from)
+        val_loss, val_psnr = evaluate(objective, val_loader, val, dev)
+        curve.append({"step": done, "train": round(loop.values["loss"], 5), "val": round(val_loss, 5), "val_psnr": round(val_psnr, 3)})
+        best.offer(val_loss, done, model)
+        clock.restart()
+        return f"loss {loop.values['loss']:.4f} val {val_loss:.4f} ({val_psnr:.2f} dB)"
+
+    def checkpoint(done: int) -> None:
+        clock.lap(timed=done > timed_from)
+        training.save(ckpt, {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": done,
+                             "curve": curve, "best": best.to_dict(), "seconds": clock.total})
+        clock.restart()
+
+    writer = rank == 0  # rank 0 validates and checkpoints; every rank steps (DDP averages the gradients)
+    loop = training.Loop("e2v training", cfg.steps, start=start, fix="lower the preset's e2v.lr or re-run with --resume",
+                         checkpoint=checkpoint if writer else None, checkpoint_every=cfg.checkpoint_every, checkpoint_last=True)
+    if writer:
+        loop.every(cfg.val_every, validate)
+    try:
+        done = loop.run(step)
+    finally:
+        batches.clear()  # the DataLoader's workers end with their iterator
+    clock.lap(timed=done > timed_from)
     summary = {"file": WEIGHTS, "grid": GRID}
     if rank == 0:
-        model.load_state_dict(best_state)
+        model.load_state_dict(best.state)
         val_loss, val_psnr = evaluate(objective, val_loader, val, dev, grid=work / GRID)
         model.save(work / WEIGHTS, {"size": cfg.size, "identities": [i.name for i in train], "held_out": sorted(holdout)})
         best_entry = min(curve, key=lambda e: e["val"])
-        summary.update(best_step=best_entry["step"], best_val_loss=round(best, 5), best_val_psnr=best_entry["val_psnr"])
-    run_steps = step - timed_from
+        summary.update(best_step=best_entry["step"], best_val_loss=round(best.value, 5), best_val_psnr=best_entry["val_psnr"])
+    run_steps = done - timed_from
     return {
         **summary,
         "identities": [i.name for i in train],

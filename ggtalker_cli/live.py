@@ -58,10 +58,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import audio
+from . import a2e, audio
 from .config import LiveConfig
 from .errors import Exit, GGError
-from .models import a2e
 from .stream import Frames
 
 READ_BYTES = 640  # 20 ms of 16-bit mono at 16 kHz: what a pipe or socket read waits for at most
@@ -90,11 +89,12 @@ class LiveA2E:
         self.neutral = self.model.neutral.cpu().numpy()
 
     @torch.no_grad()
-    def __call__(self, features: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, features: np.ndarray, first: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Expressions of rows [first:] of `features` (T, D), T <= window, the rows before
-        `first` being past context."""
-        x = torch.as_tensor(np.asarray(features, np.float32), device=self.device)[None]
-        bs, mouth = self.model.decode(self.model(x, self.style)[0, first:])
+        `first` being past context; `start` is the absolute model frame of row 0, which the
+        flow-matching sampler's per-frame noise follows (a2e.codes)."""
+        x = torch.as_tensor(np.asarray(features, np.float32), device=self.device)
+        bs, mouth = self.model.decode(a2e.codes(self.model.eval(), x, self.style, start=start)[first:])
         return bs.clamp(0, 1).cpu().numpy(), mouth.cpu().numpy() + self.neutral
 
 
@@ -180,7 +180,7 @@ class LiveExpressions:
         lo = min(s for s, _ in spans)
         feats = self._features(end, lo, final + ahead)
         for (a, b), (s, hi) in zip(blocks, spans):
-            bs, mouth = self.a2e(feats[s - lo : hi - lo], a - s)
+            bs, mouth = self.a2e(feats[s - lo : hi - lo], a - s, s)
             self.model_bs = np.concatenate([self.model_bs, bs[: b - a]])
             self.model_mouth = np.concatenate([self.model_mouth, mouth[: b - a]])
         self.n_model = final

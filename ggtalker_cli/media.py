@@ -1,28 +1,36 @@
-"""Video and audio I/O through the system ffmpeg (ffmpeg-python): probe, decode, extract, encode.
+"""Video and audio I/O in process through FFmpeg's own libraries (PyAV): probe, decode, extract, encode, mux.
 
-Frames are streamed through a pipe one at a time, so a long video never sits in memory.
-ffmpeg applies the container's rotation metadata while decoding (its default), so every frame
-we see is upright and `Probe.width/height` are the upright size.
+Why PyAV: its wheels ship FFmpeg's libraries (H.264 through libx264, AAC, every demuxer), so
+`pip install` is the whole set-up and no ffmpeg/ffprobe binary is needed: a bare machine, a GPU
+box or CI reads and writes video the same way. Timestamps, rotation and stream metadata come
+from libavformat itself rather than from a parsed ffprobe report, and frames never cross a
+pipe. bench/media_io.py measures it against the ffmpeg command line (bench/results/media_io.json).
+
+Frames are decoded one at a time, so a long video never sits in memory. The display matrix is
+applied here, as the ffmpeg command line's autorotate does, so every frame we yield is upright
+and `Probe.width/height` are the upright size.
 """
 
 from __future__ import annotations
 
+import math
 import queue
-import shutil
 import threading
 import wave
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
-import ffmpeg
+import av
 import numpy as np
 
 from .errors import Exit, GGError
 
 AUDIO_RATE = 16000  # every clip's audio.wav: 16 kHz mono PCM (whisper's input rate)
+AUDIO_BITRATE = 128_000  # AAC in every mp4 we write
+VIDEO_FORMATS = "an mp4/mov/mkv/webm video"
 
 
 @dataclass
@@ -34,7 +42,7 @@ class Probe:
     codec: str
     width: int  # upright (rotation applied)
     height: int
-    rotation: int  # degrees, as stored in the file (display matrix or `rotate` tag)
+    rotation: int  # degrees counter-clockwise, as stored in the file (display matrix or `rotate` tag)
     fps_nominal: float  # r_frame_rate: the timebase-derived "real" rate
     fps_average: float  # avg_frame_rate: frames / duration
     vfr: bool  # nominal and average rates disagree beyond the tolerance
@@ -49,118 +57,186 @@ class Probe:
         return asdict(self)
 
 
-def _rate(text: str | None) -> float:
-    try:
-        value = float(Fraction(text or "0/1"))
-    except (ValueError, ZeroDivisionError):
-        return 0.0
-    return value
+def _why(e: BaseException) -> str:
+    """FFmpeg's own reason, without PyAV's errno and file name decoration."""
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
 
 
-def _rotation(stream: dict) -> int:
-    for side in stream.get("side_data_list", []) or []:
-        if "rotation" in side:
-            return int(round(float(side["rotation"]))) % 360
-    return int(stream.get("tags", {}).get("rotate", 0)) % 360
-
-
-def probe(path: Path, vfr_tolerance: float = 0.02) -> Probe:
-    """Read container metadata with ffprobe; a file ffprobe cannot parse is INPUT_INVALID."""
+def _open(path: Path, fix: str, unreadable: str = "not a readable media file", noun: str = "a video file") -> av.container.InputContainer:
+    """Open a media file for reading; a missing, empty or unparsable one is a one-line GGError."""
     path = Path(path)
     if not path.exists():
         raise GGError(f"{path}: no such file; check the path", Exit.INPUT_MISSING)
     if not path.is_file():
-        raise GGError(f"{path}: not a file; pass a video file", Exit.INPUT_MISSING)
+        raise GGError(f"{path}: not a file; pass {noun}", Exit.INPUT_MISSING)
     if path.stat().st_size == 0:
-        raise GGError(f"{path}: file is empty; pass a video file", Exit.INPUT_INVALID)
+        raise GGError(f"{path}: file is empty; pass {noun}", Exit.INPUT_INVALID)
     try:
-        info = ffmpeg.probe(str(path))
-    except ffmpeg.Error as e:
-        last = (e.stderr or b"").decode(errors="replace").strip().splitlines()
-        why = last[-1].split(": ")[-1] if last else "unreadable"
-        raise GGError(f"{path}: not a readable media file ({why}); pass an mp4/mov/mkv/webm video", Exit.INPUT_INVALID) from e
-    except FileNotFoundError as e:
-        raise GGError("ffprobe not found; install ffmpeg (apt-get install -y ffmpeg)", Exit.RESOURCE) from e
-    streams = info.get("streams", [])
-    video = [s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")]
-    audio = [s for s in streams if s.get("codec_type") == "audio"]
-    if not video:
-        kind = "an audio-only file" if audio else "no video stream"
-        raise GGError(f"{path}: {kind}; pass a video of the person talking", Exit.INPUT_INVALID)
-    v = video[0]
-    a = audio[0] if audio else None
-    rotation = _rotation(v)
-    w, h = int(v["width"]), int(v["height"])
+        return av.open(str(path), metadata_errors="ignore")
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise GGError(f"{path}: {unreadable} ({_why(e)}); pass {fix}", Exit.INPUT_INVALID) from e
+
+
+def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream | None:
+    """The first real video stream (cover art in an m4a/mp3 is an 'attached picture', not video)."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    return None
+
+
+def _seconds(value: int | None, time_base: Fraction | None) -> float | None:
+    return None if value is None or time_base is None else float(value * time_base)
+
+
+def _origin(container: av.container.InputContainer) -> Fraction:
+    """The container's start time (libavformat's AV_TIME_BASE microseconds): t = 0 of decode()."""
+    return Fraction(container.start_time or 0, av.time_base)
+
+
+def _first_rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+    """Rotation of the first decodable frame (the decoder attaches the stream's display matrix)."""
+    try:
+        for frame in container.decode(stream):
+            return round(frame.rotation) % 360
+    except av.FFmpegError:
+        pass  # an undecodable stream is decode()'s error to report, with its frame position
+    return 0
+
+
+def probe(path: Path, vfr_tolerance: float = 0.02) -> Probe:
+    """Read container metadata; a file FFmpeg cannot parse is INPUT_INVALID."""
+    path = Path(path)
+    with _open(path, VIDEO_FORMATS) as container:
+        v, a = _video_stream(container), next(iter(container.streams.audio), None)
+        if v is None:
+            kind = "an audio-only file" if a is not None else "no video stream"
+            raise GGError(f"{path}: {kind}; pass a video of the person talking", Exit.INPUT_INVALID)
+        nominal = float(v.base_rate or v.guessed_rate or 0)
+        average = float(v.average_rate or 0)
+        duration = _seconds(v.duration, v.time_base) or (container.duration or 0) / av.time_base
+        origin = _origin(container)
+        # decode() resamples from the container's start (a late video start repeats the first
+        # frame), so audio is aligned to that same origin, not to the video's own start.
+        audio_start = float(Fraction(a.start_time) * a.time_base - origin) if a is not None and a.start_time is not None else 0.0
+        w, h = v.codec_context.width, v.codec_context.height
+        info = {"container": container.format.name, "codec": v.codec_context.codec.canonical_name, "n_frames": v.frames or None, "audio_start": audio_start}
+        ctx = a.codec_context if a is not None else None
+        audio = (ctx.codec.canonical_name, ctx.sample_rate or None, ctx.channels or None) if ctx is not None else (None, None, None)
+        rotation = _first_rotation(container, v)
     if rotation in (90, 270):
         w, h = h, w
-    nominal, average = _rate(v.get("r_frame_rate")), _rate(v.get("avg_frame_rate"))
-    duration = float(v.get("duration") or info.get("format", {}).get("duration") or 0.0)
-    vfr = nominal > 0 and average > 0 and abs(nominal - average) / nominal > vfr_tolerance
-    # decode() resamples from the container's start (the fps filter fills a late video start by
-    # repeating the first frame), so audio is aligned to that same origin, not to the video's.
-    origin = float(info.get("format", {}).get("start_time") or 0.0)
     return Probe(
         path=str(path),
-        container=info.get("format", {}).get("format_name", "?"),
-        codec=v.get("codec_name", "?"),
         width=w,
         height=h,
         rotation=rotation,
         fps_nominal=nominal,
         fps_average=average or nominal,
-        vfr=vfr,
+        vfr=nominal > 0 and average > 0 and abs(nominal - average) / nominal > vfr_tolerance,
         duration=duration,
-        n_frames=int(v["nb_frames"]) if str(v.get("nb_frames", "")).isdigit() else None,
-        audio_codec=a.get("codec_name") if a else None,
-        audio_rate=int(a["sample_rate"]) if a and a.get("sample_rate") else None,
-        audio_channels=int(a["channels"]) if a and a.get("channels") else None,
-        audio_start=(float(a.get("start_time") or 0.0) - origin) if a else 0.0,
+        audio_codec=audio[0],
+        audio_rate=audio[1],
+        audio_channels=audio[2],
+        **info,
     )
 
 
-class _Stderr:
-    """Drain a process's stderr in a thread (a full pipe would stall ffmpeg), keep the tail."""
-
-    def __init__(self, stream) -> None:
-        self.lines: deque[str] = deque(maxlen=20)
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream) -> None:
-        for line in iter(stream.readline, b""):
-            self.lines.append(line.decode(errors="replace").rstrip())
-
-    def last(self) -> str:
-        self._thread.join(timeout=5)
-        return self.lines[-1] if self.lines else "no message"
+def _slot(t: Fraction, rate: Fraction) -> int:
+    """Output frame index of time t: nearest, ties away from zero (FFmpeg's fps filter, round=near)."""
+    return math.floor(t * rate + Fraction(1, 2))
 
 
 def decode(path: Path, fps: float, width: int, height: int) -> Iterator[np.ndarray]:
     """Yield upright RGB uint8 frames (height, width, 3) at a constant `fps`, one at a time.
 
-    ffmpeg's `fps` filter resamples by timestamps (duplicating or dropping frames), which turns
-    variable-frame-rate input into a constant rate without drifting off the audio. (width,
-    height) is the output size: the probe's upright size, or a smaller one to track faster.
+    Resampling is by timestamps, as FFmpeg's `fps` filter does it: output frame k shows the last
+    input frame whose time rounds to k or earlier, so frames are repeated or dropped and
+    variable-frame-rate input comes out at a constant rate without drifting off the audio. Time
+    0 is the container's start: a video stream that starts late repeats its first frame. A frame
+    that will be dropped is never converted to RGB. (width, height) is the output size: the
+    probe's upright size, or a smaller one to track faster.
     """
-    stream = ffmpeg.input(str(path)).video.filter("fps", fps=fps).filter("scale", width, height, flags="area")
-    proc = stream.output("pipe:", format="rawvideo", pix_fmt="rgb24").global_args("-nostdin", "-loglevel", "error").run_async(
-        pipe_stdout=True, pipe_stderr=True
-    )
-    errors = _Stderr(proc.stderr)
-    size = width * height * 3
+    path = Path(path)
+    rate = Fraction(fps).limit_denominator(1001)
+    container = _open(path, VIDEO_FORMATS)
     try:
-        while True:
-            buf = proc.stdout.read(size)
-            if len(buf) < size:
-                break
-            yield np.frombuffer(buf, np.uint8).reshape(height, width, 3)
+        stream = _video_stream(container)
+        if stream is None:
+            raise GGError(f"{path}: no video stream; pass a video of the person talking", Exit.INPUT_INVALID)
+        stream.thread_type = "AUTO"  # frame + slice threads: decoding keeps up with two cores
+        origin, base = _origin(container), stream.time_base
+        held, held_end, emitted = None, 0, 0
+        try:
+            for frame in container.decode(stream):
+                if frame.pts is None:
+                    continue
+                t = frame.pts * base - origin
+                slot = _slot(t, rate)
+                if held is not None and slot > emitted:
+                    image = _rgb(held, width, height)
+                    for _ in range(slot - emitted):
+                        yield image
+                    emitted = slot
+                held, held_end = frame, _slot(t + (frame.duration or 0) * base, rate)
+        except av.FFmpegError as e:
+            raise GGError(f"{path}: video decoding failed ({_why(e)}); the file may be corrupt, re-export it", Exit.INPUT_INVALID) from e
+        if held is not None:
+            image = _rgb(held, width, height)
+            for _ in range(max(held_end, emitted + 1) - emitted):
+                yield image
     finally:
-        proc.stdout.close()
-        if proc.poll() is None:
-            proc.kill()
-        code = proc.wait()
-    if code != 0:
-        raise GGError(f"{path}: video decoding failed ({errors.last()}); the file may be corrupt, re-export it", Exit.INPUT_INVALID)
+        container.close()
+
+
+def _rgb(frame: av.VideoFrame, width: int, height: int) -> np.ndarray:
+    """Scale (area-averaging: ffmpeg's scale flags=area), convert to RGB, then turn upright.
+    Read-only: a repeated frame is one array yielded several times."""
+    turns = round(frame.rotation) % 360 // 90
+    w, h = (height, width) if turns % 2 else (width, height)
+    rgb = frame.reformat(w, h, "rgb24", interpolation="AREA", src_color_range=frame.color_range or None).to_ndarray()
+    rgb = np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+    rgb.flags.writeable = False
+    return rgb
+
+
+def _audio_blocks(source: Path | BinaryIO, name: str, fmt: str, rate: int) -> Iterator[np.ndarray]:
+    """The first audio stream of a file (or a pipe) as mono `fmt` ('s16' or 'flt') at `rate`,
+    in blocks as they are decoded. FFmpeg's resampler downmixes and resamples, exactly as the
+    command line's `-ac 1 -ar RATE` does, so any container, codec, rate and sample width works."""
+    try:
+        if isinstance(source, Path):
+            container = _open(source, "a wav, mp3, m4a or video file", "not an audio or video file FFmpeg can read", "an audio file")
+        else:
+            container = av.open(source, metadata_errors="ignore")
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise GGError(f"{name}: not a readable audio stream ({_why(e)}); pass a wav, mp3 or m4a", Exit.INPUT_INVALID) from e
+    try:
+        stream = next(iter(container.streams.audio), None)
+        if stream is None:
+            raise GGError(f"{name}: contains no audio stream; pass a file with speech in it", Exit.INPUT_INVALID)
+        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate)
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    yield out.to_ndarray().reshape(-1)
+            for out in resampler.resample(None):
+                yield out.to_ndarray().reshape(-1)
+        except av.FFmpegError as e:
+            raise GGError(f"{name}: audio decoding failed ({_why(e)}); re-encode it, e.g. to wav", Exit.INPUT_INVALID) from e
+    finally:
+        container.close()
+
+
+def read_audio(path: Path, rate: int = AUDIO_RATE) -> np.ndarray:
+    """All of a file's first audio stream as float32 mono samples in [-1, 1] at `rate`."""
+    blocks = list(_audio_blocks(Path(path), str(path), "flt", rate))
+    return np.concatenate(blocks).astype(np.float32, copy=False) if blocks else np.zeros(0, np.float32)
+
+
+def audio_chunks(source: Path | BinaryIO, name: str, rate: int = AUDIO_RATE) -> Iterator[np.ndarray]:
+    """Float32 mono samples as they are decoded: from a file, or from a pipe (stdin) while it is still being written."""
+    return _audio_blocks(source, name, "flt", rate)
 
 
 def extract_audio(path: Path, out: Path, n_samples: int, offset_s: float = 0.0) -> dict:
@@ -170,17 +246,8 @@ def extract_audio(path: Path, out: Path, n_samples: int, offset_s: float = 0.0) 
     front, negative drops the lead-in. The tail is padded or trimmed so the wav lasts exactly as
     long as the frames (the clip contract: one frame's audio per frame).
     """
-    try:
-        raw, _ = (
-            ffmpeg.input(str(path))
-            .audio.output("pipe:", format="s16le", ac=1, ar=AUDIO_RATE)
-            .global_args("-nostdin", "-loglevel", "error")
-            .run(capture_stdout=True, capture_stderr=True)
-        )
-    except ffmpeg.Error as e:
-        last = (e.stderr or b"").decode(errors="replace").strip().splitlines()
-        raise GGError(f"{path}: audio decoding failed ({last[-1] if last else 'no message'}); re-export the file", Exit.INPUT_INVALID) from e
-    pcm = np.frombuffer(raw, np.int16)
+    blocks = list(_audio_blocks(Path(path), str(path), "s16", AUDIO_RATE))
+    pcm = np.concatenate(blocks) if blocks else np.zeros(0, np.int16)
     decoded = len(pcm)
     shift = int(round(offset_s * AUDIO_RATE))
     pcm = np.concatenate([np.zeros(shift, np.int16), pcm]) if shift > 0 else pcm[-shift:]
@@ -209,31 +276,71 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         return data.astype(np.float32) / 32768.0, w.getframerate()
 
 
-class VideoWriter:
-    """Encode RGB frames to H.264 (yuv420p, plays everywhere) and mux an optional wav.
+def video_encoder() -> str:
+    """libx264 where this FFmpeg has it (PyAV's wheels do); else FFmpeg's native MPEG-4 Part 2,
+    which every FFmpeg build carries (larger and lossier: previews, not scoring)."""
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
-    Use as a context manager; frames go through a pipe, so memory stays flat. On an exception
-    inside the block the partial file is removed.
+
+class _AudioTrack:
+    """An AAC stream in an output container, fed from an audio file in step with the video, so
+    the muxer interleaves the two instead of holding all the video until the audio comes."""
+
+    def __init__(self, container: av.container.OutputContainer, source: Path):
+        self._container = container
+        self._stream = container.add_stream("aac", rate=AUDIO_RATE, layout="mono")
+        self._stream.bit_rate = AUDIO_BITRATE
+        self._blocks = _audio_blocks(Path(source), str(source), "flt", AUDIO_RATE)
+        self._pending = np.zeros(0, np.float32)
+        self._sent = 0
+
+    def feed(self, until_s: float | None) -> None:
+        """Encode the audio up to `until_s` seconds (None: all of it)."""
+        limit = math.inf if until_s is None else round(until_s * AUDIO_RATE)
+        while self._sent < limit:
+            if not len(self._pending):
+                self._pending = next(self._blocks, None)
+                if self._pending is None:
+                    self._pending = np.zeros(0, np.float32)
+                    return
+            take = int(min(len(self._pending), limit - self._sent))
+            frame = av.AudioFrame.from_ndarray(self._pending[None, :take].astype(np.float32), format="flt", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = AUDIO_RATE, self._sent, Fraction(1, AUDIO_RATE)
+            self._container.mux(self._stream.encode(frame))
+            self._pending, self._sent = self._pending[take:], self._sent + take
+
+    def finish(self, until_s: float | None) -> None:
+        self.feed(until_s)
+        self._blocks.close()
+        self._container.mux(self._stream.encode(None))
+
+
+class VideoWriter:
+    """Encode RGB frames to H.264 (yuv420p, plays everywhere) with an optional audio file muxed
+    beside them as AAC, cut to the video's length (ffmpeg's -shortest).
+
+    Use as a context manager; frames are encoded as they come, so memory stays flat. On an
+    exception inside the block the partial file is removed.
     """
 
     def __init__(self, path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18):
         self.path = Path(path)
-        self.width, self.height = width, height
-        video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", r=fps)
-        streams = [video]
-        if audio is not None:
-            streams.append(ffmpeg.input(str(audio)).audio)
-        args = {"vcodec": "libx264", "pix_fmt": "yuv420p", "crf": crf, "preset": "veryfast", "movflags": "+faststart"}
-        if audio is not None:
-            args.update(acodec="aac", audio_bitrate="128k", shortest=None)
-        self._proc = (
-            ffmpeg.output(*streams, str(self.path), **args)
-            .overwrite_output()
-            .global_args("-nostdin", "-loglevel", "error")
-            .run_async(pipe_stdin=True, pipe_stderr=True)
-        )
-        self._errors = _Stderr(self._proc.stderr)
-        self.frames = 0
+        self.width, self.height, self.frames = width, height, 0
+        self.rate = Fraction(fps).limit_denominator(1001)
+        try:
+            self._out = av.open(str(self.path), "w", options={"movflags": "+faststart"})
+        except (av.FFmpegError, ValueError) as e:
+            raise GGError(f"{self.path}: cannot write this video ({_why(e)}); use .mp4 or .mkv in a writable folder", Exit.OUTPUT) from e
+        try:
+            codec = video_encoder()
+            options = {"crf": str(crf), "preset": "veryfast"} if codec == "libx264" else {"qscale": "3"}
+            self._video = self._out.add_stream(codec, rate=self.rate, options=options)
+            self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
+            self._video.codec_context.time_base = 1 / self.rate
+            self._audio = _AudioTrack(self._out, audio) if audio is not None else None
+        except BaseException:
+            self._abort()
+            raise
 
     def write(self, frame: np.ndarray) -> None:
         """One frame, (height, width, 3) uint8 RGB, or float in [0, 1]."""
@@ -241,16 +348,33 @@ class VideoWriter:
             frame = (np.clip(frame, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
         if frame.shape != (self.height, self.width, 3):
             raise ValueError(f"frame shape {frame.shape} != {(self.height, self.width, 3)}")
+        picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        picture.pts, picture.time_base = self.frames, 1 / self.rate
         try:
-            self._proc.stdin.write(np.ascontiguousarray(frame).tobytes())
-        except BrokenPipeError as e:
-            raise GGError(f"{self.path}: video encoding failed ({self._errors.last()})", Exit.OUTPUT) from e
-        self.frames += 1
+            self._out.mux(self._video.encode(picture))
+            self.frames += 1
+            if self._audio is not None:
+                self._audio.feed(self.frames / self.rate)
+        except av.FFmpegError as e:
+            raise GGError(f"{self.path}: video encoding failed ({_why(e)}); check disk space and the output path", Exit.OUTPUT) from e
 
     def close(self) -> None:
-        self._proc.stdin.close()
-        if self._proc.wait() != 0:
-            raise GGError(f"{self.path}: video encoding failed ({self._errors.last()}); check disk space and the output path", Exit.OUTPUT)
+        try:
+            self._out.mux(self._video.encode(None))
+            if self._audio is not None:
+                self._audio.finish(self.frames / self.rate)
+            self._out.close()
+        except av.FFmpegError as e:
+            self._abort()
+            raise GGError(f"{self.path}: video encoding failed ({_why(e)}); check disk space and the output path", Exit.OUTPUT) from e
+
+    def _abort(self) -> None:
+        """Drop the partial file (this writer created it)."""
+        try:
+            self._out.close()
+        except (av.FFmpegError, OSError, ValueError):
+            pass  # the file is being thrown away
+        self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -259,42 +383,7 @@ class VideoWriter:
         if kind is None:
             self.close()
             return
-        self._proc.stdin.close()
-        self._proc.kill()
-        self._proc.wait()
-        self.path.unlink(missing_ok=True)
-
-
-class OpenCVWriter:
-    """Video-only fallback where no ffmpeg binary exists (the GPU machines): OpenCV's MPEG-4
-    Part 2 encoder. Larger and lossier than H.264, so meant for previews, never for scoring."""
-
-    def __init__(self, path: Path, fps: float, width: int, height: int):
-        import cv2
-
-        self.path, self.width, self.height, self.frames = Path(path), width, height, 0
-        self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-        if not self._writer.isOpened():
-            raise GGError(f"{self.path}: OpenCV cannot write this video (no ffmpeg either); install ffmpeg", Exit.OUTPUT)
-
-    def write(self, frame: np.ndarray) -> None:
-        if frame.dtype != np.uint8:
-            frame = (np.clip(frame, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
-        if frame.shape != (self.height, self.width, 3):
-            raise ValueError(f"frame shape {frame.shape} != {(self.height, self.width, 3)}")
-        self._writer.write(np.ascontiguousarray(frame[..., ::-1]))
-        self.frames += 1
-
-    def close(self) -> None:
-        self._writer.release()
-
-    def __enter__(self) -> OpenCVWriter:
-        return self
-
-    def __exit__(self, kind, value, tb) -> None:
-        self.close()
-        if kind is not None:
-            self.path.unlink(missing_ok=True)
+        self._abort()
 
 
 class Behind:
@@ -346,20 +435,9 @@ class Behind:
         self._thread.join(timeout=10)
 
 
-def has_ffmpeg() -> bool:
-    return shutil.which("ffmpeg") is not None
-
-
-def open_writer(path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18) -> VideoWriter | OpenCVWriter:
-    """`with open_writer("out.mp4", 25, 512, 512, audio="a.wav") as w: w.write(frame)`.
-
-    Without an ffmpeg binary a video-only OpenCV writer stands in (audio needs ffmpeg to mux).
-    """
-    if has_ffmpeg():
-        return VideoWriter(path, fps, width, height, audio, crf)
-    if audio is not None:
-        raise GGError(f"{path}: muxing audio needs ffmpeg, which is not installed; install it (apt-get install -y ffmpeg)", Exit.RESOURCE)
-    return OpenCVWriter(path, fps, width, height)
+def open_writer(path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18) -> VideoWriter:
+    """`with open_writer("out.mp4", 25, 512, 512, audio="a.wav") as w: w.write(frame)`."""
+    return VideoWriter(path, fps, width, height, audio, crf)
 
 
 def mux(video: Path, audio: Path, out: Path) -> None:
@@ -368,12 +446,32 @@ def mux(video: Path, audio: Path, out: Path) -> None:
     The two start together at t = 0, which is what keeps a synthesised video in sync with its
     speech; a video written while the audio was still arriving gets its sound this way.
     """
-    streams = [ffmpeg.input(str(video)).video, ffmpeg.input(str(audio)).audio]
     try:
-        ffmpeg.output(*streams, str(out), vcodec="copy", acodec="aac", audio_bitrate="128k", movflags="+faststart").overwrite_output().global_args(
-            "-nostdin", "-loglevel", "error"
-        ).run(capture_stdout=True, capture_stderr=True)
-    except ffmpeg.Error as e:
-        last = (e.stderr or b"").decode(errors="replace").strip().splitlines()
-        raise GGError(f"{out}: muxing audio failed ({last[-1] if last else 'no message'}); check disk space and the output path", Exit.OUTPUT) from e
+        with av.open(str(video), metadata_errors="ignore") as src, av.open(str(out), "w", options={"movflags": "+faststart"}) as dst:
+            v_in = src.streams.video[0]
+            v_out = dst.add_stream_from_template(v_in)
+            track = _AudioTrack(dst, audio)
+            for packet in src.demux(v_in):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                track.feed(float(packet.dts * v_in.time_base))
+                packet.stream = v_out
+                dst.mux(packet)
+            track.finish(None)
+    except av.FFmpegError as e:
+        Path(out).unlink(missing_ok=True)
+        raise GGError(f"{out}: muxing audio failed ({_why(e)}); check disk space and the output path", Exit.OUTPUT) from e
 
+
+def backend() -> dict[str, str]:
+    """Where our FFmpeg comes from, for `ggtalker doctor`: PyAV's version, the FFmpeg version it
+    was built with, and the file its libavcodec was loaded from (the wheel's bundled copy, or a
+    system library when PyAV was built from source)."""
+    loaded = "?"
+    try:
+        with open("/proc/self/maps") as maps:
+            loaded = next((line.split()[-1] for line in maps if "libavcodec" in line), "?")
+    except OSError:
+        pass  # not Linux: the version strings still say which FFmpeg it is
+    source = "bundled in the av wheel" if "/av.libs/" in loaded else "a system FFmpeg library (PyAV built from source)"
+    return {"library": f"PyAV {av.__version__}", "ffmpeg": av.ffmpeg_version_info, "source": source, "libavcodec": loaded, "video_encoder": video_encoder()}

@@ -28,10 +28,11 @@ from .artifacts import atomic_write_bytes
 from .errors import Exit, GGError
 
 COLUMNS = (("psnr", "PSNR dB"), ("ssim", "SSIM"), ("psnr_face", "PSNR face"), ("ssim_face", "SSIM face"), ("psnr_seam", "PSNR seam"),
-           ("lmd", "LMD px"), ("mouth_open_r", "mouth r"), ("mouth_lag", "vs GT lag fr"), ("av_sync_lag", "A/V lag fr"), ("av_sync_lag_rel", "A/V lag vs clip fr"), ("av_sync_r", "A/V r"), ("blink_rate", "blinks/min"))  # fmt: skip
+           ("lmd", "LMD px"), ("mouth_open_r", "mouth r"), ("mouth_lag", "vs GT lag fr"),
+           ("av_sync_lag", "A/V lag fr"), ("av_sync_lag_rel", "A/V lag vs clip fr"), ("av_sync_r", "A/V r"), ("blink_rate", "blinks/min"))
 BARS = (("psnr", "PSNR (dB) ↑"), ("ssim", "SSIM ↑"), ("lmd", "LMD (px at 512²) ↓"), ("mouth_open_r", "mouth-opening r ↑"))
 COLOURS = {"tracked": "tab:blue", "audio": "tab:red", "no_audio": "tab:gray", "tracked_paste": "tab:cyan", "retrieval_landmarks": "tab:olive",
-           "retrieval_blendshapes_pose": "tab:brown", "gt": "black", "detector_floor": "tab:green"}  # fmt: skip
+           "retrieval_blendshapes_pose": "tab:brown", "gt": "black", "detector_floor": "tab:green"}
 
 
 def save_png(path: Path, rgb: np.ndarray) -> None:
@@ -202,7 +203,7 @@ def page(rep: dict, figures: list[str]) -> str:
                                                   ("error ×4", "videos/error_tracked.mp4")]),
         ("no-audio baseline", [("ground truth", variants["gt"]["video"]), ("render: mean expression", variants["no_audio"]["video"]),
                                ("retrieval (landmarks)", variants["retrieval_landmarks"]["video"])]),
-    ]  # fmt: skip
+    ]
     body = [
         f"<h1>ggtalker eval — {html.escape(Path(rep['avatar']['path']).name)}</h1>",
         (f"<p>Clip <code>{html.escape(rep['clip']['path'])}</code>, test frames {rep['clip']['test_frames'][0]}–{rep['clip']['test_frames'][1] - 1} "
@@ -217,8 +218,9 @@ def page(rep: dict, figures: list[str]) -> str:
     ]
     if rep["ood"]:
         body += ["<h2>Out-of-distribution audio</h2>", _html_table(_ood_rows(rep), OOD_HEADER)]
-        body += [f"<div><b>{html.escape(Path(e['audio']).name)}</b><br><video src='{html.escape(e['video'])}' controls preload='metadata' width='320'></video></div>"
-                 for e in rep["ood"] if e.get("video")]  # fmt: skip
+        body += [f"<div><b>{html.escape(Path(e['audio']).name)}</b><br>"
+                 f"<video src='{html.escape(e['video'])}' controls preload='metadata' width='320'></video></div>"
+                 for e in rep["ood"] if e.get("video")]
     speed = rep["speed"]["metrics"]
     body += ["<h2>Speed</h2>", _html_table([[k, fmt(e), e.get("unit", ""), e.get("note", "")] for k, e in speed.items()], ["metric", "value", "unit", "note"])]
     body += ["<h2>Not computed</h2><ul>" + "".join(f"<li>{html.escape(k)}: {html.escape(v['status'])}</li>" for k, v in rep["optional"].items()) + "</ul>"]
@@ -226,7 +228,7 @@ def page(rep: dict, figures: list[str]) -> str:
         body += ["<h2>Pending</h2><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in rep["pending"]) + "</ul>"]
     body += ["<h2>Figures</h2>", *[f"<p><img src='{html.escape(f)}' alt='{html.escape(f)}'></p>" for f in figures]]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>ggtalker eval</title><style>{_CSS}</style></head>"
-            f"<body data-status='loading'>{''.join(body)}<script>{_JS}</script></body></html>\n")  # fmt: skip
+            f"<body data-status='loading'>{''.join(body)}<script>{_JS}</script></body></html>\n")
 
 
 def referenced_files(text: str) -> list[str]:

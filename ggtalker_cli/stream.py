@@ -1,21 +1,22 @@
 """Audio → expressions incrementally: samples in any chunking, frames out as soon as they are final.
 
 `a2e.predict` needs the whole audio. Synthesis of long or live speech needs the same result
-from chunks, in bounded memory, so this module replays predict's two windowed passes
-incrementally and emits a frame once no later audio can change it:
+from chunks, in bounded memory, so this module replays predict's windowed passes incrementally
+and emits a frame once no later audio can change it:
 
 - **whisper** (`audio.encode`'s schedule): 30 s windows every 20 s, the last one end-aligned.
   Window k starts at k·HOP exactly when the audio reaches k·HOP + 30 s, which is known as soon
   as that much has arrived; a frame belongs to the window with the nearest centre, so once
   window k is complete every frame up to its centre is owned by a known window.
-- **A2E** (`a2e.run`): `window` frames every `window/2`, cross-faded, the last end-aligned.
-  Frame t is final once features exist up to t + window + 1.
+- **A2E** (`a2e.Sampler`, the same code a whole-file run uses): `sample_steps` flow steps over
+  windows every `window/2`, the last end-aligned, each frame's starting noise drawn from
+  (seed, frame index). Frame t is final once features exist up to t + `Sampler.latency`.
 - **resampling** to the output rate (`a2e.resample`, linear at frame centres).
 
 Each emitted group is fixed by the audio alone, never by the chunking, so a stream's output does
-not depend on how its audio was cut (tests check it, and that it matches `a2e.predict`). Memory:
-at most 50 s of audio, two whisper windows and two A2E windows. Latency: frames are final up to
-LATENCY_S seconds of audio behind the newest sample.
+not depend on how its audio was cut (tests check it, and that it matches `a2e.predict` for the
+same seed). Memory: at most 50 s of audio, two whisper windows and a few A2E windows per flow
+step. Latency: frames are final up to `latency_s` seconds of audio behind the newest sample.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import audio
+from . import a2e, audio
 from .errors import Exit, GGError
-from .models import a2e
+from .models.a2e import MOUTH, N_BLENDSHAPES, from_state
 
 WHISPER_LATENCY_S = (audio.WINDOW / 2 + audio.HOP) / audio.SAMPLE_RATE  # 35 s: a frame just past a window centre waits for the next window
 
@@ -94,76 +95,21 @@ class _Whisper:
         return self.features(n_frames, audio.window_starts(n_samples)) if n_frames > self.n else np.zeros((0, self.dim), np.float16)
 
 
-class _A2E:
-    """Feature rows in, final standardised A2E codes out, as a2e.run makes them."""
-
-    def __init__(self, model: a2e.A2E, device: str):
-        self.model, self.device = model, device
-        self.w = int(model.meta["window"])
-        self.hop = self.w // 2
-        self.style = model.style_vector()
-        self.dim = a2e.N_BLENDSHAPES + model.meta["lip_components"]
-        self.feats, self.f0, self.n = torch.zeros(0, model.meta["feature_dim"], device=device), 0, 0
-        self.out, self.total, self.base = torch.zeros(0, self.dim, device=device), torch.zeros(0, 1, device=device), 0
-        self.next = 0  # next regular window start
-        self.final = 0  # codes emitted
-
-    @torch.no_grad()
-    def _window(self, s: int, length: int) -> None:
-        chunk = self.feats[s - self.f0 : s - self.f0 + length]
-        weight = 1.0 - (torch.arange(length, device=self.device) + 0.5 - length / 2).abs() / (length / 2) * 0.98
-        grow = s + length - self.base - len(self.out)
-        if grow > 0:
-            self.out = torch.cat([self.out, torch.zeros(grow, self.dim, device=self.device)])
-            self.total = torch.cat([self.total, torch.zeros(grow, 1, device=self.device)])
-        a = s - self.base
-        self.out[a : a + length] += self.model(chunk[None], self.style)[0] * weight[:, None]
-        self.total[a : a + length] += weight[:, None]
-
-    def _emit(self, end: int) -> torch.Tensor:
-        a, b = self.final - self.base, end - self.base
-        code = self.out[a:b] / self.total[a:b]
-        self.final = end
-        self.out, self.total, self.base = self.out[b:], self.total[b:], end
-        keep = max(0, self.next - self.hop) - self.f0  # the end-aligned window starts after the last regular one
-        if keep > 0:
-            self.feats, self.f0 = self.feats[keep:], self.f0 + keep
-        return code
-
-    def push(self, feats: np.ndarray) -> torch.Tensor:
-        self.feats = torch.cat([self.feats, torch.as_tensor(feats.astype(np.float32), device=self.device)])
-        self.n += len(feats)
-        while self.next + self.w <= self.n:
-            self._window(self.next, self.w)
-            self.next += self.hop
-        return self._emit(max(self.final, self.n - self.w - 1))
-
-    def finish(self) -> torch.Tensor:
-        n, w = self.n, self.w
-        regular = list(range(0, max(n - w, 0) + 1, self.hop))
-        for s in regular:
-            if s >= self.next:
-                self._window(s, min(w, n - s))
-        if regular[-1] + w < n:
-            self._window(n - w, w)
-        self.next = n + self.hop
-        return self._emit(n)
-
-
 class Expressions:
-    """`push(samples)` / `finish()` → `Frames` at `fps`, equal to `a2e.predict` on the whole audio."""
+    """`push(samples)` / `finish()` → `Frames` at `fps`, equal to `a2e.predict` on the whole audio
+    with the same `seed`."""
 
-    def __init__(self, state: dict[str, torch.Tensor], fps: float, whisper: str | Path | None = None, device: str = "cpu"):
-        self.model = a2e.from_state(state).to(device)
+    def __init__(self, state: dict[str, torch.Tensor], fps: float, whisper: str | Path | None = None, device: str = "cpu", seed: int = 0):
+        self.model = from_state(state).to(device)
         self.fps, self.mfps = float(fps), float(self.model.meta["fps"])
         encoder = audio.Encoder(whisper or self.model.meta["whisper"]["model"], device, dim=self.model.meta["feature_dim"])
         self.whisper = _Whisper(encoder, self.mfps)
-        self.a2e = _A2E(self.model, device)
+        self.sampler = a2e.Sampler(self.model, seed=seed)
         self.neutral = self.model.neutral.cpu().numpy()
-        self.bs, self.mouth, self.m0 = np.zeros((0, a2e.N_BLENDSHAPES), np.float32), np.zeros((0, len(a2e.MOUTH), 3), np.float32), 0
+        self.bs, self.mouth, self.m0 = np.zeros((0, N_BLENDSHAPES), np.float32), np.zeros((0, len(MOUTH), 3), np.float32), 0
         self.n_model = 0  # decoded model frames
         self.n_out = 0  # output frames emitted
-        self.latency_s = WHISPER_LATENCY_S + (self.a2e.w + 1) / self.mfps + 1 / self.fps
+        self.latency_s = WHISPER_LATENCY_S + self.sampler.latency / self.mfps + 1 / self.fps
 
     @property
     def seconds(self) -> float:
@@ -193,7 +139,7 @@ class Expressions:
         return frames
 
     def push(self, samples: np.ndarray) -> Frames:
-        code = self.a2e.push(self.whisper.push(samples))
+        code = self.sampler.push(torch.as_tensor(self.whisper.push(samples).astype(np.float32)))
         if len(code):
             self._decode(code)
         # output frame j is final when its upper neighbour (lo + 1) is decoded
@@ -207,8 +153,8 @@ class Expressions:
             raise GGError(f"audio is {self.seconds:.2f} s long; at least {audio.MIN_SECONDS} s of speech is needed", Exit.INPUT_INVALID)
         n_model = max(1, math.ceil(self.seconds * self.mfps))
         feats = self.whisper.finish(n_model)
-        code = self.a2e.push(feats)
-        rest = self.a2e.finish()
+        code = self.sampler.push(torch.as_tensor(feats.astype(np.float32)))
+        rest = self.sampler.finish()
         for c in (code, rest):
             if len(c):
                 self._decode(c)

@@ -38,7 +38,7 @@ EYE_OUTER_R, EYE_OUTER_L = 33, 263
 FOREHEAD, CHIN = 10, 152
 # The face oval, clockwise from the forehead (mediapipe's FACEMESH_FACE_OVAL order).
 FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
-             148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]  # fmt: skip
+             148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
 
 
 # ---------------------------------------------------------------- camera
@@ -212,7 +212,7 @@ class Tracking:
 
     def save(self, path: Path) -> None:
         np.savez(path, landmarks=self.landmarks, z=self.z, blendshapes=self.blendshapes, pose=self.pose, valid=self.valid,
-                 interpolated=self.interpolated, K=self.K, blendshape_names=np.array(self.blendshape_names))  # fmt: skip
+                 interpolated=self.interpolated, K=self.K, blendshape_names=np.array(self.blendshape_names))
 
     @classmethod
     def load(cls, path: Path, info: dict) -> Tracking:
@@ -282,7 +282,7 @@ def track(
 
 
 def _fill_and_smooth(target: _Track, n: int, width: int, height: int, fps: float, names: list[str], max_gap: int,
-                     cutoff_hz: float, info: dict) -> Tracking:  # fmt: skip
+                     cutoff_hz: float, info: dict) -> Tracking:
     """Dense arrays from the target's detections, gaps filled by interpolation (held at the ends).
 
     Gaps up to `max_gap` frames count as `interpolated`; longer ones are filled the same way so
@@ -319,7 +319,7 @@ def _fill_and_smooth(target: _Track, n: int, width: int, height: int, fps: float
     pose[:, :3, :3] = Rotation.from_quat(rotvec_q / np.linalg.norm(rotvec_q, axis=1, keepdims=True)).as_matrix()
     pose[:, :3, 3] = trans
     info.update(tracked_fraction=round(float((valid | interpolated).mean()), 4), interpolated_frames=int(interpolated.sum()),
-                lost_frames=int((~valid & ~interpolated).sum()), pose_cutoff_hz=cutoff_hz)  # fmt: skip
+                lost_frames=int((~valid & ~interpolated).sum()), pose_cutoff_hz=cutoff_hz)
     return Tracking(landmarks[..., :2], landmarks[..., 2], blend, pose, valid, interpolated, camera_K(width, height), names, info)
 
 

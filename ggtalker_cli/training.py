@@ -98,14 +98,18 @@ class Loop:
         self.name, self.steps, self.start, self.fix = name, steps, start, fix
         self.check_every = max(1, check_every)
         self.checkpoint, self.checkpoint_every, self.checkpoint_last = checkpoint, checkpoint_every, checkpoint_last
-        self.hooks: list[tuple[int, Hook]] = []
+        self.hooks: list[tuple[int, int, Hook]] = []
         self.values: dict[str, float] = {}  # the last checked step's terms, as floats
         self.done = start
         self._stop = False
 
-    def every(self, period: int, hook: Hook) -> Loop:
-        """Call `hook(done)` after each step where done % period == 0 and after the last one."""
-        self.hooks.append((max(1, period), hook))
+    def every(self, period: int, hook: Hook, phase: int = 0) -> Loop:
+        """Call `hook(done)` after each step where done % period == phase and after the last one.
+
+        phase 1 also runs it after the first step: a training log that starts at the untrained loss.
+        """
+        period = max(1, period)
+        self.hooks.append((period, phase % period, hook))
         return self
 
     def stop(self) -> None:
@@ -126,7 +130,7 @@ class Loop:
                 terms = step(i)
                 self.done = i + 1
                 last = self.done == self.steps
-                due = [hook for period, hook in self.hooks if self.done % period == 0 or last or self._stop]
+                due = [hook for period, phase, hook in self.hooks if self.done % period == phase or last or self._stop]
                 if due or last or self.done % self.check_every == 0:  # hooks read `values`: check them first
                     self._check(i, terms)
                 for hook in due:

@@ -30,7 +30,7 @@ def head_angles(pose: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, labels: np.ndarray | None = None, landmarks: np.ndarray | None = None,
-            pose: np.ndarray | None = None, K: np.ndarray | None = None, axis_cm: float = 6.0) -> np.ndarray:  # fmt: skip
+            pose: np.ndarray | None = None, K: np.ndarray | None = None, axis_cm: float = 6.0) -> np.ndarray:
     """A frame with the mask tinted in, landmarks as dots and the head pose as x/y/z axes (r/g/b)."""
     out = image.astype(np.float32)
     if labels is not None:
@@ -61,7 +61,7 @@ def save_figure(fig: plt.Figure, path: Path, dpi: int = 100) -> None:
 
 
 def contact_sheet(path: Path, thumbs: Sequence[tuple[int, np.ndarray]], fps: float, series: dict[str, np.ndarray],
-                  valid: np.ndarray, interpolated: np.ndarray, test_start: int, title: str) -> None:  # fmt: skip
+                  valid: np.ndarray, interpolated: np.ndarray, test_start: int, title: str) -> None:
     """Thumbnails (frame index, overlaid image) in a row grid above time plots of `series`.
 
     Lost frames are shaded red, interpolated ones orange; the dashed line starts the test split.

@@ -104,12 +104,13 @@ def render(
         rgb, alpha, depth, aux = reference.render(*args)
     elif backend == "gsplat":
         if not g.means.is_cuda:
-            raise GGError("the gsplat backend needs CUDA tensors: use --device cuda, or --backend torch on CPU", Exit.RESOURCE)
+            raise GGError("the gsplat backend needs CUDA tensors: render on a CUDA device, or "
+                          "pass backend=\"torch\" on CPU (the verbs choose with --device)", Exit.RESOURCE)
         reason = gsplat_backend.unavailable()
         if reason is not None:
             raise GGError(
                 f"gsplat is unavailable ({reason}): pip install 'ggtalker[cuda]' (gsplat==1.5.3) with a CUDA "
-                "toolkit (nvcc) for its first-run build, or use --backend torch",
+                "toolkit (nvcc) for its first-run build, or pass backend=\"torch\" (the default backend=\"auto\" falls back to it)",
                 Exit.RESOURCE,
             )
         rgb, alpha, depth, aux = gsplat_backend.render(*args)

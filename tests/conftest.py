@@ -6,6 +6,7 @@ third-party footage: cuts are written to pytest's temporary folders only, never 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,10 +16,38 @@ REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"
 
 
+def _ffmpeg_binary() -> str:
+    """The ffmpeg command line that makes the tests' inputs (cuts, filters, lavfi sources): a
+    system one when on PATH, else imageio-ffmpeg's static binary from pip (the `test` extra).
+    ggtalker itself needs neither: it reads and writes media in process (PyAV)."""
+    import imageio_ffmpeg
+
+    return shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+
+
+FFMPEG = _ffmpeg_binary()
+
+
 def ffmpeg(*args: str) -> None:
     """Run ffmpeg quietly; a failure shows its stderr."""
-    done = subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", *args], capture_output=True, text=True)
+    done = subprocess.run([FFMPEG, "-nostdin", "-y", "-loglevel", "error", *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def streams(path: Path) -> dict[str, dict]:
+    """What ffprobe -count_frames says of a file, read back by decoding every packet (PyAV):
+    per stream type its codec_name, nb_read_frames, duration (s) and pix_fmt (video)."""
+    import av
+
+    found: dict[str, dict] = {}
+    with av.open(str(path)) as container:
+        for stream in container.streams:
+            frames = sum(1 for _ in container.decode(stream))
+            container.seek(0)
+            found[stream.type] = {"codec_name": stream.codec_context.codec.canonical_name, "nb_read_frames": frames,
+                                  "duration": float(stream.duration * stream.time_base) if stream.duration else None,
+                                  "pix_fmt": getattr(stream.codec_context, "pix_fmt", None)}  # fmt: skip
+    return found
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -56,7 +85,7 @@ def cuts(tmp_path_factory, real_video) -> Path:
     folder = tmp_path_factory.mktemp("cuts")
     for name in ("aoc_8s_512_25fps", "macron_50s_512_30fps", "katiehill_8s_512_25fps"):
         ffmpeg("-ss", "1", "-t", "3", "-i", str(real_video(name)), "-c:v", "libx264", "-preset", "ultrafast", "-crf", "18",
-               "-c:a", "aac", str(folder / f"{name}.mp4"))  # fmt: skip
+               "-c:a", "aac", str(folder / f"{name}.mp4"))
     return folder
 
 
@@ -100,7 +129,7 @@ def tiny_avatar(tmp_path_factory, clip_128):
         a2e_cfg = {"window": 16, "d_model": 32, "layers": 1, "heads": 2, "lip_components": 4, "steps": 100, "batch": 4, "val_every": 10}
         fit_prior.run([clip], root / "prior", load_config("fast", {"a2e": a2e_cfg}), parts="a2e", holdout=None, device="cpu")
         cfg = load_config("fast", {"adapt": {"steps": 40, "size": 64, "uv_res": 16, "eval_frames": 2, "log_every": 10},
-                                   "inpainter": {"steps": 300, "log_every": 50}})  # fmt: skip
+                                   "inpainter": {"steps": 300, "log_every": 50}})
         adapt.run(clip, root / "avatar", cfg, device="cpu")
     finally:
         torch.set_num_threads(threads)
@@ -119,7 +148,7 @@ def tiny_whisper(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)  # fmt: skip
+                           n_vocab=64, n_text_ctx=8, n_text_state=32, n_text_head=2, n_text_layer=1)
     path = tmp_path_factory.mktemp("whisper") / "tiny-random.pt"
     torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": Whisper(dims).state_dict()}, path)
     return path

@@ -12,11 +12,12 @@ import torch
 from conftest import same_tensors
 from typer.testing import CliRunner
 
-from ggtalker_cli import artifacts
+from ggtalker_cli import artifacts, head_fit, training
 from ggtalker_cli.avatar import Avatar
 from ggtalker_cli.cli import app
 from ggtalker_cli.clip import Clip
-from ggtalker_cli.config import load_config
+from ggtalker_cli.clip_view import Data
+from ggtalker_cli.config import load_config, set_steps
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.gaussians import read_ply
 from ggtalker_cli.stages import adapt
@@ -52,7 +53,7 @@ def test_adapt_writes_a_complete_avatar(adapted):
     for name in ("weights.safetensors", "head.ply", "train_log.jsonl", "loss.png", "novel_views.png", "synthesis/track.npz"):
         assert (out / name).is_file(), name
     assert len(list((out / "previews").glob("*.png"))) >= 2
-    assert not (out / "checkpoint").exists()
+    assert not (out / head_fit.CHECKPOINT).exists()
     assert not artifacts.work_dir_for(out).exists()
     ply = read_ply(out / "head.ply")
     assert len(ply["x"]) == meta["gaussians"] and np.isfinite(np.stack(list(ply.values()))).all()
@@ -62,8 +63,8 @@ def test_adapt_writes_a_complete_avatar(adapted):
     assert track["pose"].shape[0] == track["blendshapes"].shape[0] == len(Clip(clip))
     assert not track["refined"][meta["eval"]["frames"]].any()  # test frames keep their raw tracking
     avatar = Avatar.load(out)
-    data = adapt.Data(Clip(clip), CI["size"], torch.device("cpu"))
-    again = adapt.evaluate(avatar, data, np.asarray(meta["eval"]["frames"]))
+    data = Data(Clip(clip), CI["size"], torch.device("cpu"))
+    again = head_fit.evaluate(avatar, data, np.asarray(meta["eval"]["frames"]))
     assert again["psnr_head"] == pytest.approx(meta["metrics"]["psnr_head"], abs=1e-3)  # the saved avatar is the evaluated one
 
 
@@ -71,7 +72,7 @@ def test_batched_render_equals_single_frames(adapted):
     """Synth renders a batch of frames in one vectorised pass: the same images as frame by frame."""
     clip, out, _ = adapted
     avatar = Avatar.load(out)
-    data = adapt.Data(Clip(clip), CI["size"], torch.device("cpu"))
+    data = Data(Clip(clip), CI["size"], torch.device("cpu"))
     frames = torch.as_tensor(data.test[:3])
     base, pose, expr = data.verts[frames], data.pose[frames], data.blendshapes[frames]
     base[1] = avatar.head.drive(expr[1])  # a driven frame among tracked ones, as eval mixes them
@@ -88,21 +89,21 @@ def test_batched_render_equals_single_frames(adapted):
 
 def _interrupt_at(monkeypatch, step: int) -> None:
     """Deliver a real SIGINT to this process while `step` runs."""
-    original = adapt.Trainer.step
+    original = head_fit.Trainer.step
 
     def step_and_signal(self, i, batch, frames):
         if i == step:
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, i, batch, frames)
 
-    monkeypatch.setattr(adapt.Trainer, "step", step_and_signal)
+    monkeypatch.setattr(head_fit.Trainer, "step", step_and_signal)
 
 
 def test_interrupt_then_resume_is_exact(clip_128, tmp_path, monkeypatch):
     clip, _ = clip_128
     # small and fast, but crossing pruning, the UV upsample and the refinement warm-up
     settings = {"size": 64, "steps": 8, "uv_res": 24, "upsample_at": 0.6, "prune_every": 2, "refine_after": 0.3,
-                "checkpoint_every": 1000, "eval_frames": 1, "log_every": 1}  # fmt: skip
+                "checkpoint_every": 1000, "eval_frames": 1, "log_every": 1}
     preset = tmp_path / "tiny.yaml"
     preset.write_text(json.dumps({"adapt": settings, "inpainter": {"steps": 2}}))  # JSON is YAML
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -115,7 +116,7 @@ def test_interrupt_then_resume_is_exact(clip_128, tmp_path, monkeypatch):
     result = runner.invoke(app, [*args, "-o", str(resumed)])
     assert result.exit_code == int(Exit.INTERRUPTED), result.output
     work = artifacts.work_dir_for(resumed)
-    assert json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 4 and not resumed.exists()
+    assert training.load(work / head_fit.CHECKPOINT)["step"] == 4 and not resumed.exists()
     monkeypatch.undo()
     assert runner.invoke(app, [*args, "-o", str(resumed), "--resume"]).exit_code == 0
 
@@ -149,3 +150,18 @@ def test_adapt_on_cuda(clip_128, tmp_path):
     out = tmp_path / "gpu"
     adapt.run(clip_128[0], out, load_config("fast", {"adapt": {**CI, "steps": 300}, "inpainter": {"steps": 20}}), device="cuda")
     assert artifacts.read_meta(out, "avatar")["metrics"]["psnr_head"] > HEAD_PSNR_MIN
+
+
+def test_steps_scale_every_part_or_set_each():
+    """`--steps N` keeps the preset's proportions between the head, the inpainter and the A2E
+    adaptation; `head=N,inpainter=M` sets the named parts and scales the rest by the head's factor."""
+    cfg = load_config("balanced")  # head 4000, inpainter 2000, A2E adaptation 800
+    assert set_steps(cfg, "adapt", "8000") == {"head": 8000, "inpainter": 4000, "a2e": 1600}
+    assert (cfg.adapt.steps, cfg.inpainter.steps, cfg.a2e.adapt_steps) == (8000, 4000, 1600)
+    assert set_steps(load_config("balanced"), "adapt", "head=2000,inpainter=300") == {"head": 2000, "inpainter": 300, "a2e": 400}
+    assert set_steps(load_config("balanced"), "adapt", "a2e=50") == {"head": 4000, "inpainter": 2000, "a2e": 50}
+    assert set_steps(load_config("balanced"), "adapt", "1") == {"head": 1, "inpainter": 1, "a2e": 1}  # never below one step
+    for bad in ("many", "0", "head=2,lips=3", "head=-1"):
+        with pytest.raises(GGError, match=r"--steps .*: expected a step count ≥ 1 or head=N,inpainter=N,a2e=N") as e:
+            set_steps(load_config("balanced"), "adapt", bad)
+        assert e.value.code == Exit.USAGE

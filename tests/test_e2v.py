@@ -4,15 +4,20 @@ and adapt starting from the prior, on short real cuts preprocessed at 128² (ren
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
-from ggtalker_cli import e2v_train
+from ggtalker_cli import artifacts, e2v_train
+from ggtalker_cli.cli import app
 from ggtalker_cli.clip import Clip
+from ggtalker_cli.clip_view import Data
 from ggtalker_cli.config import load_config
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.face_model import HeadModel
@@ -20,18 +25,16 @@ from ggtalker_cli.models.e2v import (
     E2V,
     IN_CHANNELS,
     WEIGHTS,
-    choose_prior,
-    reference_frames,
     unwrap,
     with_topology,
 )
+from ggtalker_cli.priors import choose_prior, reference_frames
 from ggtalker_cli.stages import adapt, fit_prior
-from ggtalker_cli.stages.adapt import Data
 
 
 def tiny_cfg(**e2v):
     e2v = {"size": 64, "uv_res": 32, "channels": [8, 16], "embed_dim": 4, "batch": 2, "steps": 6, "workers": 0, "val_every": 3,
-           "val_samples": 2, "checkpoint_every": 3, "max_sources": 2, "adapt_sources": 4, **e2v}  # fmt: skip
+           "val_samples": 2, "checkpoint_every": 3, "max_sources": 2, "adapt_sources": 4, **e2v}
     return load_config("fast", {"e2v": e2v, "adapt": {"size": 64, "uv_res": 64, "steps": 2, "eval_frames": 3}, "inpainter": {"steps": 2}})
 
 
@@ -80,7 +83,7 @@ def test_generator_starts_from_the_unwrapped_colours(clip_128):
     views = [data.load(i) for i in frames]
     idx = torch.as_tensor(frames)
     x = unwrap(model.template, torch.as_tensor(np.stack([v[0] for v in views]))[None], torch.as_tensor(np.stack([v[1] for v in views]))[None],
-               head.vertices(data.verts[idx])[None], data.pose[idx][None], data.K.expand(1, 3, 3, 3), torch.ones(1, 3, dtype=torch.bool))  # fmt: skip
+               head.vertices(data.verts[idx])[None], data.pose[idx][None], data.K.expand(1, 3, 3, 3), torch.ones(1, 3, dtype=torch.bool))
     assert x.shape == (1, IN_CHANNELS, 32, 32) and x.min() >= 0 and x.max() <= 1
     covered = model.template.alive
     assert (x[0][:, ~covered] == 0).all()
@@ -182,3 +185,26 @@ def test_absurd_learning_rate_is_a_diverged_run(clip_128, tmp_path):
         fit_prior.run([clip_128[0]], out, tiny_cfg(lr=1e6, checkpoint_every=100), parts="e2v", device="cpu")
     assert e.value.code == Exit.DIVERGED
     assert not out.exists() and not any(tmp_path.glob(".prior*"))
+
+
+def test_adapt_steps_reach_every_part(prior, tiny_avatar, clip_128, tmp_path):
+    """`adapt --steps` changes the steps of the head, the inpainter and the A2E adaptation alike,
+    and --json reports what each part ran (a prior with both parts: this e2v + tiny_avatar's a2e)."""
+    both = Path(shutil.copytree(prior[0], tmp_path / "both"))
+    a2e_prior = tiny_avatar[1]
+    shutil.copy(a2e_prior / "a2e.safetensors", both / "a2e.safetensors")
+    meta = artifacts.read_meta(both, "prior")
+    meta["parts"]["a2e"] = artifacts.read_meta(a2e_prior, "prior")["parts"]["a2e"]
+    artifacts.write_meta(both, "prior", {k: v for k, v in meta.items() if k not in ("format", "version")})
+    preset = tmp_path / "tiny.yaml"  # the base: head 4, inpainter 8, A2E adaptation 200 (the proportions --steps keeps)
+    preset.write_text(json.dumps({"adapt": {"size": 64, "uv_res": 64, "steps": 4, "eval_frames": 2}, "inpainter": {"steps": 8, "log_every": 2},
+                                  "a2e": {"adapt_steps": 200, "adapt_patience": 100}}))
+    args = ["--json", "adapt", str(clip_128[0]), "--prior", str(both), "--preset", str(preset), "--device", "cpu"]
+    runs = {}
+    for name, steps in (("half", "2"), ("named", "head=2,inpainter=3")):
+        result = CliRunner().invoke(app, [*args, "--steps", steps, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        runs[name] = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))["steps"]
+    assert runs == {"half": {"head": 2, "inpainter": 4, "a2e": 100}, "named": {"head": 2, "inpainter": 3, "a2e": 100}}
+    meta = artifacts.read_meta(tmp_path / "half", "avatar")
+    assert meta["steps"] == 2 and meta["inpainter"]["steps_run"] == 4 and meta["a2e"]["log"]["steps_run"] == 100

@@ -139,7 +139,7 @@ def test_report_page_in_headless_chromium(rendered, tmp_path):
         pytest.skip("no chromium (apt-get install -y chromium)")
     done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}", "--enable-logging=stderr",
                            "--v=0", "--virtual-time-budget=15000", "--dump-dom", (folder / "report.html").as_uri()],
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+                          capture_output=True, text=True, timeout=120, check=False)
     status = re.search(r'data-status="([^"]*)"', done.stdout)
     assert status is not None, done.stderr[-2000:]
     assert status.group(1) == "ok"

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ggtalker_cli import metrics
+from ggtalker_cli.body import train_inpainter
 from ggtalker_cli.config import InpainterConfig
 from ggtalker_cli.models.inpainter import (
     Inpainter,
@@ -15,7 +16,6 @@ from ggtalker_cli.models.inpainter import (
     inpainter_loss,
     paste,
     random_dilated_mask,
-    train_inpainter,
 )
 
 SIZE = 64
@@ -28,7 +28,10 @@ def scene(batch: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     gradient PLATE; the render is the disc shifted by up to 2 px and 2 px smaller (a jaw
     mismatch). The neck hidden under the blank is not on the plate: the part a paste gets wrong."""
     yy, xx = _YY, _XX
-    u = lambda lo, hi: float(torch.empty(()).uniform_(lo, hi, generator=generator))
+
+    def u(lo: float, hi: float) -> float:
+        return float(torch.empty(()).uniform_(lo, hi, generator=generator))
+
     heads, alphas, frames, masks = [], [], [], []
     for _ in range(batch):
         cx, cy, r = u(24, 40), u(18, 30), u(10, 14)

@@ -22,7 +22,9 @@ def pinhole(size: int, f: float, c: float, dtype=F64) -> Camera:
 
 
 def gaussians(means, scales, opacities, colors, quats=None, dtype=F64) -> Gaussians:
-    t = lambda x: torch.as_tensor(x, dtype=dtype)
+    def t(x):
+        return torch.as_tensor(x, dtype=dtype)
+
     means = t(means)
     quats = t(quats) if quats is not None else torch.tensor([[1.0, 0, 0, 0]], dtype=dtype).expand(len(means), 4)
     return Gaussians(means, quats, t(scales), t(opacities), t(colors))
@@ -240,7 +242,7 @@ def test_gsplat_without_cuda_is_a_resource_error():
     g = head_scene(10)
     with pytest.raises(GGError) as e:
         render(g, front_cameras(16), backend="gsplat")
-    assert e.value.code == Exit.RESOURCE and "--backend torch" in e.value.message
+    assert e.value.code == Exit.RESOURCE and 'backend="torch"' in e.value.message
     assert torch.equal(render(g, front_cameras(16)).rgb, render(g, front_cameras(16), backend="torch").rgb)
 
 

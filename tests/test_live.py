@@ -17,7 +17,7 @@ from conftest import ffmpeg
 from safetensors.torch import load_file
 
 from ggtalker_cli import audio, live, media, metrics
-from ggtalker_cli.config import LiveConfig
+from ggtalker_cli.config import Config, LiveConfig
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.stream import Expressions
 
@@ -91,7 +91,7 @@ def test_frames_arrive_within_the_latency(tiny_avatar, speech, tmp_path):
 
     avatar, _, _ = tiny_avatar
     out = tmp_path / "expressions.npz"
-    summary = synth.run(avatar, str(speech), str(out), stream=True, latency=LATENCY, live_cfg=LiveConfig(context_s=3.0), device="cpu")
+    summary = synth.run(avatar, str(speech), str(out), stream=True, latency=LATENCY, cfg=Config(live=LiveConfig(context_s=3.0)), device="cpu")
     assert summary["frames"] == int(np.ceil(summary["duration_s"] * 25)) == len(np.load(out)["mouth_open"])
     assert summary["latency_s"] < LATENCY  # the audio a frame waits for; the rest of the budget is compute
     assert summary["latency_s_p95"] < LATENCY + SLACK_S, summary

@@ -1,12 +1,16 @@
-"""media.py: probe (rates, VFR, rotation, audio), constant-rate streaming decode, audio, encode."""
+"""media.py: probe (rates, VFR, rotation, audio), constant-rate streaming decode, audio, encode.
+
+media.py reads and writes in process (PyAV); the ffmpeg command line (a system one, or
+imageio-ffmpeg's binary) is the reference it is held to on the real clips' edge cases."""
 
 from __future__ import annotations
 
+import subprocess
 import types
 
 import numpy as np
 import pytest
-from conftest import ffmpeg
+from conftest import FFMPEG
 
 from ggtalker_cli import media
 from ggtalker_cli.errors import Exit, GGError
@@ -33,14 +37,30 @@ def test_decode_resamples_vfr_to_constant_rate(real_video):
     assert abs(n - p.duration * 25) <= 1.5
 
 
-def test_rotation_metadata_is_applied(tmp_path):
-    src, rotated = tmp_path / "src.mp4", tmp_path / "rot.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x64:rate=25:duration=1", "-pix_fmt", "yuv420p", str(src))
-    ffmpeg("-i", str(src), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(rotated))
-    p = media.probe(rotated)
-    assert p.rotation in (90, 270) and (p.width, p.height) == (64, 96)
-    frame = next(media.decode(rotated, 25, p.width, p.height))
-    assert frame.shape == (96, 64, 3)
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_rotation_metadata_is_applied(tmp_path, degrees):
+    """A phone video: stored landscape with a display matrix. Frames come out upright, turned
+    counter-clockwise by the stored angle (what players and the ffmpeg command line show)."""
+    import av
+
+    stored = np.zeros((64, 96, 3), np.uint8)
+    stored[:32, :48] = (255, 0, 0)  # red top-left quarter: shows which way the frame turned
+    path = tmp_path / "rot.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"crf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv444p"
+        stream.set_display_rotation(degrees)
+        for k in range(5):
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
+            frame.pts = k
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    p = media.probe(path)
+    assert p.rotation == degrees and (p.width, p.height) == ((64, 96) if degrees != 180 else (96, 64))
+    frames = list(media.decode(path, 25, p.width, p.height))
+    expected = np.rot90(stored, degrees // 90)
+    assert len(frames) == 5 and frames[0].shape == expected.shape
+    assert np.abs(frames[0].astype(int) - expected).mean() < 4
 
 
 def test_extract_audio_is_exact_length_and_aligned(tmp_path, aoc_cut):
@@ -126,3 +146,49 @@ def test_behind_abandon_drops_what_is_queued():
     threading.Timer(0.2, gate.set).start()  # the frame in hand finishes after abandon() began
     behind.abandon()
     assert len(written) == 1  # the other four were dropped, not written
+
+
+def _cli_frames(path, fps: float, size: int) -> np.ndarray:
+    """The old media.decode: ffmpeg's fps + area-scale filters, rgb24 through a pipe."""
+    raw = subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", "-i", str(path), "-vf", f"fps={fps},scale={size}:{size}:flags=area",
+                          "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"], capture_output=True, check=True).stdout  # fmt: skip
+    return np.frombuffer(raw, np.uint8).reshape(-1, size, size, 3)
+
+
+@pytest.mark.parametrize(
+    "name, fps",
+    [("retalk1_man_suit_6s_700_vfr", 25), ("tedlieu_60s_256_25fps", 25), ("aoc_8s_512_25fps", 25), ("retalk4_woman_bluebg_7s_700_30fps", 30),
+     ("retalk4_woman_bluebg_7s_700_30fps", 25)],
+    ids=["vfr", "yuvj420p", "mpeg4", "30fps", "30fps-to-25"],
+)  # fmt: skip
+def test_decode_matches_the_ffmpeg_command_line(real_video, name, fps):
+    """Same frame count (timestamp resampling of VFR and 30 fps input), same pixels (full-range
+    yuvj420p, MPEG-4 Part 2) as the ffmpeg command line, to rounding."""
+    path = real_video(name)
+    ours = np.stack(list(media.decode(path, fps, 96, 96)))
+    theirs = _cli_frames(path, fps, 96)
+    assert len(ours) == len(theirs) and abs(len(ours) - media.probe(path).duration * fps) <= 1.5
+    assert np.abs(ours.astype(int) - theirs).mean() < 1.0
+
+
+@pytest.mark.parametrize("name", ["en_musetalk_eng_60s", "en_obama_5s", "macron_speech_12s", "iplap_audio2_21s", "de_german_9s"],
+                         ids=["16k-mono", "16k-stereo", "48k-stereo", "44k-stereo", "48k-s24"])  # fmt: skip
+def test_audio_matches_the_ffmpeg_command_line(real_dir, name):
+    """16-48 kHz, mono/stereo, s16/s24 wavs resample to 16 kHz mono as `ffmpeg -ac 1 -ar 16000` does."""
+    path = real_dir / "audio" / f"{name}.wav"
+    ours = media.read_audio(path)
+    raw = subprocess.run([FFMPEG, "-nostdin", "-loglevel", "error", "-i", str(path), "-ac", "1", "-ar", "16000", "-f", "f32le", "pipe:"],
+                         capture_output=True, check=True).stdout  # fmt: skip
+    theirs = np.frombuffer(raw, np.float32)
+    assert len(ours) == len(theirs) and np.abs(ours - theirs).max() < 1e-3
+
+
+def test_mp3_inside_mp4_is_extracted_whole(real_video, tmp_path):
+    """The CNN clip carries mp3 audio in its mp4: all 71 s of it come out, aligned to the frames."""
+    path = real_video("cnn_anchor_71s_512_25fps")
+    p = media.probe(path)
+    assert p.audio_codec == "mp3" and p.audio_rate == 44100
+    n = round(p.n_frames / 25 * media.AUDIO_RATE)
+    info = media.extract_audio(path, tmp_path / "a.wav", n, p.audio_start)
+    pcm, _ = media.read_wav(tmp_path / "a.wav")
+    assert len(pcm) == n and abs(info["decoded_s"] - p.duration) < 0.1 and np.abs(pcm[-media.AUDIO_RATE :]).max() > 0.01

@@ -138,9 +138,9 @@ def bad(tmp_path_factory, cuts, real_dir):
     data = (d / "faststart.mp4").read_bytes()
     (d / "truncated.mp4").write_bytes(data[: len(data) // 2])  # index first: decodes, then stops
     ffmpeg("-f", "lavfi", "-i", "testsrc=size=256x256:rate=25:duration=3", "-f", "lavfi", "-i", "sine=frequency=300:duration=3",
-           "-pix_fmt", "yuv420p", "-shortest", str(d / "noface.mp4"))  # fmt: skip
+           "-pix_fmt", "yuv420p", "-shortest", str(d / "noface.mp4"))
     ffmpeg("-i", str(aoc), "-i", str(katie), "-filter_complex", "[0:v][1:v]hstack[v]", "-map", "[v]", "-map", "0:a",
-           "-c:v", "libx264", "-preset", "ultrafast", str(d / "twofaces.mp4"))  # fmt: skip
+           "-c:v", "libx264", "-preset", "ultrafast", str(d / "twofaces.mp4"))
     ffmpeg("-i", str(aoc), "-an", "-c:v", "copy", str(d / "silent.mp4"))
     ffmpeg("-i", str(aoc), "-t", "1.2", "-c", "copy", str(d / "short.mp4"))
     return d
@@ -210,9 +210,9 @@ def test_identity_embedding_when_a_recogniser_resolves(clip_128, tmp_path, monke
 
     weights = numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.1, (512, 3, 8, 8)).astype(np.float32), "W")
     nodes = [helper.make_node("Conv", ["data", "W"], ["c"], strides=[8, 8]), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["fc1"])]  # fmt: skip
+             helper.make_node("Flatten", ["p"], ["fc1"])]
     graph = helper.make_graph(nodes, "arcface", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
-                              [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", 512])], [weights])  # fmt: skip
+                              [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["N", 512])], [weights])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "arcface.onnx")

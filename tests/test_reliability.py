@@ -28,24 +28,24 @@ import pytest
 import torch
 import yaml
 from conftest import ffmpeg, same_tensors
-from safetensors.torch import load_file, save_file
 from test_a2e import make_clip
 from typer.testing import CliRunner, Result
 
-from ggtalker_cli import a2e_train, artifacts
+from ggtalker_cli import a2e_train, artifacts, head_fit, training
 from ggtalker_cli.cli import app
 from ggtalker_cli.config import Config, load_config
 from ggtalker_cli.errors import Exit, GGError
-from ggtalker_cli.models.e2v import DEFAULT_PRIOR, E2V
+from ggtalker_cli.models.e2v import E2V
+from ggtalker_cli.priors import DEFAULT_PRIOR
 from ggtalker_cli.stages import adapt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # tiny settings: the runs that get past the checks finish in seconds on one CPU thread
 A2E = {"window": 16, "d_model": 16, "layers": 1, "heads": 2, "lip_components": 4, "style_dim": 8, "steps": 12, "batch": 4,
-       "val_every": 4, "checkpoint_every": 4}  # fmt: skip
+       "val_every": 4, "checkpoint_every": 4}
 ADAPT = {"size": 64, "steps": 8, "uv_res": 24, "upsample_at": 0.6, "prune_every": 2, "refine_after": 0.3, "checkpoint_every": 4,
-         "eval_frames": 1, "log_every": 1}  # fmt: skip
+         "eval_frames": 1, "log_every": 1}
 
 
 def cli(*args: object) -> Result:
@@ -138,7 +138,7 @@ VERBS = ["preprocess", "adapt", "fit-prior"]
 def verb_args(aoc_cut, clip_128) -> dict[str, list]:
     """Each verb with real inputs, so that only the preset or the flag under test is wrong."""
     return {"preprocess": ["preprocess", aoc_cut], "adapt": ["adapt", clip_128[0], "--no-prior", "--device", "cpu"],
-            "fit-prior": ["fit-prior", clip_128[0], "--device", "cpu"]}  # fmt: skip
+            "fit-prior": ["fit-prior", clip_128[0], "--device", "cpu"]}
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -181,10 +181,15 @@ def test_preset_name_and_file_must_exist(verb, verb_args, tmp_path):
     refused(cli(*verb_args[verb], "-o", out, "--preset", missing), Exit.INPUT_MISSING, missing, "preset file not found", target=out)
 
 
-@pytest.mark.parametrize("verb, section", [("adapt", "adapt"), ("fit-prior", "a2e")])
-def test_negative_steps_and_seed(verb, section, verb_args, tmp_path):
+@pytest.mark.parametrize(
+    "verb, section, words",
+    [("adapt", "adapt", "--steps -5: expected a step count ≥ 1 or head=N,inpainter=N,a2e=N"),
+     ("fit-prior", "a2e", "command-line flags: 'a2e.steps' must be ≥ 0, got -5")],
+    ids=["adapt", "fit-prior"],
+)
+def test_negative_steps_and_seed(verb, section, words, verb_args, tmp_path):
     out = tmp_path / "out"
-    refused(cli(*verb_args[verb], "-o", out, "--steps", "-5"), Exit.USAGE, f"command-line flags: '{section}.steps' must be ≥ 0, got -5", target=out)
+    refused(cli(*verb_args[verb], "-o", out, "--steps", "-5"), Exit.USAGE, words, target=out)
     refused(cli(*verb_args[verb], "-o", out, "--seed", "-1"), Exit.USAGE, f"'{section}.seed' must be ≥ 0, got -1", target=out)
 
 
@@ -221,7 +226,7 @@ def test_preprocess_8k_video(aoc_cut, tmp_path):
     """7680×4320 (at 5 fps, to keep the test short): tracked at ≤ 960 px, cropped from full resolution."""
     video, out = tmp_path / "8k.mp4", tmp_path / "clip"
     ffmpeg("-t", "2.4", "-i", str(aoc_cut), "-vf", "fps=5,scale=-2:4320,pad=7680:4320:(ow-iw)/2:0", "-c:v", "libx264", "-preset", "ultrafast",
-           "-crf", "30", str(video))  # fmt: skip
+           "-crf", "30", str(video))
     result = cli("preprocess", video, "-o", out, "--size", "64")
     assert result.exit_code == 0, result.stderr
     meta = artifacts.read_meta(out, "clip")
@@ -234,7 +239,7 @@ def test_preprocess_face_lost_for_a_stretch(aoc_cut, tmp_path):
     one warning line, and those frames are flagged so no stage trains on them."""
     video, out = tmp_path / "lost.mp4", tmp_path / "clip"
     ffmpeg("-i", str(aoc_cut), "-vf", "drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='gte(t,2)'", "-c:v", "libx264",
-           "-preset", "ultrafast", "-c:a", "copy", str(video))  # fmt: skip
+           "-preset", "ultrafast", "-c:a", "copy", str(video))
     result = cli("preprocess", video, "-o", out, "--size", "64")
     assert result.exit_code == 0, result.stderr
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
@@ -250,7 +255,7 @@ def test_preprocess_face_lost_mid_clip_is_rejoined(aoc_cut, tmp_path):
     only 47%' when the gap split the track in two."""
     video, out = tmp_path / "gap.mp4", tmp_path / "clip"
     ffmpeg("-i", str(aoc_cut), "-vf", "drawbox=x=0:y=0:w=iw:h=ih:color=black:t=fill:enable='between(t,1,1.76)'", "-c:v", "libx264",
-           "-preset", "ultrafast", "-c:a", "copy", str(video))  # fmt: skip
+           "-preset", "ultrafast", "-c:a", "copy", str(video))
     result = cli("preprocess", video, "-o", out, "--size", "64")
     assert result.exit_code == 0, result.stderr
     tracking_meta = artifacts.read_meta(out, "clip")["tracking"]
@@ -446,11 +451,12 @@ def test_fit_prior_output_and_holdout(voices, tmp_path):
     assert list(out.iterdir()) == [] and leftovers(out) == ["prior"]
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    refused(cli("fit-prior", *voices, "-o", blocker / "prior", "--device", "cpu"), Exit.OUTPUT, f"{blocker}: cannot create output folder", "choose a writable -o")
+    refused(cli("fit-prior", *voices, "-o", blocker / "prior", "--device", "cpu"), Exit.OUTPUT,
+            f"{blocker}: cannot create output folder", "choose a writable -o")
     refused(cli("fit-prior", *voices, "-o", tmp_path / "p2", "--holdout", "id7"), Exit.USAGE, "--holdout id7: not among the clips (id0, id1)",
-            target=tmp_path / "p2")  # fmt: skip
+            target=tmp_path / "p2")
     refused(cli("fit-prior", *voices, "-o", tmp_path / "p2", "--parts", "a2e,lips"), Exit.USAGE, "--parts: unknown part(s) lips; choose from a2e, e2v",
-            target=tmp_path / "p2")  # fmt: skip
+            target=tmp_path / "p2")
 
 
 # ------------------------------------------------------------------ synth and eval: the avatar folder
@@ -536,7 +542,7 @@ def test_synth_pose_file_unreadable(tiny_avatar, wav, tmp_path):
     np.savez(pose, pose=np.eye(4)[None].repeat(3, 0))
     truncate(pose)
     refused(cli("synth", tiny_avatar[0], "--audio", wav, "-o", out, "--pose", pose, "--device", "cpu"), Exit.INPUT_INVALID, pose,
-            "unreadable pose file (BadZipFile); expected an .npz with 'pose'", target=out)  # fmt: skip
+            "unreadable pose file (BadZipFile); expected an .npz with 'pose'", target=out)
 
 
 def test_eval_output_audio_and_score_only(tiny_avatar, tmp_path):
@@ -549,7 +555,8 @@ def test_eval_output_audio_and_score_only(tiny_avatar, tmp_path):
     blocker.write_text("x")
     refused(cli("eval", avatar, "-o", blocker / "report", "--score", "no"), Exit.OUTPUT, f"{blocker}: cannot create output folder", "choose a writable -o")
     missing = tmp_path / "speech.wav"
-    refused(cli("eval", avatar, "-o", tmp_path / "r2", "--audio", missing), Exit.INPUT_MISSING, missing, "no such audio file; check --audio", target=tmp_path / "r2")
+    refused(cli("eval", avatar, "-o", tmp_path / "r2", "--audio", missing), Exit.INPUT_MISSING,
+            missing, "no such audio file; check --audio", target=tmp_path / "r2")
     refused(cli("eval", "-o", out, "--score-only"), Exit.INPUT_MISSING, out, "no report.json to score; run `ggtalker eval AVATAR_DIR -o")
     refused(cli("eval", avatar, "-o", tmp_path / "r3", "--score", "maybe"), Exit.USAGE, "--score maybe: expected auto, yes or no", target=tmp_path / "r3")
 
@@ -564,16 +571,12 @@ def test_the_payload_is_live(tmp_path):
     assert marker.exists()
 
 
-def test_crafted_optimizer_state_in_an_adapt_checkpoint(tiny_avatar, clip_128, tmp_path):
-    """An interrupted avatar's checkpoint whose optimizer.pt was swapped for a payload: --resume refuses it."""
+def test_crafted_adapt_checkpoint(clip_128, tmp_path):
+    """An interrupted avatar's checkpoint swapped for a payload: --resume refuses it before it runs."""
     out, marker = tmp_path / "avatar", tmp_path / "ran"
-    ckpt = artifacts.work_dir_for(out) / adapt.CHECKPOINT
-    ckpt.mkdir(parents=True)
-    state = load_file(str(tiny_avatar[0] / "weights.safetensors"))
-    n = clip_128[1]["n_frames"]
-    save_file({**state, "refine.pose": torch.zeros(n, 6), "refine.expr": torch.zeros(n, 52)}, str(ckpt / "weights.safetensors"))
-    (ckpt / "state.json").write_text(json.dumps({"step": 2, "seconds": 0.0, "uv_res": 16}))
-    evil = plant(ckpt / "optimizer.pt", marker)
+    work = artifacts.work_dir_for(out)
+    work.mkdir(parents=True)
+    evil = plant(work / head_fit.CHECKPOINT, marker)
     result = cli("adapt", clip_128[0], "-o", out, "--resume", "--no-prior", "--device", "cpu", "--preset", preset(tmp_path, {"adapt": ADAPT}))
     refused(result, Exit.ARTIFACT, evil, "refused: this checkpoint holds more than tensors", "rerun without --resume", target=out, left=(".avatar.partial",))
     assert not marker.exists()
@@ -591,7 +594,8 @@ def test_crafted_fit_prior_checkpoint(voices, tmp_path):
 
 @pytest.mark.parametrize(
     "name, words",
-    [("weights.safetensors", "unreadable avatar weights"), ("a2e.safetensors", "unreadable A2E weights"), ("inpainter.safetensors", "unreadable inpainter weights")],
+    [("weights.safetensors", "unreadable avatar weights"), ("a2e.safetensors", "unreadable A2E weights"),
+     ("inpainter.safetensors", "unreadable inpainter weights")],
     ids=["head", "a2e", "inpainter"],
 )
 def test_pickle_disguised_as_avatar_weights(avatar, wav, tmp_path, name, words):
@@ -657,7 +661,7 @@ def _symlink_out(c: Path) -> str:
 def test_clip_paths_must_stay_inside(clip, tmp_path, escape):
     named, out = escape(clip), tmp_path / "avatar"
     refused(cli("adapt", clip, "-o", out, "--no-prior", "--device", "cpu"), Exit.ARTIFACT, clip / "meta.yaml", f"path {named} points outside the artifact",
-            target=out)  # fmt: skip
+            target=out)
 
 
 def test_avatar_and_prior_paths_must_stay_inside(avatar, tiny_avatar, wav, tmp_path):
@@ -665,12 +669,12 @@ def test_avatar_and_prior_paths_must_stay_inside(avatar, tiny_avatar, wav, tmp_p
     shutil.move(avatar / "inpainter.safetensors", tmp_path / "inpainter.safetensors")
     edit_meta(avatar, lambda m: m["inpainter"].update(file="../inpainter.safetensors"))
     refused(cli("synth", avatar, "--audio", wav, "-o", out, "--device", "cpu"), Exit.ARTIFACT, avatar / "meta.yaml",
-            "path '../inpainter.safetensors' points outside the artifact", target=out)  # fmt: skip
+            "path '../inpainter.safetensors' points outside the artifact", target=out)
     prior = Path(shutil.copytree(tiny_avatar[1], tmp_path / "prior"))
     shutil.move(prior / "a2e.safetensors", tmp_path / "a2e.safetensors")
     (prior / "a2e.safetensors").symlink_to(tmp_path / "a2e.safetensors")
     refused(cli("synth", tiny_avatar[0], "--a2e", prior, "--audio", wav, "-o", out, "--device", "cpu"), Exit.ARTIFACT, prior / "meta.yaml",
-            "path 'a2e.safetensors' points outside the artifact", target=out)  # fmt: skip
+            "path 'a2e.safetensors' points outside the artifact", target=out)
 
 
 # ------------------------------------------------------------------ resources: a full disk, CUDA out of memory
@@ -686,7 +690,7 @@ def small_disk(monkeypatch):
 def test_too_little_disk_space_is_refused_before_writing(verb, small_disk, aoc_cut, clip_128, tiny_avatar, wav, tmp_path):
     out = tmp_path / ("talk.mp4" if verb == "synth" else "out")
     args = {"preprocess": ["preprocess", aoc_cut], "adapt": ["adapt", clip_128[0], "--no-prior", "--device", "cpu"],
-            "synth": ["synth", tiny_avatar[0], "--audio", wav, "--device", "cpu", "--size", "512"]}[verb]  # 512²: over 1 MiB of mp4  # fmt: skip
+            "synth": ["synth", tiny_avatar[0], "--audio", wav, "--device", "cpu", "--size", "512"]}[verb]  # 512²: over 1 MiB of mp4
     refused(cli(*args, "-o", out), Exit.OUTPUT, out, f"{tmp_path} has 1.0 MiB free but about", "is needed; free disk space there or choose another -o")
     assert list(tmp_path.iterdir()) == []  # nothing written anywhere, not even a temporary
 
@@ -700,7 +704,7 @@ def test_disk_filling_up_mid_run(voices, tmp_path, monkeypatch):
         with open("/dev/full", "wb") as f:
             f.write(data)
 
-    monkeypatch.setattr(a2e_train, "atomic_write_bytes", onto_full_disk)
+    monkeypatch.setattr(training, "atomic_write_bytes", onto_full_disk)
     out = tmp_path / "prior"
     result = cli("fit-prior", *voices, "-o", out, "--device", "cpu", "--preset", preset(tmp_path, {"a2e": A2E}))
     refused(result, Exit.OUTPUT, out, f"disk full ({os.strerror(errno.ENOSPC)}); free disk space there or choose another -o", target=out)
@@ -711,11 +715,11 @@ def _out_of_memory(*args, **kwargs):
 
 
 def test_adapt_out_of_memory(clip_128, tmp_path, monkeypatch):
-    monkeypatch.setattr(adapt.Trainer, "step", _out_of_memory)
+    monkeypatch.setattr(head_fit.Trainer, "step", _out_of_memory)
     out = tmp_path / "avatar"
     result = cli("adapt", clip_128[0], "-o", out, "--no-prior", "--device", "cpu", "--preset", preset(tmp_path, {"adapt": ADAPT}))
     refused(result, Exit.RESOURCE, "CUDA out of memory adapting at 64² (adapt.uv_res 24, adapt.batch 1); lower --size, adapt.uv_res or adapt.batch",
-            "then re-run with --resume", target=out)  # fmt: skip  (failed before its first checkpoint: nothing to resume, nothing left)
+            "then re-run with --resume", target=out)  # failed before its first checkpoint: nothing to resume, nothing left
 
 
 def test_fit_prior_out_of_memory(voices, tmp_path, monkeypatch):
@@ -730,7 +734,8 @@ def test_fit_prior_out_of_memory(voices, tmp_path, monkeypatch):
     [
         ("fit-prior", {"a2e": {**A2E, "lr": 1e6}}, ("a2e training diverged at step", "lower the preset's a2e.lr"), ()),
         ("adapt", {"adapt": {**ADAPT, "lr_scale": 1e6}}, ("adapt diverged at step", "lower the learning rates in the preset"), ()),
-        ("adapt", {"adapt": ADAPT, "inpainter": {"steps": 4, "log_every": 2, "lr": 1e6}}, ("inpainter training diverged (held-out full PSNR", "lower inpainter.lr"),
+        ("adapt", {"adapt": ADAPT, "inpainter": {"steps": 4, "log_every": 2, "lr": 1e6}},
+         ("inpainter training diverged (held-out full PSNR", "lower inpainter.lr"),
          (".avatar.partial",)),  # the fitted head's checkpoint stays, resumable
     ],
     ids=["fit-prior", "adapt", "adapt-inpainter"],
@@ -753,9 +758,8 @@ def test_absurd_learning_rate_is_a_diverged_run(verb, settings, words, left, voi
 # k-th step (0-based): no handler, no finally, exactly a kill -9 or a pre-emption.
 DRIVER = """
 import os, signal, sys
-from ggtalker_cli import a2e_train, cli
-from ggtalker_cli.stages import adapt
-sample, step, calls = a2e_train._sample, adapt.Trainer.step, [0]
+from ggtalker_cli import a2e_train, cli, head_fit
+sample, step, calls = a2e_train._sample, head_fit.Trainer.step, [0]
 kill_at, kill_in = int(os.environ.get("GGTALKER_TEST_KILL_AT", "0")), os.environ.get("GGTALKER_TEST_KILL_IN", "a2e")
 def counted(*args):
     calls[0] += 1
@@ -766,7 +770,7 @@ def stepped(self, i, *args):
     if kill_in == "adapt" and kill_at and i == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return step(self, i, *args)
-a2e_train._sample, adapt.Trainer.step = counted, stepped
+a2e_train._sample, head_fit.Trainer.step = counted, stepped
 sys.argv = ["ggtalker", *sys.argv[1:]]
 cli.main()
 """
@@ -807,13 +811,14 @@ def test_adapt_kill9_then_resume_is_exact(clip_128, tmp_path):
     runs = [start(*args, "-o", straight), start(*args, "-o", killed, kill_at=7, kill_in="adapt")]
     assert [finish(p) for p in runs] == [0, -signal.SIGKILL]
     work = artifacts.work_dir_for(killed)
-    assert leftovers(killed) == [work.name] and json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert leftovers(killed) == [work.name] and artifacts.load_checkpoint(work / head_fit.CHECKPOINT)["step"] == 4
     assert finish(start(*args, "-o", killed, "--resume")) == 0
     assert leftovers(killed) == ["killed"]
     assert same_tensors(straight / "weights.safetensors", killed / "weights.safetensors")
     ta, tb = np.load(straight / "synthesis" / "track.npz"), np.load(killed / "synthesis" / "track.npz")
     assert all(np.array_equal(ta[k], tb[k]) for k in ta.files)
-    logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (p / "train_log.jsonl").read_text().splitlines()] for p in (straight, killed)]
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "seconds"}
+             for line in (p / "train_log.jsonl").read_text().splitlines()] for p in (straight, killed)]
     assert logs[0] == logs[1] and [r["step"] for r in logs[0]] == list(range(8))
 
 

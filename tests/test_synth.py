@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ffmpeg
+from conftest import ffmpeg, streams
 from safetensors.torch import load_file
 
-from ggtalker_cli import audio
+from ggtalker_cli import a2e, audio
 from ggtalker_cli.errors import Exit, GGError
-from ggtalker_cli.models import a2e
 from ggtalker_cli.stages import synth
 from ggtalker_cli.stream import Expressions
 
@@ -42,9 +40,7 @@ def _cli(*args: str, stdin=None, **kw) -> subprocess.CompletedProcess:
 
 
 def _probe(path: Path) -> dict[str, dict]:
-    out = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries", "stream=codec_type,codec_name,nb_read_frames,duration,pix_fmt",
-                          "-of", "json", str(path)], capture_output=True, text=True, check=True).stdout  # fmt: skip
-    return {s["codec_type"]: s for s in json.loads(out)["streams"]}
+    return streams(path)
 
 
 def test_mp4_frames_and_audio_match_the_speech(tiny_avatar, speech, tmp_path):
@@ -113,7 +109,7 @@ def test_pose_view_and_background_options(tiny_avatar, speech, tmp_path, capsysb
     csv.write_text("yaw,pitch,roll,tx,ty,tz\n" + "".join(f"{5 * np.sin(k / 3):.3f},0,0,0,0,28\n" for k in range(10)))
     runs, pixels = {}, {}
     for name, kw in {"plain": {}, "turned": {"yaw": 25.0, "pitch": -10.0, "orbit": 10.0}, "pose": {"pose": csv},
-                     "white": {"background": "white", "fps": 20.0, "start": 0.5, "end": 1.5}, "large": {"size": 96}}.items():  # fmt: skip
+                     "white": {"background": "white", "fps": 20.0, "start": 0.5, "end": 1.5}, "large": {"size": 96}}.items():
         capsysbinary.readouterr()
         runs[name] = synth.run(avatar, str(speech), "-", device="cpu", end=kw.pop("end", 1.0), **kw)
         side = kw.get("size", SIZE)
@@ -159,8 +155,9 @@ def test_interrupted_synth_leaves_no_file(tiny_avatar, real_dir, tmp_path):
     avatar, _, _ = tiny_avatar
     target = tmp_path / "long.mp4"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ggtalker_cli.cli", "-q", "synth", str(avatar), "--audio", str(real_dir / "audio" / "en_musetalk_eng_60s.wav"),
-                             "-o", str(target), "--device", "cpu"], stderr=subprocess.PIPE, env=env)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "ggtalker_cli.cli", "-q", "synth",
+                             str(avatar), "--audio", str(real_dir / "audio" / "en_musetalk_eng_60s.wav"),
+                             "-o", str(target), "--device", "cpu"], stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and not any(p.name.endswith(".video.mp4") and p.stat().st_size > 0 for p in tmp_path.iterdir()):
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -171,18 +168,27 @@ def test_interrupted_synth_leaves_no_file(tiny_avatar, real_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []  # temps removed too
 
 
-def test_without_ffmpeg_video_only_and_wav_beside(tiny_avatar, speech, tmp_path, monkeypatch):
-    """The GPU machines have no ffmpeg binary: OpenCV writes the video, the speech lands beside it."""
-    from ggtalker_cli import media
+def test_synth_and_eval_settings_come_from_the_preset(tiny_avatar, tmp_path):
+    """`synth:` and `eval:` are preset sections like any other; the frames do not depend on how
+    many are rendered per call (synth.batch), only the call count does."""
+    import torch
 
-    avatar, _, _ = tiny_avatar
-    wav = tmp_path / "speech16k.wav"
-    ffmpeg("-i", str(speech), "-ar", "16000", "-ac", "1", "-c:a", "pcm_s16le", str(wav))
-    monkeypatch.setattr(media, "has_ffmpeg", lambda: False)
-    out = tmp_path / "gpu.mp4"
-    summary = synth.run(avatar, str(wav), str(out), device="cpu", end=1.0)
-    streams = _probe(out)
-    assert "audio" not in streams and int(streams["video"]["nb_read_frames"]) == summary["frames"] == 25
-    assert out.with_suffix(".wav").is_file()
-    with pytest.raises(GGError, match="16 kHz mono"):
-        synth.run(avatar, str(speech), str(tmp_path / "mp3.mp4"), device="cpu")
+    from ggtalker_cli.config import load_config
+    from ggtalker_cli.synthesis import Synthesizer
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text("synth:\n  batch: 3\n  chunk_s: 1.0\n  crf: 30\neval:\n  video_crf: 20\n  strip_frames: 2\n")
+    cfg = load_config(preset)
+    assert (cfg.synth.batch, cfg.synth.chunk_s, cfg.synth.crf, cfg.eval.video_crf, cfg.eval.strip_frames) == (3, 1.0, 30, 20, 2)
+    with pytest.raises(GGError, match="unknown key 'synth.batchsize'"):
+        load_config(None, {"synth": {"batchsize": 3}})
+    frames = []
+    for synth_cfg in (None, cfg.synth):
+        s = Synthesizer(tiny_avatar[0], torch.device("cpu"), cfg=synth_cfg)
+        try:
+            idx = np.arange(10)
+            bodies = s.bodies(idx, s.clip.fps)
+            frames.append(np.stack(list(s.frames(s.track["blendshapes"][bodies], s.poses(idx, bodies, s.clip.fps), bodies))))
+        finally:
+            s.close()
+    assert frames[0].shape == (10, 64, 64, 3) and np.abs(frames[0].astype(int) - frames[1]).max() <= 1

@@ -114,7 +114,7 @@ def test_small_second_face_is_ignored_with_a_note(tmp_path, cuts):
     path = tmp_path / "twofaces_small.mp4"
     ffmpeg("-i", str(cuts / "aoc_8s_512_25fps.mp4"), "-i", str(cuts / "katiehill_8s_512_25fps.mp4"), "-filter_complex",
            "[1:v]scale=220:220[s];[0:v]pad=732:512[b];[b][s]overlay=512:0", "-t", "2", "-an", "-c:v", "libx264",
-           "-preset", "ultrafast", str(path))  # fmt: skip
+           "-preset", "ultrafast", str(path))
     t = tracking.track(media.decode(path, 25, 732, 512), 732, 512, 25, source=str(path))
     assert t.info["faces_seen"] == 2 and "following the largest" in t.info["note"]
     assert t.valid.mean() > 0.95 and t.landmarks[:, :, 0].mean() < 512  # the big face on the left

@@ -131,3 +131,10 @@ def test_warmup_cosine_shape():
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(lrs[9], rel=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
+
+
+def test_phase_one_hooks_start_after_the_first_step():
+    """A log at phase 1 records the untrained loss (step 0) and then every period, as adapt's does."""
+    calls = []
+    training.Loop("toy", 10).every(4, calls.append, phase=1).run(lambda i: {"loss": 1.0})
+    assert calls == [1, 5, 9, 10]

