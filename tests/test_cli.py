@@ -49,7 +49,7 @@ def test_help_shows_boolean_flags_as_flags():
     lines = {line.split()[0]: line for line in done.stdout.splitlines() if line.strip().startswith("--")}
     for flag in ("--resume", "--force", "--no-prior", "--help"):
         assert "<bool>" not in lines[flag], lines[flag]
-    assert "<int>" in lines["--steps"]  # options that take a value still say what
+    assert "<str>" in lines["--steps"]  # options that take a value still say what (N or head=N,inpainter=M,a2e=K)
 
 
 def test_version():

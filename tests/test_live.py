@@ -5,7 +5,6 @@ the process is interrupted. Tiny real avatar (64², CPU), whisper base, real spe
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ffmpeg
+from conftest import ffmpeg, streams
 from safetensors.torch import load_file
 
 from ggtalker_cli import audio, live, media, metrics
@@ -115,8 +114,7 @@ def test_cut_input_finishes_the_mp4_and_sigint_leaves_nothing(tiny_avatar, speec
     out = tmp_path / "cut.mp4"
     run = live.drive(_args(avatar, str(out)), pcm, 1, 25.0, stop_after=2 * 32000, env=ENV)  # the speaker stops after 2 s: a closed pipe
     assert run.returncode == 0, run.log
-    frames = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries", "stream=nb_read_frames",
-                             "-of", "csv=p=0", str(out)], capture_output=True, text=True, check=True).stdout  # fmt: skip
+    frames = streams(out)["video"]["nb_read_frames"]
     assert int(frames) == 50  # 2 s at 25 fps: every frame of the speech that came, none more
     stopped = tmp_path / "stopped.mp4"
     run = live.drive(_args(avatar, str(stopped)), pcm, 1, 25.0, interrupt_after=2.0, env=ENV)
