@@ -53,9 +53,10 @@ def pack(clip: Path, dest: Path, crf: int = 12) -> None:
 
 
 def unpack(packed: Path, clip: Path) -> None:
+    """The packed clip back into a clip folder; meta.yaml is written last, so its presence means done."""
     clip.mkdir(parents=True, exist_ok=True)
     for item in packed.iterdir():
-        if item.name == "frames.mp4":
+        if item.name in ("frames.mp4", "meta.yaml"):
             continue
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, clip / item.name, **({"dirs_exist_ok": True} if item.is_dir() else {}))
     (clip / "frames").mkdir(exist_ok=True)
@@ -69,6 +70,7 @@ def unpack(packed: Path, clip: Path) -> None:
         index += 1
     if index == 0:
         raise SystemExit(f"{packed / 'frames.mp4'}: no frames decoded")
+    shutil.copy2(packed / "meta.yaml", clip / "meta.yaml")
     print(f"{clip}: {index} frames")
 
 

@@ -208,3 +208,17 @@ def test_adapt_steps_reach_every_part(prior, tiny_avatar, clip_128, tmp_path):
     assert runs == {"half": {"head": 2, "inpainter": 4, "a2e": 100}, "named": {"head": 2, "inpainter": 3, "a2e": 100}}
     meta = artifacts.read_meta(tmp_path / "half", "avatar")
     assert meta["steps"] == 2 and meta["inpainter"]["steps_run"] == 4 and meta["a2e"]["log"]["steps_run"] == 100
+
+
+def test_heads_fitted_in_worker_processes_equal_the_in_process_ones(clip_128, macron_128, monkeypatch):
+    """The corpus path (one spawned process per clip) must give every identity the head it
+    gets in-process: same shell, bit-identical neutral and basis."""
+    cfg = tiny_cfg()
+    paths = [clip_128[0], macron_128]
+    serial = e2v_train._fit_heads(paths, cfg)
+    monkeypatch.setattr(e2v_train, "POOL_MIN", 2)
+    monkeypatch.setattr(e2v_train.os, "cpu_count", lambda: 2)
+    pooled = e2v_train._fit_heads(paths, cfg)
+    for (head_a, shell_a), (head_b, shell_b) in zip(serial, pooled):
+        assert shell_a == shell_b
+        assert torch.equal(head_a.neutral, head_b.neutral) and torch.equal(head_a.basis, head_b.basis)
