@@ -122,6 +122,8 @@ def plot(results: dict, budgets: list[int], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key in zip(axes, ("psnr_head", "ssim_head")):
         for init, style in (("prior", "o-"), ("scratch", "s--")):
+            if init not in results:
+                continue
             steps = [0] + budgets
             values = [results[init]["0"][key]] + [results[init][str(n)][key] for n in budgets]
             ax.plot(steps, values, style, label=init)
@@ -137,9 +139,11 @@ def plot(results: dict, budgets: list[int], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("clip", type=Path)
-    parser.add_argument("--prior", type=Path, required=True)
+    parser.add_argument("--prior", type=Path, default=None, help="the prior folder (needed for the prior arm)")
     parser.add_argument("-o", "--out", type=Path, required=True)
     parser.add_argument("--budgets", default="250,500,1000,2000")
+    parser.add_argument("--inits", default="prior,scratch", help="arms to run: the scratch arm does not depend on the prior, "
+                        "so it can run on another machine or call (results_<arm>.json; `merge` folds them into one)")
     parser.add_argument("--size", type=int, default=None, help="adapt render size (preset default otherwise)")
     parser.add_argument("--preset", default="balanced")
     parser.add_argument("--device", default="auto")
@@ -149,57 +153,80 @@ def main() -> None:
                         "to score their consistency on another machine (bench/priors_at_scale.py report)")
     args = parser.parse_args()
     budgets = sorted(int(b) for b in args.budgets.split(","))
+    inits = [i for i in ("prior", "scratch") if i in args.inits.split(",")]
+    if "prior" in inits and args.prior is None:
+        parser.error("--prior is needed for the prior arm (or pass --inits scratch)")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    results: dict = {"prior": {}, "scratch": {}}
+    results: dict = {init: {} for init in inits}
     runs = {}
     for n in budgets:
-        for init, prior in (("prior", args.prior), ("scratch", None)):
-            r = run_one(args.clip, args.out / f"{init}_{n}", n, prior, args)
+        for init in inits:
+            r = run_one(args.clip, args.out / f"{init}_{n}", n, args.prior if init == "prior" else None, args)
             runs[(init, n)] = r
             results[init][str(n)] = {**{k: r["metrics"][k] for k in KEYS}, "seconds": r["seconds"]}
             results[init]["0"] = {k: r["initial"][k] for k in KEYS}
     top = budgets[-1]
-    target = results["scratch"][str(top)]["psnr_head"]
-    reach = next((n for n in budgets if results["prior"][str(n)]["psnr_head"] >= target), None)
-    at30 = next((n for n in budgets if results["prior"][str(n)]["psnr_head"] >= 30), None)
     summary = {
         "clip": str(args.clip.resolve()),
-        "prior": str(args.prior.resolve()),
+        "prior": str(args.prior.resolve()) if args.prior else None,
         "preset": args.preset,
         "size": args.size,
-        "device": runs[("prior", top)]["device"],
+        "budgets": budgets,
+        "device": runs[(inits[0], top)]["device"],
         "protocol": "adapt's held-out metrics: the clip's last 10% of frames (never trained on), tracked landmarks and pose; "
         "head = head over the background plate inside the GT head mask; full/face = composite over the frame with the head "
         "region replaced by the plate (no inpainter). Each budget is its own adapt run (--steps N, same preset and seed).",
         "results": results,
+    }
+    rendered = {init: novel_views(args.out / f"{init}_{top}", args.clip, args.device) for init in inits}
+    strips = np.concatenate([rendered[init][1] for init in inits], 0)
+    cv2.imwrite(str(args.out / "novel_views.png"), cv2.cvtColor(strips, cv2.COLOR_RGB2BGR))
+    if args.views is not None:
+        save_views(args.views, rendered)
+    if not args.no_consistency:
+        try:
+            summary["consistency"] = {init: consistency(rendered[init][0]) for init in inits}
+        except (ImportError, OSError, RuntimeError) as e:  # mediapipe absent, or without libEGL on a GPU machine
+            summary["consistency"] = f"not measured: {e.__class__.__name__}: {str(e)[:200]}"
+    write(summary, args.out)
+
+
+def compare(summary: dict) -> dict:
+    """The prior-vs-scratch verdicts, once both arms are in `summary`."""
+    results, budgets = summary["results"], summary["budgets"]
+    top = budgets[-1]
+    target = results["scratch"][str(top)]["psnr_head"]
+    reach = next((n for n in budgets if results["prior"][str(n)]["psnr_head"] >= target), None)
+    at30 = next((n for n in budgets if results["prior"][str(n)]["psnr_head"] >= 30), None)
+    return {
         "prior_wins_up_to_1000": all(results["prior"][str(n)]["psnr_head"] > results["scratch"][str(n)]["psnr_head"] for n in budgets if n <= 1000),
         "prior_steps_to_scratch_best": reach,
         "prior_steps_to_scratch_best_fraction": round(reach / top, 3) if reach else None,
         "prior_first_budget_head_psnr_30": at30,
         "prior_seconds_to_head_psnr_30": results["prior"][str(at30)]["seconds"] if at30 else None,
     }
-    rendered = {init: novel_views(args.out / f"{init}_{top}", args.clip, args.device) for init in ("prior", "scratch")}
-    strips = np.concatenate([rendered[init][1] for init in ("prior", "scratch")], 0)
-    cv2.imwrite(str(args.out / "novel_views.png"), cv2.cvtColor(strips, cv2.COLOR_RGB2BGR))
-    if args.views is not None:
-        save_views(args.views, rendered)
-    if not args.no_consistency:
-        try:
-            summary["consistency"] = {init: consistency(rendered[init][0]) for init in ("prior", "scratch")}
-        except (ImportError, OSError, RuntimeError) as e:  # mediapipe absent, or without libEGL on a GPU machine
-            summary["consistency"] = f"not measured: {e.__class__.__name__}: {str(e)[:200]}"
 
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
-    plot(results, budgets, args.out / "curve.png")
-    lines = ["| steps | " + " | ".join(f"{init} {k}" for k in ("psnr_head", "ssim_head", "psnr_full") for init in ("prior", "scratch")) + " |"]
-    lines.append("|" + "---|" * 7)
+
+def write(summary: dict, out: Path) -> None:
+    """results.json, curve.png and table.md of whichever arms `summary` holds."""
+    results, budgets = summary["results"], summary["budgets"]
+    inits = [i for i in ("prior", "scratch") if i in results]
+    if len(inits) == 2:
+        summary.update(compare(summary))
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    plot(results, budgets, out / "curve.png")
+    keys = ("psnr_head", "ssim_head", "psnr_full")
+    lines = ["| steps | " + " | ".join(f"{init} {k}" for k in keys for init in inits) + " |"]
+    lines.append("|" + "---|" * (1 + len(keys) * len(inits)))
     for n in [0] + budgets:
-        cells = [f"{results[init][str(n)][k]:.4g}" for k in ("psnr_head", "ssim_head", "psnr_full") for init in ("prior", "scratch")]
+        cells = [f"{results[init][str(n)][k]:.4g}" for k in keys for init in inits]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Device: {summary['device']}. Prior reaches scratch's {top}-step head PSNR ({target:.2f} dB) at: {reach or 'not within the budgets'} steps.")
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    lines.append(f"Device: {summary['device']}.")
+    if len(inits) == 2:
+        lines.append(f"Prior reaches scratch's {budgets[-1]}-step head PSNR at: {summary['prior_steps_to_scratch_best'] or 'not within the budgets'} steps.")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -92,15 +92,53 @@ def compact(packed: Path) -> None:
     print(f"{packed}: {total / 2**20:.1f} MiB")
 
 
+GSPLAT_SHIM = """\"\"\"gsplat's CUDA extension, built on an earlier machine of the same image (bench/priors_at_scale.py).\"\"\"
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location("gsplat_cuda", {so!r})
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+globals().update({{k: v for k, v in vars(_module).items() if not k.startswith("__")}})
+"""
+
+
+def _gsplat_prebuilt(call: Path, out: Path) -> Path | None:
+    """Use a carried gsplat_cuda.so (one JIT build less: ~90 s of a 10-minute call), else say where the build will be.
+
+    gsplat imports `gsplat.csrc` before it JIT-builds; a small module there that loads the
+    carried library (built by this same image, torch and CUDA) is all it takes.
+    """
+    import importlib.util
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/torch_extensions")
+    so = call / "gsplat_cuda.so"
+    package = importlib.util.find_spec("gsplat")
+    if not so.is_file() or package is None:
+        return None
+    shim = Path(package.submodule_search_locations[0]) / "csrc.py"
+    shim.write_text(GSPLAT_SHIM.format(so=str(so.resolve())))
+    print(f"gsplat: using the carried {so}", flush=True)
+    return so
+
+
+def _return_gsplat_build(out: Path) -> None:
+    """The JIT-built extension back in $OUT (≤ 16 MiB), to carry into the next call."""
+    built = sorted(Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/gsplat_cuda.so"))
+    if built and built[0].stat().st_size < 16 * 2**20:
+        shutil.copy2(built[0], out / "gsplat_cuda.so")
+
+
 def gpu(args: argparse.Namespace) -> None:
     out = Path(os.environ.get("OUT", WORK / "returned"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     os.environ.setdefault("MAX_JOBS", "16")
     call = args.call
-    task = call / "corpus" / "face_landmarker.task"
-    if task.is_file():  # the head model reads mediapipe's canonical mesh from it; the GPU image has none
-        os.environ.setdefault("GGTALKER_FACE_LANDMARKER", str(task))
+    prebuilt = _gsplat_prebuilt(call, out)
+    for folder in (call / "corpus", call / "eval"):
+        task = folder / "face_landmarker.task"
+        if task.is_file():  # the head model reads mediapipe's canonical mesh from it; the GPU image has none
+            os.environ.setdefault("GGTALKER_FACE_LANDMARKER", str(task.resolve()))
     if args.fit_steps:
         clips = _unpack(call / "corpus")
         holdout = args.holdout or clips[0].name
@@ -118,17 +156,24 @@ def gpu(args: argparse.Namespace) -> None:
         (clip,) = [c for c in _unpack(call / "eval") if c.name == name]
         prior = PRIOR if (PRIOR / "e2v.safetensors").is_file() else call / "prior"
         folder = WORK / "pvs" / name
-        _python("-m", "bench.prior_vs_scratch", str(clip), "--prior", str(prior), "-o", str(folder),
-                "--budgets", args.budgets, "--no-consistency", "--views", str(out / f"views_{name}.npz"),
+        arms = args.inits.replace(",", "+")
+        _python("-m", "bench.prior_vs_scratch", str(clip), *(["--prior", str(prior)] if "prior" in args.inits else []), "-o", str(folder),
+                "--budgets", args.budgets, "--inits", args.inits, "--no-consistency", "--views", str(out / f"views_{name}_{arms}.npz"),
                 *(["--size", str(args.size)] if args.size else []))  # fmt: skip
-        shutil.copy2(folder / "results.json", out / f"pvs_{name}.json")
+        shutil.copy2(folder / "results.json", out / f"pvs_{name}_{arms}.json")
         top = max(int(b) for b in args.budgets.split(","))
-        with tarfile.open(out / f"avatars_{name}.tgz", "w:gz") as tar:
-            for init in ("prior", "scratch"):
+        with tarfile.open(out / f"avatars_{name}_{arms}.tgz", "w:gz") as tar:
+            for init in args.inits.split(","):
                 for f in AVATAR_FILES:
                     path = folder / f"{init}_{top}" / f
                     if path.is_file():
                         tar.add(path, arcname=f"{name}/{init}_{top}/{f}")
+        for size in [int(s) for s in args.live.split(",") if s]:  # issue 18's GPU timing, on the largest budget's avatar
+            avatar = folder / f"{args.inits.split(',')[0]}_{top}"
+            _python("-m", "bench.live_stream", str(avatar), "--clip", str(clip), "--device", "cuda", "--random-whisper",
+                    "--size", str(size), "--latency", "0.5", "--seconds", "15", "--out", str(out / "live_stream.json"))  # fmt: skip
+    if prebuilt is None:
+        _return_gsplat_build(out)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -169,6 +214,8 @@ def main() -> None:
     g.add_argument("--holdout", default=None, help="corpus identity held out for validation (default: the first)")
     g.add_argument("--judge", nargs="*", default=[], help="packed eval clip names to run prior vs scratch on")
     g.add_argument("--budgets", default="250,1000,4000")
+    g.add_argument("--inits", default="prior,scratch", help="prior_vs_scratch arms (the scratch arm needs no prior: run it in another call)")
+    g.add_argument("--live", default="", help="render sizes to time `synth --stream --latency 0.5` at, on the judged avatar (issue 18)")
     g.add_argument("--size", type=int, default=None)
     c = sub.add_parser("compact", help="here: float16 tracking in a packed folder (before carrying it)")
     c.add_argument("packed", type=Path)

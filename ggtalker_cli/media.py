@@ -23,10 +23,20 @@ from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
-import av
 import numpy as np
 
 from .errors import Exit, GGError
+
+try:
+    import av
+except ImportError:  # only files need it: raw PCM in, raw frames out (`synth --stream --latency`) runs without it
+    av = None
+
+
+def _require_av() -> None:
+    """A clear error where a media file is actually read or written on a machine without PyAV."""
+    if av is None:
+        raise GGError("PyAV is not installed (every video and audio file is read and written through it); pip install av", Exit.RESOURCE)
 
 AUDIO_RATE = 16000  # every clip's audio.wav: 16 kHz mono PCM (whisper's input rate)
 AUDIO_BITRATE = 128_000  # AAC in every mp4 we write
@@ -64,6 +74,7 @@ def _why(e: BaseException) -> str:
 
 def _open(path: Path, fix: str, unreadable: str = "not a readable media file", noun: str = "a video file") -> av.container.InputContainer:
     """Open a media file for reading; a missing, empty or unparsable one is a one-line GGError."""
+    _require_av()
     path = Path(path)
     if not path.exists():
         raise GGError(f"{path}: no such file; check the path", Exit.INPUT_MISSING)
@@ -204,6 +215,7 @@ def _audio_blocks(source: Path | BinaryIO, name: str, fmt: str, rate: int) -> It
     """The first audio stream of a file (or a pipe) as mono `fmt` ('s16' or 'flt') at `rate`,
     in blocks as they are decoded. FFmpeg's resampler downmixes and resamples, exactly as the
     command line's `-ac 1 -ar RATE` does, so any container, codec, rate and sample width works."""
+    _require_av()
     try:
         if isinstance(source, Path):
             container = _open(source, "a wav, mp3, m4a or video file", "not an audio or video file FFmpeg can read", "an audio file")
@@ -279,6 +291,7 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
 def video_encoder() -> str:
     """libx264 where this FFmpeg has it (PyAV's wheels do); else FFmpeg's native MPEG-4 Part 2,
     which every FFmpeg build carries (larger and lossier: previews, not scoring)."""
+    _require_av()
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
@@ -324,6 +337,7 @@ class VideoWriter:
     """
 
     def __init__(self, path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18):
+        _require_av()
         self.path = Path(path)
         self.width, self.height, self.frames = width, height, 0
         self.rate = Fraction(fps).limit_denominator(1001)
@@ -446,6 +460,7 @@ def mux(video: Path, audio: Path, out: Path) -> None:
     The two start together at t = 0, which is what keeps a synthesised video in sync with its
     speech; a video written while the audio was still arriving gets its sound this way.
     """
+    _require_av()
     try:
         with av.open(str(video), metadata_errors="ignore") as src, av.open(str(out), "w", options={"movflags": "+faststart"}) as dst:
             v_in = src.streams.video[0]
@@ -467,6 +482,8 @@ def backend() -> dict[str, str]:
     """Where our FFmpeg comes from, for `ggtalker doctor`: PyAV's version, the FFmpeg version it
     was built with, and the file its libavcodec was loaded from (the wheel's bundled copy, or a
     system library when PyAV was built from source)."""
+    if av is None:
+        return {"library": "PyAV not installed (pip install av): no video or audio file can be read or written"}
     loaded = "?"
     try:
         with open("/proc/self/maps") as maps:

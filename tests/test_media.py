@@ -6,6 +6,7 @@ imageio-ffmpeg's binary) is the reference it is held to on the real clips' edge 
 from __future__ import annotations
 
 import subprocess
+import sys
 import types
 
 import numpy as np
@@ -192,3 +193,28 @@ def test_mp3_inside_mp4_is_extracted_whole(real_video, tmp_path):
     info = media.extract_audio(path, tmp_path / "a.wav", n, p.audio_start)
     pcm, _ = media.read_wav(tmp_path / "a.wav")
     assert len(pcm) == n and abs(info["decoded_s"] - p.duration) < 0.1 and np.abs(pcm[-media.AUDIO_RATE :]).max() > 0.01
+
+
+def test_without_pyav_the_raw_live_path_imports_and_files_fail_with_the_fix(tmp_path):
+    """A GPU host without the av wheel still runs `synth --stream --latency` (raw PCM in, raw
+    frames out); reading a media file there says what to install instead of an ImportError."""
+    probe_me = tmp_path / "x.mp4"
+    probe_me.write_bytes(b"not empty")
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'av' or name.startswith('av.'): raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import ggtalker_cli.live, ggtalker_cli.stages.synth\n"
+        "from ggtalker_cli import media\n"
+        "from ggtalker_cli.errors import GGError\n"
+        "assert 'pip install av' in media.backend()['library']\n"
+        "try:\n"
+        f"    media.probe({str(probe_me)!r})\n"
+        "except GGError as e:\n"
+        "    print(e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "PyAV is not installed" in run.stdout and "pip install av" in run.stdout
