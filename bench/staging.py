@@ -1,5 +1,5 @@
 """Staging clips for the device tool's GPU machines, which carry 64 MiB per call and have OpenCV
-but no ffmpeg binary: the one helper that gpu_batch, adapt_gpu, fit_prior_gpu.sh and
+but no ffmpeg binary (encoding goes through PyAV, ggtalker_cli.media): the one helper that gpu_batch, adapt_gpu, fit_prior_gpu.sh and
 train_default_prior.sh share.
 
     python -m bench.staging pack CLIP DEST          # here: frames as one near-lossless H.264 video (CRF 12), the rest copied
@@ -22,25 +22,27 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import yaml
 
-from ggtalker_cli import assets
+from ggtalker_cli import assets, media
 
 SKIP = {"frames", "contact_sheet.png"}
 
 
-def encode_frames(pattern: str, video: Path, crf: int, size: int | None = None) -> None:
-    """JPEG frames (an ffmpeg %06d pattern) -> one near-lossless H.264 video (4:4:4), optionally at size²."""
-    scale = ["-vf", f"scale={size}:{size}:flags=area"] if size else []
-    command = ["ffmpeg", "-v", "error", "-y", "-framerate", "25", "-i", pattern, *scale, "-c:v", "libx264", "-crf", str(crf), "-preset", "slow",
-               "-pix_fmt", "yuv444p", str(video)]
-    subprocess.run(command, check=True)
+def encode_frames(frames: list[Path], video: Path, crf: int, size: int | None = None) -> None:
+    """JPEG frames -> one near-lossless H.264 video (4:4:4, 25 fps), optionally area-resized to size²."""
+    first = cv2.imread(str(frames[0]), cv2.IMREAD_COLOR)
+    height, width = (size, size) if size else first.shape[:2]
+    with media.open_writer(video, 25, width, height, crf=crf, pix_fmt="yuv444p", preset="slow") as writer:
+        for f in frames:
+            bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            if size:
+                bgr = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)
+            writer.write(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
 def pack(clip: Path, dest: Path, crf: int = 12) -> None:
@@ -49,7 +51,7 @@ def pack(clip: Path, dest: Path, crf: int = 12) -> None:
         if item.name in SKIP:
             continue
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest / item.name)
-    encode_frames(str(clip / "frames" / "%06d.jpg"), dest / "frames.mp4", crf)
+    encode_frames(sorted((clip / "frames").glob("*.jpg")), dest / "frames.mp4", crf)
 
 
 def unpack(packed: Path, clip: Path) -> None:
@@ -105,10 +107,7 @@ def shrink(clip: Path, dest: Path, size: int, max_frames: int, crf: int, drop_au
     if files.get("identity"):
         shutil.copy2(clip / files["identity"], dest / files["identity"])
 
-    with tempfile.TemporaryDirectory() as tmp:  # the kept frames, numbered consecutively
-        for j, i in enumerate(keep):
-            (Path(tmp) / f"{j:06d}.jpg").symlink_to((clip / files["frames"] / f"{i:06d}.jpg").resolve())
-        encode_frames(f"{tmp}/%06d.jpg", dest / "frames.mp4", crf, size)
+    encode_frames([clip / files["frames"] / f"{i:06d}.jpg" for i in keep], dest / "frames.mp4", crf, size)
 
     n_train = int(meta["split"]["train"][1])
     t = int(np.searchsorted(keep, n_train))
