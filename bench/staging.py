@@ -1,5 +1,5 @@
 """Staging clips for the device tool's GPU machines, which carry 64 MiB per call and have OpenCV
-but no ffmpeg binary (nor does this side need one: PyAV encodes): the one helper that gpu_batch, adapt_gpu, fit_prior_gpu.sh and
+but no ffmpeg binary (encoding goes through PyAV, ggtalker_cli.media): the one helper that gpu_batch, adapt_gpu, fit_prior_gpu.sh and
 train_default_prior.sh share.
 
     python -m bench.staging pack CLIP DEST          # here: frames as one near-lossless H.264 video (CRF 12), the rest copied
@@ -24,35 +24,25 @@ import math
 import shutil
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 import yaml
 
-from ggtalker_cli import assets
+from ggtalker_cli import assets, media
 
 SKIP = {"frames", "contact_sheet.png"}
 
 
 def encode_frames(frames: list[Path], video: Path, crf: int, size: int | None = None) -> None:
-    """JPEG frames -> one near-lossless H.264 video (4:4:4, 25 fps nominal), optionally at size².
-
-    In process through PyAV (the wheel's own FFmpeg libraries), like every other video the
-    project writes: no ffmpeg binary is assumed here either.
-    """
-    with av.open(str(video), "w") as out:
-        stream = out.add_stream("libx264", rate=25, options={"crf": str(crf), "preset": "slow"})
-        for i, path in enumerate(frames):
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-            if image is None:
-                raise SystemExit(f"error: {path}: not a readable image; re-run preprocess on its clip")
+    """JPEG frames -> one near-lossless H.264 video (4:4:4, 25 fps), optionally area-resized to size²."""
+    first = cv2.imread(str(frames[0]), cv2.IMREAD_COLOR)
+    height, width = (size, size) if size else first.shape[:2]
+    with media.open_writer(video, 25, width, height, crf=crf, pix_fmt="yuv444p", preset="slow") as writer:
+        for f in frames:
+            bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
             if size:
-                image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            if i == 0:
-                stream.height, stream.width = image.shape[:2]
-                stream.pix_fmt = "yuv444p"
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="bgr24")))
-        out.mux(stream.encode())
+                bgr = cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA)
+            writer.write(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
 def pack(clip: Path, dest: Path, crf: int = 12) -> None:

@@ -330,13 +330,17 @@ class _AudioTrack:
 
 class VideoWriter:
     """Encode RGB frames to H.264 (yuv420p, plays everywhere) with an optional audio file muxed
-    beside them as AAC, cut to the video's length (ffmpeg's -shortest).
+    beside them as AAC, cut to the video's length (ffmpeg's -shortest). `pix_fmt="yuv444p"` and a
+    slower `preset` give the near-lossless intermediates bench/staging.py carries to the GPU
+    (x264 only: the MPEG-4 fallback stays yuv420p).
 
     Use as a context manager; frames are encoded as they come, so memory stays flat. On an
     exception inside the block the partial file is removed.
     """
 
-    def __init__(self, path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18):
+    def __init__(
+        self, path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18, pix_fmt: str = "yuv420p", preset: str = "veryfast"
+    ):
         _require_av()
         self.path = Path(path)
         self.width, self.height, self.frames = width, height, 0
@@ -347,9 +351,10 @@ class VideoWriter:
             raise GGError(f"{self.path}: cannot write this video ({_why(e)}); use .mp4 or .mkv in a writable folder", Exit.OUTPUT) from e
         try:
             codec = video_encoder()
-            options = {"crf": str(crf), "preset": "veryfast"} if codec == "libx264" else {"qscale": "3"}
+            options = {"crf": str(crf), "preset": preset} if codec == "libx264" else {"qscale": "3"}
             self._video = self._out.add_stream(codec, rate=self.rate, options=options)
-            self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
+            self._video.width, self._video.height = width, height
+            self._video.pix_fmt = pix_fmt if codec == "libx264" else "yuv420p"
             self._video.codec_context.time_base = 1 / self.rate
             self._audio = _AudioTrack(self._out, audio) if audio is not None else None
         except BaseException:
@@ -449,9 +454,11 @@ class Behind:
         self._thread.join(timeout=10)
 
 
-def open_writer(path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18) -> VideoWriter:
+def open_writer(
+    path: Path, fps: float, width: int, height: int, audio: Path | None = None, crf: int = 18, pix_fmt: str = "yuv420p", preset: str = "veryfast"
+) -> VideoWriter:
     """`with open_writer("out.mp4", 25, 512, 512, audio="a.wav") as w: w.write(frame)`."""
-    return VideoWriter(path, fps, width, height, audio, crf)
+    return VideoWriter(path, fps, width, height, audio, crf, pix_fmt, preset)
 
 
 def mux(video: Path, audio: Path, out: Path) -> None:
