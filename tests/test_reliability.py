@@ -184,7 +184,7 @@ def test_preset_name_and_file_must_exist(verb, verb_args, tmp_path):
 @pytest.mark.parametrize(
     "verb, section, words",
     [("adapt", "adapt", "--steps -5: expected a step count ≥ 1 or head=N,inpainter=N,a2e=N"),
-     ("fit-prior", "a2e", "command-line flags: 'a2e.steps' must be ≥ 0, got -5")],
+     ("fit-prior", "a2e", "--steps -5: expected a step count ≥ 1 or a2e=N,e2v=N")],
     ids=["adapt", "fit-prior"],
 )
 def test_negative_steps_and_seed(verb, section, words, verb_args, tmp_path):
@@ -209,8 +209,12 @@ def test_every_step_interval_must_be_positive():
 
 
 def test_fit_prior_needs_a_step(voices, tmp_path):
-    out = tmp_path / "prior"
-    refused(cli("fit-prior", *voices, "-o", out, "--steps", "0"), Exit.USAGE, "a2e.steps 0: a prior needs at least 1 training step; raise --steps", target=out)
+    """--steps refuses 0 (test_negative_steps_and_seed's message); a preset's 0 is refused by the verb."""
+    out, preset = tmp_path / "prior", tmp_path / "none.yaml"
+    preset.write_text("a2e:\n  steps: 0\n")
+    refused(cli("fit-prior", *voices, "-o", out, "--steps", "0"), Exit.USAGE, "--steps 0: expected a step count ≥ 1 or a2e=N,e2v=N", target=out)
+    refused(cli("fit-prior", *voices, "-o", out, "--preset", preset), Exit.USAGE, "a2e.steps 0: a prior needs at least 1 training step; raise --steps",
+            target=out)
 
 
 # ------------------------------------------------------------------ preprocess
