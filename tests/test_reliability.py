@@ -31,13 +31,12 @@ from conftest import ffmpeg, same_tensors
 from test_a2e import make_clip
 from typer.testing import CliRunner, Result
 
-from ggtalker_cli import a2e_train, artifacts, head_fit, training
+from ggtalker_cli import a2e_train, artifacts, clip_view, head_fit, training
 from ggtalker_cli.cli import app
 from ggtalker_cli.config import Config, load_config
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.models.e2v import E2V
 from ggtalker_cli.priors import DEFAULT_PRIOR
-from ggtalker_cli.stages import adapt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -396,7 +395,7 @@ def test_adapt_prior_a2e_is_checked_before_training(clip_128, tmp_path, monkeypa
     def no_training(*args, **kwargs):
         raise AssertionError("adapt began loading frames before refusing the prior")
 
-    monkeypatch.setattr(adapt, "Data", no_training)
+    monkeypatch.setattr(clip_view.Data, "__init__", no_training)
     refused(cli("adapt", clip_128[0], "-o", out, "--prior", prior, "--device", "cpu"), Exit.ARTIFACT, evil, words, target=out)
 
 
