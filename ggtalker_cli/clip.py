@@ -117,7 +117,7 @@ def expand_clips(given: list[Path]) -> list[Path]:
     clips: list[Path] = []
     for item in map(Path, given):
         if not item.exists() or (item / META).is_file():
-            clips.append(item)  # a clip folder; run() names a missing one
+            clips.append(item)  # a clip folder, or a missing path the caller names (artifacts.read_meta)
             continue
         if item.is_dir():
             subdirs = sorted(d for d in item.iterdir() if d.is_dir())

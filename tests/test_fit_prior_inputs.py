@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_clip(folder: Path) -> Path:
-    """A folder that `expand_clips` takes for a clip (it looks only for meta.yaml; run() validates it)."""
+    """A folder that `expand_clips` takes for a clip (it looks only for meta.yaml; fit-prior validates it)."""
     folder.mkdir(parents=True)
     (folder / "meta.yaml").write_text("format: ggtalker-clip\n")
     return folder
@@ -64,7 +64,7 @@ def test_bad_folder_and_binary_file(tmp_path):
     video.write_bytes(b"\x00\x00\x00\x18ftypmp42\xff\xfe\x80")
     with pytest.raises(GGError, match="not a readable list of clip folders") as e:
         expand_clips([video])
-    assert expand_clips([tmp_path / "missing"]) == [tmp_path / "missing"]  # run() names it (test_reliability)
+    assert expand_clips([tmp_path / "missing"]) == [tmp_path / "missing"]  # fit-prior names it (test_reliability)
 
 
 def test_cli_empty_list_exits_without_output(tmp_path):
