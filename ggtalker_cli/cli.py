@@ -157,7 +157,7 @@ def fit_prior(
     out: Path = typer.Option(..., "-o", "--out", help="Prior folder to create."),
     parts: str = typer.Option("a2e", "--parts", help="Comma-separated parts to train: a2e, e2v."),
     holdout: Optional[str] = typer.Option(None, "--holdout", help="Comma-separated clip names held out for validation (default: every k-th clip)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per part (preset default otherwise)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Training steps of every part (or set each: a2e=N,e2v=N; preset default otherwise)."),
     seed: Optional[int] = SeedOpt,
     preset: Optional[str] = PresetOpt,
     device: str = DeviceOpt,
@@ -167,14 +167,15 @@ def fit_prior(
     """Train the cross-identity priors (audio→expression; expression→visual) on many clips."""
     from .stages import fit_prior as stage
 
-    given = {k: v for k, v in {"steps": steps, "seed": seed}.items() if v is not None}
-    overrides = {"a2e": given, "e2v": given}
     names = [h.strip() for h in holdout.split(",") if h.strip()] if holdout else None
-    _run(
-        lambda: stage.run(clips, out, load_config(preset, overrides), parts=parts, holdout=names, resume=resume, force=force,
-                          device=None if device == "auto" else device),
-        out,
-    )
+
+    def run() -> dict:
+        cfg = load_config(preset, {"a2e": {"seed": seed}, "e2v": {"seed": seed}} if seed is not None else None)
+        if steps is not None:
+            set_steps(cfg, "fit-prior", steps)
+        return stage.run(clips, out, cfg, parts=parts, holdout=names, resume=resume, force=force, device=None if device == "auto" else device)
+
+    _run(run, out)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""`Clip(path)`: the validated, lazily loaded view of a clip/ folder that every stage reads.
+"""`Clip(path)`: the validated, lazily loaded view of a clip/ folder that every stage reads;
+`expand_clips`: clip folders given as folders, folders of them or list files (fit-prior's input).
 
 Nothing heavy happens on open: meta.yaml is parsed and checked, the files it names are checked
 to exist inside the folder; frames and masks are read one at a time on request, tracking arrays
@@ -13,7 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .artifacts import NUMPY_ERRORS, inside, read_meta
+from . import console
+from .artifacts import META, NUMPY_ERRORS, inside, read_meta
 from .errors import Exit, GGError
 
 TRACKING_KEYS = ("landmarks", "verts", "blendshapes", "pose", "valid", "interpolated", "blink", "mouth_open")
@@ -106,3 +108,39 @@ class Clip:
             return np.load(self.features_path, allow_pickle=False)
         except NUMPY_ERRORS as e:
             raise GGError(f"{self.features_path}: unreadable ({e.__class__.__name__}); re-create the clip", Exit.ARTIFACT) from e
+
+
+def expand_clips(given: list[Path]) -> list[Path]:
+    """Clip folders from clip folders, folders of clip folders (subfolders that are not clips, e.g.
+    a failed batch preprocess, are skipped with a warning) and text files listing clip folders one
+    a line (`#` comments; relative paths are read from the list's folder), in the order given."""
+    clips: list[Path] = []
+    for item in map(Path, given):
+        if not item.exists() or (item / META).is_file():
+            clips.append(item)  # a clip folder, or a missing path the caller names (artifacts.read_meta)
+            continue
+        if item.is_dir():
+            subdirs = sorted(d for d in item.iterdir() if d.is_dir())
+            found = [d for d in subdirs if (d / META).is_file()]
+            skipped = [d.name for d in subdirs if d not in found]
+            if found and skipped:  # e.g. videos whose preprocess failed in a batch
+                console.warn(f"{item}: skipping {len(skipped)} subfolder(s) that are not clips: {', '.join(skipped[:5])}{' …' if len(skipped) > 5 else ''}")
+            if not found:
+                raise GGError(f"{item}: neither a clip folder nor a folder of clip folders (no {META} in it or its subfolders); "
+                              "pass folders made by `ggtalker preprocess`", Exit.INPUT_INVALID)  # fmt: skip
+            clips += found
+            continue
+        try:
+            lines = item.read_text().splitlines()
+        except (UnicodeDecodeError, OSError) as e:
+            why = f"not a readable list of clip folders ({e.__class__.__name__}); give a text file with one clip path a line"
+            raise GGError(f"{item}: {why}", Exit.INPUT_INVALID) from e
+        listed = [ln.split("#", 1)[0].strip() for ln in lines]
+        entries = [(n, item.parent / t) for n, t in enumerate(listed, 1) if t]
+        if not entries:
+            raise GGError(f"{item}: the list of clips is empty; write one clip folder path a line", Exit.INPUT_INVALID)
+        for n, clip in entries:
+            if not (clip / META).is_file():
+                raise GGError(f"{item}:{n}: {clip} is not a clip folder (no {META}); fix the line or preprocess that video", Exit.INPUT_INVALID)
+            clips.append(clip)
+    return clips

@@ -281,26 +281,35 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-# The trainers a verb runs, first its own: part -> (section, key) of that part's step count.
-VERB_STEPS = {"adapt": {"head": ("adapt", "steps"), "inpainter": ("inpainter", "steps"), "a2e": ("a2e", "adapt_steps")}}
+# The trainers a verb runs: part -> (section, key) of that part's step count. adapt's parts are
+# one fit of one person, its own trainer first: `--steps N` scales the others with it (SCALED);
+# fit-prior's are separate priors: `--steps N` is each part's count.
+VERB_STEPS = {
+    "adapt": {"head": ("adapt", "steps"), "inpainter": ("inpainter", "steps"), "a2e": ("a2e", "adapt_steps")},
+    "fit-prior": {"a2e": ("a2e", "steps"), "e2v": ("e2v", "steps")},
+}
+SCALED = {"adapt"}
 
 
 def set_steps(cfg: Config, verb: str, spec: str) -> dict[str, int]:
-    """A verb's `--steps`: `N` sets its own trainer's steps and scales every other part's by the
+    """A verb's `--steps`: `part=N,part=M,...` sets the named parts. `N` alone sets every part of
+    fit-prior; for adapt it sets its own trainer's steps and scales every other part's by the
     same factor (the preset's proportions are kept: `adapt --steps 8000` on balanced's 4000
-    head steps doubles the inpainter's and the A2E adaptation's); `head=N,inpainter=M,...` sets
-    the named parts and scales the others by the first part's factor (1 when it is not named).
-    -> the steps each part will run."""
+    head steps doubles the inpainter's and the A2E adaptation's), and named parts scale the
+    others by the first part's factor (1 when it is not named). -> the steps each part will run."""
     parts = VERB_STEPS[verb]
     first = next(iter(parts))
     try:
-        named = {first: int(spec)} if "=" not in spec else {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
+        if "=" in spec:
+            named = {k.strip(): int(v) for k, v in (item.split("=") for item in spec.split(","))}
+        else:
+            named = dict.fromkeys([first] if verb in SCALED else parts, int(spec))
     except ValueError:
         named = {"": -1}
     if set(named) - set(parts) or any(v < 1 for v in named.values()):
         raise GGError(f"--steps {spec}: expected a step count ≥ 1 or {','.join(f'{p}=N' for p in parts)}", Exit.USAGE)
     section, key = parts[first]
-    factor = named[first] / max(getattr(getattr(cfg, section), key), 1) if first in named else 1.0
+    factor = named[first] / max(getattr(getattr(cfg, section), key), 1) if first in named and verb in SCALED else 1.0
     for part, (section, key) in parts.items():
         now = getattr(getattr(cfg, section), key)
         setattr(getattr(cfg, section), key, named.get(part, max(1, round(now * factor)) if now > 0 else 0))

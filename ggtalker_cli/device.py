@@ -1,6 +1,9 @@
-"""The one place a `--device` name becomes a torch device (every verb and bench script uses it)."""
+"""The one place a `--device` name becomes a torch device (every verb and bench script uses it),
+and where a torchrun launch becomes a (rank, world size, device)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -24,3 +27,17 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def distributed(device: str | None) -> tuple[int, int, str]:
+    """(rank, world size, device): torch.distributed is initialised when torchrun launched us."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, str(device_of(device or "auto"))
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, device or "cpu"

@@ -1,12 +1,20 @@
-"""Priors as adapt uses them: which prior to start from, and the avatar an E2V prior predicts.
+"""The cross-identity priors: how fit-prior trains them, and how adapt starts from one.
 
-`choose_prior` picks the prior `adapt` starts from (the one given, the repository's default, or
+fit-prior: each part (`a2e`, `e2v`) has one trainer in `TRAINERS` (`parse_parts` checks
+`--parts` against them); a trainer writes its weights into the partial prior folder and returns
+the summary stored under `parts.<name>` in meta.yaml. Validation holds out whole identities
+(`choose_holdout`: those named, else every k-th clip by name). `plot_curves` draws the parts'
+validation curves (val_loss.png).
+
+adapt: `choose_prior` picks the prior `adapt` starts from (the one given, the repository's default, or
 none); `init_from_prior` runs the prior's E2V generator (`models/e2v.py`) on a few of the clip's
 training frames and returns the avatar the head fit starts from instead of the grey scratch map.
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +33,81 @@ from .models.color_mlp import ColorMLP
 from .models.e2v import COLOR, E2V, LOG_SCALE, WEIGHTS, unwrap, with_topology
 
 DEFAULT_PRIOR = Path(__file__).resolve().parents[1] / "priors" / "default"
+PRIOR_NOTE = (  # meta.yaml's note of every prior
+    "Research/non-commercial: trained on third-party footage of real people (see the clips' sources); "
+    "do not redistribute it or use it to impersonate anyone."
+)
+
+
+def _train_a2e(clips: list[Path], holdout: list[str], work: Path, cfg: Config, device: str, resume: bool, rank: int, world: int) -> dict:
+    from .a2e_train import train_prior
+
+    return train_prior(clips, holdout, work, cfg.a2e, device, resume, rank, world)
+
+
+def _train_e2v(clips: list[Path], holdout: list[str], work: Path, cfg: Config, device: str, resume: bool, rank: int, world: int) -> dict:
+    from .e2v_train import train_prior
+
+    return train_prior(clips, holdout, work, cfg, device, resume, rank, world)
+
+
+# Part name -> trainer(clips, holdout, work, cfg, device, resume, rank, world) -> summary dict.
+TRAINERS: dict[str, Callable[..., dict]] = {"a2e": _train_a2e, "e2v": _train_e2v}
+KNOWN_PARTS = ("a2e", "e2v")
+
+
+def parse_parts(text: str) -> list[str]:
+    """'a2e,e2v' → ['a2e', 'e2v']: known names, no repeats, each with a trainer."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in KNOWN_PARTS]
+    if not parts or unknown:
+        raise GGError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(KNOWN_PARTS)}", Exit.USAGE)
+    missing = [p for p in parts if p not in TRAINERS]
+    if missing:
+        raise GGError(f"--parts {','.join(missing)}: no trainer for this part in this version of ggtalker yet; use --parts {','.join(TRAINERS)}", Exit.USAGE)
+    return list(dict.fromkeys(parts))
+
+
+def choose_holdout(clips: list[Path], named: list[str], fraction: float) -> list[str]:
+    """Identities (clip folder names) held out for validation."""
+    names = [p.resolve().name for p in clips]
+    if len(set(names)) != len(names):
+        raise GGError(f"clip folders must have distinct names (they name identities): {', '.join(names)}", Exit.USAGE)
+    if named:
+        unknown = [n for n in named if n not in names]
+        if unknown:
+            raise GGError(f"--holdout {', '.join(unknown)}: not among the clips ({', '.join(names)})", Exit.USAGE)
+        return list(named)
+    if len(names) < 3:
+        return []
+    k = max(1, round(fraction * len(names)))
+    ordered = sorted(names)
+    return ordered[len(ordered) // (2 * k) :: max(1, len(ordered) // k)][:k]
+
+
+def plot_curves(path: Path, parts: dict[str, dict]) -> None:
+    """Each part's validation (and batch training) loss over its steps, one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, summary in parts.items():
+        curve = summary.get("curve") or []
+        if curve:
+            ax.plot([c["step"] for c in curve], [c["val"] for c in curve], label=f"{name} val")
+            ax.plot([c["step"] for c in curve], [c["train"] for c in curve], ls=":", alpha=0.6, label=f"{name} train (batch)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    artifacts.atomic_write_bytes(path, buffer.getvalue())
 
 
 def choose_prior(prior: Path | None, no_prior: bool) -> Path | None:

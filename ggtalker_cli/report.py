@@ -1,7 +1,10 @@
-"""The eval report for people: report.md, plots and a self-contained report.html.
+"""The eval report: its schema (report.json, every metric entry with its definition key) and
+the pages for people: report.md, plots and a self-contained report.html.
 
-Everything here is rebuilt from report.json (+ data.npz, scores.npz and the videos), so the
-score phase, run later on another machine, redraws it all. The page has no external resources:
+`metric` makes one entry, `validate` checks a report against `SCHEMA` (a JSON-schema subset),
+and `write` refuses a report that fails it before writing anything. Everything else here is
+rebuilt from report.json (+ data.npz, scores.npz and the videos), so the score phase, run later
+on another machine, redraws it all. The page has no external resources:
 inline CSS and JS, relative links to the PNGs and videos beside it, synchronized players (one
 play button and one time for ground truth | render | error). It also checks itself: every media
 element that fails to load, and every script error, is collected into `body[data-status]`,
@@ -13,7 +16,6 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,109 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from . import metrics
 from .artifacts import atomic_write_bytes
 from .errors import Exit, GGError
+
+SCHEMA_VERSION = 1
+
+
+def metric(definition: str, value: float | None, unit: str | None = None, note: str | None = None, status: str | None = None) -> dict:
+    """One metric entry of report.json: value (JSON-safe), its definition key, unit, note/status."""
+    if definition not in metrics.DEFINITIONS:
+        raise KeyError(f"no definition '{definition}'")
+    entry: dict[str, Any] = {"value": None if value is None else metrics.jsonable(value), "definition": definition}
+    for key, text in (("unit", unit), ("note", note), ("status", status)):
+        if text:
+            entry[key] = text
+    return entry
+
+
+# ---------------------------------------------------------------------------------------------
+# report.json schema (a JSON-schema subset, checked by `validate`)
+
+_METRIC = {
+    "type": "object",
+    "required": ["value", "definition"],
+    "properties": {
+        "value": {"type": ["number", "string", "null"], "enum_strings": ["inf", "-inf"]},
+        "definition": {"type": "string", "enum": sorted(metrics.DEFINITIONS)},
+        "unit": {"type": "string"},
+        "note": {"type": "string"},
+        "status": {"type": "string"},
+    },
+    "additionalProperties": False,
+}
+_METRICS = {"type": "object", "values": _METRIC}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["schema", "schema_version", "created", "ggtalker", "avatar", "clip", "protocol", "variants", "ood", "speed", "optional", "pending"],
+    "properties": {
+        "schema": {"type": "string", "enum": ["ggtalker-eval-report"]},
+        "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
+        "created": {"type": "string"},
+        "ggtalker": {"type": "string"},
+        "avatar": {"type": "object", "required": ["path"], "properties": {"path": {"type": "string"}}},
+        "clip": {"type": "object", "required": ["path", "fps", "size", "test_frames"],
+                 "properties": {"path": {"type": "string"}, "fps": {"type": "number"}, "size": {"type": "integer"},
+                                "test_frames": {"type": "array", "items": {"type": "integer"}}, "av_sync_lag": _METRIC}},
+        "protocol": {"type": "object", "required": ["doc", "setting", "size", "frames"],
+                     "properties": {"doc": {"type": "string"}, "setting": {"type": "string"}, "size": {"type": "integer"}, "frames": {"type": "integer"}}},
+        "variants": {
+            "type": "object",
+            "values": {
+                "type": "object",
+                "required": ["kind", "description", "metrics"],
+                "properties": {"kind": {"type": "string", "enum": ["avatar", "baseline", "ceiling", "floor"]}, "description": {"type": "string"},
+                               "video": {"type": ["string", "null"]}, "metrics": _METRICS},
+                "additionalProperties": False,
+            },
+        },
+        "ood": {"type": "array", "items": {"type": "object", "required": ["audio", "seconds", "frames", "metrics"],
+                                           "properties": {"audio": {"type": "string"}, "seconds": {"type": "number"}, "frames": {"type": "integer"},
+                                                          "video": {"type": ["string", "null"]}, "metrics": _METRICS}}},
+        "speed": {"type": "object", "required": ["device", "metrics"], "properties": {"device": {"type": "string"}, "metrics": _METRICS}},
+        "optional": {"type": "object", "values": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}},
+        "pending": {"type": "array", "items": {"type": "string"}},
+        "files": {"type": "object", "values": {"type": "string"}},
+    },
+}
+_TYPES = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
+
+
+def validate(value: Any, schema: dict = SCHEMA, where: str = "report") -> list[str]:
+    """Errors of `value` against `schema` (type, required, properties, additionalProperties,
+    values (schema of every value of an object), items, enum); empty when valid."""
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        ok = any(isinstance(value, _TYPES[k]) and not (k in ("integer", "number") and isinstance(value, bool)) for k in kinds)
+        if not ok:
+            return [f"{where}: expected {' or '.join(kinds)}, got {type(value).__name__}"]
+    errors: list[str] = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} not one of {schema['enum']}")
+    if isinstance(value, str) and "enum_strings" in schema and value not in schema["enum_strings"]:
+        errors.append(f"{where}: string value {value!r} not one of {schema['enum_strings']}")
+    if isinstance(value, float) and not math.isfinite(value):
+        errors.append(f"{where}: {value} is not valid JSON (use 'inf'/'-inf' or null)")
+    if isinstance(value, dict):
+        for key in schema.get("required", []):
+            if key not in value:
+                errors.append(f"{where}: missing '{key}'")
+        props = schema.get("properties", {})
+        for key, item in value.items():
+            if key in props:
+                errors += validate(item, props[key], f"{where}.{key}")
+            elif "values" in schema:
+                errors += validate(item, schema["values"], f"{where}.{key}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where}: unexpected key '{key}'")
+    if isinstance(value, list) and "items" in schema:
+        for k, item in enumerate(value):
+            errors += validate(item, schema["items"], f"{where}[{k}]")
+    return errors
+
 
 COLUMNS = (("psnr", "PSNR dB"), ("ssim", "SSIM"), ("psnr_face", "PSNR face"), ("ssim_face", "SSIM face"), ("psnr_seam", "PSNR seam"),
            ("lmd", "LMD px"), ("mouth_open_r", "mouth r"), ("mouth_lag", "vs GT lag fr"),
@@ -238,8 +341,8 @@ def referenced_files(text: str) -> list[str]:
     return re.findall(r"""(?:src|href)=['"]([^'"#]+)['"]""", text)
 
 
-def write(folder: Path, rep: dict[str, Any], validate: Callable[[Any], list[str]]) -> None:
-    """Validate, then write report.json, the plots, report.md and report.html into `folder`."""
+def write(folder: Path, rep: dict[str, Any]) -> None:
+    """Validate (against SCHEMA), then write report.json, the plots, report.md and report.html into `folder`."""
     errors = validate(rep)
     if errors:
         raise GGError(f"{folder / 'report.json'}: report fails its schema ({errors[0]}; {len(errors)} errors); this is a bug", Exit.INTERNAL)

@@ -164,3 +164,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def console_state(monkeypatch):
+    """`--json` and `--quiet` set the console module's state (console.configure) for the rest of
+    the process: each test gets a copy, so a CLI run in one test (CliRunner, in process) does not
+    turn on JSON mode or silence the output of the next."""
+    from ggtalker_cli import console
+
+    monkeypatch.setattr(console, "_state", dict(console._state))

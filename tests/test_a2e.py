@@ -212,16 +212,6 @@ def test_starts_at_mean_and_keeps_upper_face_there():
     assert np.allclose(bs[:, upper], 0.3) and not np.allclose(bs[:, 25], 0.3)  # jawOpen moves
 
 
-def test_parts_parsing(monkeypatch):
-    assert fit_prior.parse_parts("a2e, a2e") == ["a2e"]
-    monkeypatch.setattr(fit_prior, "TRAINERS", {"a2e": fit_prior.TRAINERS["a2e"]})  # a build without e2v
-    with pytest.raises(GGError, match="no trainer for this part") as e:
-        fit_prior.parse_parts("a2e,e2v")
-    assert e.value.code == Exit.USAGE
-    with pytest.raises(GGError, match="unknown part"):
-        fit_prior.parse_parts("a2e,foo")
-
-
 def _scores(mouth: np.ndarray, data: a2e.ClipData) -> tuple[float, float, float, float]:
     """(mouth r, lip-vertex error, no-audio error, spread ratio) on the clip's test frames."""
     test = slice(data.n_train, None)

@@ -3,8 +3,9 @@
 Parses every module's imports (top-level and inside functions: a lazy import is a dependency
 too) and asserts: every module sits in exactly one layer of the table; no import circle; at most
 one import from a lower layer to a higher one; only the entry layer imports the verbs
-(`stages/`), the verbs do not import each other, and bench scripts call a verb only through its
-`run` (its internals belong in the library).
+(`stages/`), the verbs do not import each other, tests and bench scripts call a verb only through
+its `run` (its internals belong in the library), and every verb is thin: no class, no public name
+but `run`, at most MAX_VERB_LINES lines.
 """
 
 from __future__ import annotations
@@ -104,19 +105,50 @@ def test_only_the_entry_layer_imports_the_verbs():
     assert not wrong, f"a verb is imported by a module other than the entry layer: {wrong}"
 
 
-def test_bench_calls_verbs_only_through_run():
+def test_tests_and_bench_call_verbs_only_through_run():
+    """A test or bench script that needs a verb's internals (calls them, monkeypatches them)
+    says they belong in the library: it reaches a verb through `run` or the CLI only."""
     wrong = []
-    for path in sorted((REPO / "bench").glob("*.py")):
-        tree = ast.parse(path.read_text())
+    for path in sorted([*(REPO / "bench").glob("*.py"), *(REPO / "tests").glob("*.py")]):
+        tree, where = ast.parse(path.read_text()), path.relative_to(REPO)
         verbs = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ggtalker_cli.stages"):
                 if node.module != "ggtalker_cli.stages":
-                    wrong.append(f"{path.name}: from {node.module} import ...")
+                    wrong.append(f"{where}: from {node.module} import ...")
                 verbs.update(alias.asname or alias.name for alias in node.names)
-        wrong += [f"{path.name}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
-                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in verbs and node.attr != "run"]
-    assert not wrong, f"bench scripts reach into verbs (move what they need into the library): {wrong}"
+            elif isinstance(node, ast.Import):
+                wrong += [f"{where}: import {alias.name}" for alias in node.names if alias.name.startswith("ggtalker_cli.stages.")]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in verbs and node.attr != "run":
+                wrong.append(f"{where}: {node.value.id}.{node.attr}")
+            elif isinstance(node, ast.Call) and any(isinstance(a, ast.Name) and a.id in verbs for a in node.args):
+                wrong.append(f"{where}: {ast.unparse(node)[:80]}")  # a verb module handed to a call: setattr(verb, ...)
+    assert not wrong, f"tests or bench scripts reach into verbs (move what they need into the library): {wrong}"
+
+
+MAX_VERB_LINES = 250
+
+
+def test_verbs_are_thin():
+    """Every stages/*.py is a verb: no class, no public name but `run`, at most MAX_VERB_LINES
+    lines; the work it orders is in the library modules."""
+    wrong = []
+    for path in sorted((PACKAGE / "stages").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        text = path.read_text()
+        tree = ast.parse(text)
+        wrong += [f"{path.name}: class {node.name}" for node in ast.walk(tree) if isinstance(node, ast.ClassDef)]
+        names = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        names += [target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                  for target in (node.targets if isinstance(node, ast.Assign) else [node.target]) if isinstance(target, ast.Name)]
+        if "run" not in names:
+            wrong.append(f"{path.name}: no run()")
+        wrong += [f"{path.name}: public {name}" for name in names if name != "run" and not name.startswith("_")]
+        if len(text.splitlines()) > MAX_VERB_LINES:
+            wrong.append(f"{path.name}: {len(text.splitlines())} lines")
+    assert not wrong, f"verbs that are not thin (move it into a library module): {wrong}"
 
 
 # the A2E rewrite (branch a2e) moves its prior and adaptation trainers onto training.Loop

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import ffmpeg
 
-from ggtalker_cli import report
+from ggtalker_cli import evaluation, report
 from ggtalker_cli.stages import eval as ev
 
 PIXEL = ("psnr", "ssim", "psnr_face", "ssim_face", "psnr_seam")
@@ -38,7 +38,7 @@ def rendered(tiny_avatar, real_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def scored(rendered, tmp_path_factory):
     """The same report finished by `eval --score-only` (needs mediapipe and its model)."""
-    if not ev.can_score():
+    if not evaluation.can_score():
         pytest.skip("mediapipe or face_landmarker.task not available")
     folder = tmp_path_factory.mktemp("scored") / "report"
     shutil.copytree(rendered[0], folder)
@@ -53,9 +53,9 @@ def _report(folder):
 def test_render_phase_report_is_valid_and_marks_pending(rendered):
     folder, summary = rendered
     rep = _report(folder)
-    assert ev.validate(rep) == []
+    assert report.validate(rep) == []
     assert summary["pending"] and rep["pending"]
-    assert set(rep["variants"]) == set(ev.VARIANTS)
+    assert set(rep["variants"]) == set(evaluation.VARIANTS)
     for name in ("tracked", "audio", "no_audio", "tracked_paste", "retrieval_landmarks", "retrieval_blendshapes_pose"):
         for key in PIXEL:
             entry = rep["variants"][name]["metrics"][key]
@@ -78,7 +78,7 @@ def test_render_phase_report_is_valid_and_marks_pending(rendered):
 def test_score_only_fills_landmark_metrics(scored):
     folder, summary = scored
     rep = _report(folder)
-    assert ev.validate(rep) == [] and rep["pending"] == [] and not summary["pending"]
+    assert report.validate(rep) == [] and rep["pending"] == [] and not summary["pending"]
     for name in ("tracked", "audio", "no_audio", "retrieval_landmarks", "retrieval_blendshapes_pose", "gt"):
         for key in LANDMARK:
             entry = rep["variants"][name]["metrics"][key]
@@ -109,12 +109,12 @@ def test_validator_rejects_broken_reports(rendered):
     broken["variants"]["tracked"]["metrics"]["psnr"]["value"] = math.inf
     broken["variants"]["tracked"]["kind"] = "magic"
     broken["schema_version"] = 99
-    errors = "\n".join(ev.validate(broken))
+    errors = "\n".join(report.validate(broken))
     for words in ("missing 'speed'", "'high'", "made_up", "not valid JSON", "magic", "99"):
         assert words in errors
     ok = copy.deepcopy(rep)
     ok["variants"]["tracked"]["metrics"]["psnr"]["value"] = "inf"  # identical images: +inf is legitimate
-    assert ev.validate(ok) == []
+    assert report.validate(ok) == []
 
 
 def test_retrieval_finds_an_identical_training_frame(clip_128):
@@ -123,7 +123,7 @@ def test_retrieval_finds_an_identical_training_frame(clip_128):
     clip = Clip(clip_128[0])
     train = clip.train_indices[:-1]
     # test on training frames themselves: each is its own nearest neighbour
-    found = ev.nearest_training(clip, train, train[::7])
+    found = evaluation.nearest_training(clip, train, train[::7])
     for name in ("retrieval_landmarks", "retrieval_blendshapes_pose"):
         np.testing.assert_array_equal(found[name], train[::7])
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import ffmpeg
 
-from ggtalker_cli import media, tracking
+from ggtalker_cli import media, preprocessing, tracking
 from ggtalker_cli.clip import Clip
 from ggtalker_cli.config import load_config
 from ggtalker_cli.errors import Exit, GGError
@@ -81,16 +81,16 @@ def test_meta_records_the_source_and_contract(clip_128):
 def test_resume_skips_finished_steps(tmp_path, aoc_cut, monkeypatch):
     out = tmp_path / "clip"
     cfg = load_config("fast", {"preprocess": {"size": 64}})
-    real_masks = preprocess._masks
+    real_masks = preprocessing._masks
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(preprocess, "_masks", interrupted)
+    monkeypatch.setattr(preprocessing, "_masks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         preprocess.run(aoc_cut, out, cfg)
     assert not out.exists() and (tmp_path / ".clip.partial" / "frames").is_dir()
-    monkeypatch.setattr(preprocess, "_masks", real_masks)
+    monkeypatch.setattr(preprocessing, "_masks", real_masks)
     summary = preprocess.run(aoc_cut, out, cfg, resume=True)
     assert summary["resumed_steps"] == ["track", "audio", "crop", "frames"]
     assert Clip(out).mask(0).shape == (64, 64) and not (tmp_path / ".clip.partial").exists()
@@ -98,7 +98,7 @@ def test_resume_skips_finished_steps(tmp_path, aoc_cut, monkeypatch):
 
 def test_resume_refuses_other_settings(tmp_path, aoc_cut, monkeypatch):
     out = tmp_path / "clip"
-    monkeypatch.setattr(preprocess, "_crop", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(preprocessing, "_crop", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         preprocess.run(aoc_cut, out, load_config("fast", {"preprocess": {"size": 64}}))
     with pytest.raises(GGError, match="another input or settings"):
@@ -219,6 +219,6 @@ def test_identity_embedding_when_a_recogniser_resolves(clip_128, tmp_path, monke
     monkeypatch.setenv("GGTALKER_ARCFACE", str(tmp_path / "arcface.onnx"))
     clip = tmp_path / "clip"
     shutil.copytree(clip_128[0], clip)
-    info = preprocess._identity(clip, len(Clip(clip)))
+    info = preprocessing._identity(clip, len(Clip(clip)))
     emb = np.load(clip / info["file"])
     assert emb.shape == (512,) and abs(np.linalg.norm(emb) - 1) < 1e-4 and info["frames"] == 12

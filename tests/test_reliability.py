@@ -31,13 +31,12 @@ from conftest import ffmpeg, same_tensors
 from test_a2e import make_clip
 from typer.testing import CliRunner, Result
 
-from ggtalker_cli import a2e_train, artifacts, head_fit, training
+from ggtalker_cli import a2e_train, artifacts, clip_view, head_fit, training
 from ggtalker_cli.cli import app
 from ggtalker_cli.config import Config, load_config
 from ggtalker_cli.errors import Exit, GGError
 from ggtalker_cli.models.e2v import E2V
 from ggtalker_cli.priors import DEFAULT_PRIOR
-from ggtalker_cli.stages import adapt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,7 +183,7 @@ def test_preset_name_and_file_must_exist(verb, verb_args, tmp_path):
 @pytest.mark.parametrize(
     "verb, section, words",
     [("adapt", "adapt", "--steps -5: expected a step count ≥ 1 or head=N,inpainter=N,a2e=N"),
-     ("fit-prior", "a2e", "command-line flags: 'a2e.steps' must be ≥ 0, got -5")],
+     ("fit-prior", "a2e", "--steps -5: expected a step count ≥ 1 or a2e=N,e2v=N")],
     ids=["adapt", "fit-prior"],
 )
 def test_negative_steps_and_seed(verb, section, words, verb_args, tmp_path):
@@ -209,8 +208,12 @@ def test_every_step_interval_must_be_positive():
 
 
 def test_fit_prior_needs_a_step(voices, tmp_path):
-    out = tmp_path / "prior"
-    refused(cli("fit-prior", *voices, "-o", out, "--steps", "0"), Exit.USAGE, "a2e.steps 0: a prior needs at least 1 training step; raise --steps", target=out)
+    """--steps refuses 0 (test_negative_steps_and_seed's message); a preset's 0 is refused by the verb."""
+    out, preset = tmp_path / "prior", tmp_path / "none.yaml"
+    preset.write_text("a2e:\n  steps: 0\n")
+    refused(cli("fit-prior", *voices, "-o", out, "--steps", "0"), Exit.USAGE, "--steps 0: expected a step count ≥ 1 or a2e=N,e2v=N", target=out)
+    refused(cli("fit-prior", *voices, "-o", out, "--preset", preset), Exit.USAGE, "a2e.steps 0: a prior needs at least 1 training step; raise --steps",
+            target=out)
 
 
 # ------------------------------------------------------------------ preprocess
@@ -392,7 +395,7 @@ def test_adapt_prior_a2e_is_checked_before_training(clip_128, tmp_path, monkeypa
     def no_training(*args, **kwargs):
         raise AssertionError("adapt began loading frames before refusing the prior")
 
-    monkeypatch.setattr(adapt, "Data", no_training)
+    monkeypatch.setattr(clip_view.Data, "__init__", no_training)
     refused(cli("adapt", clip_128[0], "-o", out, "--prior", prior, "--device", "cpu"), Exit.ARTIFACT, evil, words, target=out)
 
 

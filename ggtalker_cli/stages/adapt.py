@@ -31,7 +31,7 @@ from ..errors import Exit, GGError, out_of_memory
 from ..gaussians import GROUPS
 from ..head_fit import CHECKPOINT, LOG, SHELL_FRAMES, Trainer, evaluate, export, fit_head, loss_plot, novel_views, paint, save_png, train
 
-START = "start.json"  # shell fit + initial metrics of a run, kept for --resume
+_START = "start.json"  # shell fit + initial metrics of a run, kept for --resume
 
 
 def _check_prior(prior: Path) -> dict[str, Tensor] | None:
@@ -140,7 +140,7 @@ def run(
             trainer, start, seconds = Trainer(data, acfg, avatar.to(dev)), 0, 0.0
             initial = evaluate(trainer.avatar, data, eval_frames)
             # what the run started from, kept beside the checkpoints so a resumed run reports it too
-            (folder / START).write_text(json.dumps({"shell": shell, "initial_metrics": initial}))
+            (folder / _START).write_text(json.dumps({"shell": shell, "initial_metrics": initial}))
         timings["setup"] = time.perf_counter() - tic
         seconds = train(trainer, folder, start, seconds)
         timings["train"] = seconds
@@ -159,7 +159,7 @@ def run(
         speech = _adapt_speech(prior, prior_a2e, clip, folder, cfg, dev)
         timings["a2e"] = time.perf_counter() - tic
         (folder / CHECKPOINT).unlink(missing_ok=True)
-        started = json.loads((folder / START).read_text())
+        started = json.loads((folder / _START).read_text())
         meta = {
             "clip": {"path": str(Path(clip_dir).resolve()), "sha256": _file_hash(clip.path / "meta.yaml", clip.tracking_path)},
             "prior": str(Path(prior).resolve()) if prior is not None else None,
@@ -189,7 +189,7 @@ def run(
             "config": {"adapt": cfg.to_dict()["adapt"], "inpainter": cfg.to_dict()["inpainter"]},
         }
         artifacts.write_meta(folder, "avatar", meta)
-        (folder / START).unlink()  # recorded in meta.yaml
+        (folder / _START).unlink()  # recorded in meta.yaml
     ran = {"head": acfg.steps, "inpainter": inpainter["steps_run"], "a2e": (speech.get("log") or {}).get("steps_run")}  # a2e: None without one
     return {"avatar": str(out), **{f"test_{k}": round(v, 2) for k, v in result.items()}, "train_seconds": round(seconds, 1), "device": meta["device"],
             "steps": ran}

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import __version__, assets, console, media
 
-PACKAGES = ("torch", "gsplat", "mediapipe", "openai-whisper", "insightface", "onnxruntime", "av", "numpy", "opencv-python-headless", "typer", "rich")
+_PACKAGES = ("torch", "gsplat", "mediapipe", "openai-whisper", "insightface", "onnxruntime", "av", "numpy", "opencv-python-headless", "typer", "rich")
 
 
 def _version(dist: str) -> str | None:
@@ -45,7 +45,7 @@ def run() -> dict[str, Any]:
         "ggtalker": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: _version(name) for name in _PACKAGES},
         "devices": _devices(),
         "ffmpeg": _ffmpeg(),
         "assets": {},

@@ -13,219 +13,28 @@ body frame → H.264 with the speech muxed in sync.
 - **Body and pose**: the clip's training frames played forward and backward (ping-pong), so any
   audio length works, each with its refined head pose (`synthesis/track.npz`); or a pose file
   (`--pose`); turned by `--yaw/--pitch` and a sinusoidal `--orbit` for novel views.
-- **Output**: frames stream into the H.264 encoder (media.VideoWriter, video only) while the
-  audio is kept in a temp wav; the speech is muxed in at the end into a hidden temp file renamed
-  onto the target, so an interrupted run never leaves a corrupt mp4 there. Nothing but the
-  target is ever written: the temps are fresh names made exclusively, and removed. `-o -` writes raw rgb24 frames to stdout;
-  `-o x.npz` writes the expressions alone, with a mouth-opening plot beside it.
+- **Output** (`synth_io.Output`): frames stream into the H.264 encoder while the audio is kept
+  in a temp wav; the speech is muxed in at the end into a hidden temp renamed onto the target,
+  so an interrupted run never leaves a corrupt mp4 there, and nothing but the target is ever
+  written. `-o -` writes raw rgb24 frames to stdout; `-o x.npz` the expressions alone, with a
+  mouth-opening plot beside it (`synth_io.write_expressions`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import secrets
-import signal
-import sys
-import tempfile
 import time
-import wave
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import a2e, artifacts, audio, console, live, media
-from ..config import Config, SynthConfig, load_config
+from .. import a2e, artifacts, console, live, synth_io
+from ..config import Config, load_config
 from ..device import device_name, device_of
 from ..errors import Exit, GGError
 from ..stream import Expressions, Frames
-from ..synthesis import Synthesizer, load_a2e, read_audio, read_pose_file
-
-ENCODE_QUEUE = 4 * SynthConfig.batch  # frames waiting for the encoder thread
-
-
-# ---------------------------------------------------------------------------------------------
-# audio in
-
-
-def _file_samples(path: Path, start: float, end: float | None) -> np.ndarray:
-    """A whole file decoded (audio.load_audio checks it) and cut to [start, end) seconds."""
-    samples = read_audio(path)
-    a = round(start * audio.SAMPLE_RATE)
-    b = len(samples) if end is None else min(len(samples), round(end * audio.SAMPLE_RATE))
-    if b - a < audio.MIN_SECONDS * audio.SAMPLE_RATE:
-        raise GGError(f"{path}: {max(b - a, 0) / audio.SAMPLE_RATE:.2f} s of audio in --start/--end; "
-                      f"at least {audio.MIN_SECONDS} s is needed", Exit.INPUT_INVALID)
-    return samples[a:b]
-
-
-def _stream_chunks(source: str, start: float, end: float | None) -> Iterator[np.ndarray]:
-    """Audio from a file or stdin ('-') decoded as it arrives (media.audio_chunks), cut to [start, end)."""
-    if source != "-" and not Path(source).is_file():
-        raise GGError(f"{source}: no such audio file; check the path", Exit.INPUT_MISSING)
-    skip = round(start * audio.SAMPLE_RATE)
-    left = math.inf if end is None else round((end - start) * audio.SAMPLE_RATE)
-    blocks = media.audio_chunks(sys.stdin.buffer if source == "-" else Path(source), "stdin" if source == "-" else source)
-    try:
-        for x in blocks:
-            if skip:
-                cut = min(skip, len(x))
-                x, skip = x[cut:], skip - cut
-            x = x[: int(min(left, len(x)))]
-            left -= len(x)
-            if len(x):
-                yield x
-            if left <= 0:
-                break
-    finally:
-        blocks.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# output
-
-
-def _fresh_sibling(path: Path, suffix: str) -> Path:
-    """A new hidden file beside `path`, created exclusively (O_EXCL: never a file that was already
-    there) with the umask's permissions, so the mp4 renamed from it reads like any other file."""
-    while True:
-        candidate = path.parent / f".{path.name}.{secrets.token_hex(4)}{suffix}"
-        try:
-            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return candidate
-        except FileExistsError:
-            continue
-
-
-class _Output:
-    """Where frames go: an mp4 (video temp + wav temp, muxed and renamed at the end), raw rgb24
-    on stdout, or nowhere (expressions only). Temps are hidden siblings of the target."""
-
-    def __init__(self, target: str, fps: float, size: int, crf: int):
-        self.target, self.fps, self.size, self.crf = target, fps, size, crf
-        self.kind = "raw" if target == "-" else "npz" if target.endswith(".npz") else "video"
-        self.frames = 0
-        self.temps: list[Path] = []
-        self.writer = self.wav = self.behind = None
-        if self.kind == "video":
-            path = Path(target)
-            self.temps = [_fresh_sibling(path, suffix) for suffix in (".video.mp4", ".audio.wav", ".tmp.mp4")]
-            self.video_tmp, self.wav_tmp, self.final_tmp = self.temps
-            try:
-                self.writer = media.open_writer(self.video_tmp, fps, size, size, crf=crf)
-                self.wav = wave.open(str(self.wav_tmp), "wb")
-            except BaseException:
-                self.cleanup()
-                raise
-            self.wav.setnchannels(1)
-            self.wav.setsampwidth(2)
-            self.wav.setframerate(audio.SAMPLE_RATE)
-        self.behind = None if self.kind == "npz" else media.Behind(self._write, ENCODE_QUEUE)
-
-    def audio(self, samples: np.ndarray) -> None:
-        if self.wav is not None:
-            self.wav.writeframes((np.clip(samples, -1, 1) * 32767).astype(np.int16).tobytes())
-
-    def write(self, frame: np.ndarray) -> None:
-        """Queue one frame for the encoder thread (`_write`)."""
-        if self.behind is not None:
-            self.behind.put(frame)
-        self.frames += 1
-
-    def _write(self, frame: np.ndarray) -> None:
-        if self.kind == "video":
-            self.writer.write(frame)
-            return
-        try:
-            sys.stdout.buffer.write(frame.tobytes())
-        except BrokenPipeError as e:
-            raise GGError("stdout closed by the reader; raw frames stopped", Exit.OUTPUT) from e
-
-    def flush(self) -> None:
-        """Raw frames so far reach the reader now (streaming): wait for the queue, then flush stdout."""
-        if self.kind == "raw":
-            self.behind.drain()
-            sys.stdout.buffer.flush()
-
-    def close(self) -> None:
-        """Finish the mp4: drain the encoder thread, close the encoder, mux the speech, rename onto the target."""
-        if self.behind is not None:
-            self.behind.close()
-            self.behind = None
-        if self.kind != "video":
-            if self.kind == "raw":
-                sys.stdout.buffer.flush()
-            return
-        self.wav.close()
-        self.wav = None
-        self.writer.close()
-        self.writer = None
-        media.mux(self.video_tmp, self.wav_tmp, self.final_tmp)
-        os.replace(self.final_tmp, Path(self.target))  # the named output (checked free, or --force)
-        self.cleanup()
-
-    def cleanup(self) -> None:
-        if self.behind is not None:
-            self.behind.abandon()
-            self.behind = None
-        if self.wav is not None:
-            self.wav.close()
-        if self.writer is not None:
-            self.writer.__exit__(KeyboardInterrupt, None, None)  # kills the encoder, removes its file
-        for p in self.temps:
-            p.unlink(missing_ok=True)
-
-
-def _mp4_need(frames: int, size: int, seconds: float) -> int:
-    """Bytes an mp4 needs while it is made, generously: H.264 at CRF 18 (counted as 0.1 B/px),
-    held twice (the video temp and the muxed copy), plus the 16 kHz 16-bit wav temp."""
-    return int(2 * frames * 0.1 * size**2 + seconds * 32_000)
-
-
-def check_target(target: str, force: bool) -> None:
-    """Refuse an unusable -o before any work: existing (without --force), a folder, unwritable."""
-    if target == "-":
-        if console._state["json"]:
-            raise GGError("-o - writes raw frames to stdout, where --json would also go; drop --json", Exit.USAGE)
-        return
-    path = Path(target)
-    if path.suffix.lower() not in (".mp4", ".mov", ".mkv", ".npz"):
-        raise GGError(f"{path}: unknown output type; use .mp4 (video), .npz (expressions only) or - (raw rgb24 frames)", Exit.USAGE)
-    plot = path.with_suffix(".png")
-    if path.suffix.lower() == ".npz" and plot.exists():  # --force names the .npz only, never its side-car
-        raise GGError(f"{plot}: already exists, and synth writes the mouth-opening plot of {path.name} there; move it or choose another -o", Exit.OUTPUT)
-    if path.is_dir():
-        raise GGError(f"{path}: is a folder; pass a file path for -o", Exit.OUTPUT)
-    if path.exists() and not force:
-        raise GGError(f"{path}: output already exists; pass --force to replace it", Exit.OUTPUT)
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise GGError(f"{parent}: output folder does not exist; create it or choose another -o", Exit.OUTPUT)
-    try:  # os.access says yes to root everywhere; only a real file says whether it can be written
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise GGError(f"{parent}: cannot write files there ({e.strerror}); choose a writable -o", Exit.OUTPUT) from e
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so temps are removed and the target is never half-written."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-# ---------------------------------------------------------------------------------------------
-# the stage
+from ..synthesis import Synthesizer, load_a2e, read_pose_file
 
 
 def run(
@@ -257,7 +66,7 @@ def run(
     sc = conf.synth
     crf = sc.crf if crf is None else crf
     out = str(out)
-    check_target(out, force)
+    synth_io.check_target(out, force)
     if audio_source == "-" and not stream:
         raise GGError("--audio - (stdin) needs --stream", Exit.USAGE)
     if latency is not None and not stream:
@@ -285,23 +94,17 @@ def run(
         expressions = Expressions(state, fps, whisper, device=dev.type)
     else:
         expressions = live.LiveExpressions(state, fps, latency, conf.live, whisper, device=dev.type)
-    if clock is not None:  # fed at the pace it arrives: a file at real-time pace, PCM as it comes
-        chunks, total = raw or live.paced(_file_samples(Path(audio_source), start, end)), None
-    elif stream:
-        chunks, total = _stream_chunks(audio_source, start, end), None
-    else:
-        samples = _file_samples(Path(audio_source), start, end)
-        step = int(sc.chunk_s * audio.SAMPLE_RATE)
-        chunks, total = (samples[i : i + step] for i in range(0, len(samples), step)), math.ceil(len(samples) / audio.SAMPLE_RATE * fps)
-        if synth is not None and out != "-":  # an mp4 of known length
-            artifacts.check_disk_space(Path(out), _mp4_need(total, synth.size, len(samples) / audio.SAMPLE_RATE))
+    chunks, seconds = synth_io.speech(audio_source, start, end, stream=stream, raw=raw, live_mode=clock is not None, chunk_s=sc.chunk_s)
+    total = None if seconds is None else math.ceil(seconds * fps)
+    if total is not None and synth is not None and out != "-":  # an mp4 of known length
+        artifacts.check_disk_space(Path(out), synth_io.mp4_need(total, synth.size, seconds))
     timings: dict[str, float] = {}
     kept: list[Frames] = []
     output = None
     tic = time.perf_counter()
     try:
-        with _sigterm_as_interrupt(), console.progress() as bar:
-            output = _Output(out, fps, synth.size if synth else 0, crf)
+        with synth_io.sigterm_as_interrupt(), console.progress() as bar:
+            output = synth_io.Output(out, fps, synth.size if synth else 0, crf)
             task = bar.add_task("synth", total=total)
 
             def emit(group: Frames) -> None:
@@ -358,27 +161,9 @@ def run(
     if clock is not None:
         summary.update(clock.summary())
     if expr_only:
-        if _write_expressions(Path(out), kept, fps, audio_source, a2e_source, start, end):
+        if synth_io.write_expressions(Path(out), kept, fps, audio_source, a2e_source, start, end):
             summary["plot"] = str(Path(out).with_suffix(".png"))
     else:
         summary.update(size=synth.size, body=synth.body.kind,
                        ms_per_frame={k: round(1000 * v / max(n, 1), 3) for k, v in timings.items()})
     return summary
-
-
-def _write_expressions(path: Path, groups: list[Frames], fps: float, source: str, a2e_source: str, start: float, end: float | None) -> bool:
-    """expressions.npz (blendshapes, mouth, mouth_open, fps) + the mouth-opening plot (a2e.plot_mouth,
-    which reads the audio file itself: made for a whole file, not for stdin or a cut); -> plotted."""
-    import io
-
-    bs = np.concatenate([g.blendshapes for g in groups])
-    mouth = np.concatenate([g.mouth for g in groups])
-    opening = np.concatenate([g.mouth_open for g in groups])
-    buffer = io.BytesIO()
-    np.savez(buffer, blendshapes=bs, mouth=mouth, mouth_open=opening, fps=np.float32(fps), mouth_landmarks=np.asarray(a2e.MOUTH),
-             audio=np.str_(source), a2e=np.str_(a2e_source), start_s=np.float32(start))
-    artifacts.atomic_write_bytes(path, buffer.getvalue())
-    if source == "-" or start != 0 or end is not None:
-        return False
-    a2e.plot_mouth(path.with_suffix(".png"), source, opening, fps)
-    return True
