@@ -57,6 +57,7 @@ def device_name(device: str) -> str:
 
 def random_whisper(folder: Path) -> Path:
     from whisper.model import ModelDimensions, Whisper
+
     from bench.whisper_speed import BASE_DIMS
 
     path = folder / "random-base.pt"
