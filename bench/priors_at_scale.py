@@ -188,33 +188,77 @@ def _live(args: argparse.Namespace, call: Path, out: Path) -> None:
                 "--size", str(size), "--latency", "0.5", "--seconds", "15", "--out", str(out / "live_stream.json"))  # fmt: skip
 
 
+def _a2e_rows(a2e: dict) -> dict[str, dict]:
+    """Issue 19's A2E fields per judged clip, from bench/results/a2e_generative.json (the adapted
+    model: what `adapt` gives a new person). Lip distances are that bench's face-space lip error
+    (mm, 40 lip points, against the tracked lips), so the tracked mouth's own is 0 by construction."""
+    rows = {}
+    for name, clip in a2e["generative"]["clips"].items():
+        got = clip["adapted"]
+        rows[name] = {"spread_ratio": got["spread_ratio"], "lmd_audio": got["lip_mm"], "lmd_no_audio": clip["lip_mm_no_audio"],
+                      "lmd_tracked": 0.0, "mouth_r": got["mouth_r"], "prior_null_style": clip["prior"]}  # fmt: skip
+    return rows
+
+
+def _mean(values: list[float]) -> float:
+    return round(float(np.mean(values)), 4)
+
+
 def report(args: argparse.Namespace) -> None:
+    """bench/results/priors_at_scale.json in the issue's schema: per held-out clip, overall, targets."""
+    from bench import corpus
     from bench.prior_vs_scratch import consistency, load_views
 
     result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
-    e2v = result.setdefault("e2v", {})
+    totals = corpus.totals(corpus.load())
+    result.update(identities=totals["identities"], speech_minutes=totals["speech_minutes"], corpus=totals)
+    clips = result.setdefault("clips", {})
     for folder in args.returned:
         for path in sorted(folder.glob("pvs_*.json")):
-            name = path.stem[len("pvs_"):]
+            stem = path.stem[len("pvs_"):]
+            name = next(stem[: -len(s)] for s in ("_prior_scratch", "_prior", "_scratch", "") if stem.endswith(s))
             pvs = json.loads(path.read_text())
-            views = load_views(folder / f"views_{name}.npz")
-            scored = {init: consistency(v) for init, v in views.items()}
-            res = pvs["results"]
-            e2v[name] = {
-                "psnr_prior": {n: res["prior"][n]["psnr_head"] for n in res["prior"]},
-                "psnr_scratch": {n: res["scratch"][n]["psnr_head"] for n in res["scratch"]},
-                "novel_views": scored,
-                "novel_view_reproj_px": {init: {yaw: row["reprojection_px"] for yaw, row in s.items()} for init, s in scored.items()},
-                "device": pvs["device"],
-                "preset": pvs["preset"],
-                "size": pvs["size"],
-            }
-    a2e = REPO / "bench" / "results" / "a2e_generative.json"
-    if a2e.is_file():
-        result["a2e"] = json.loads(a2e.read_text())
+            scored = {init: consistency(v) for init, v in load_views(folder / f"views_{stem}.npz").items()}
+            row = clips.setdefault(name, {}).setdefault("e2v", {})
+            for init, res in pvs["results"].items():  # arms from several calls fold into one row
+                row.setdefault(f"psnr_{init}", {}).update({n: res[n]["psnr_head"] for n in sorted(res, key=int)})
+                row.setdefault("novel_views", {})[init] = scored[init]
+                row.setdefault("novel_view_reproj_px", {})[init] = {yaw: r["reprojection_px"] for yaw, r in scored[init].items()}
+            row.update(device=pvs["device"], preset=pvs["preset"], size=pvs["size"] or 512)
+    a2e_file = REPO / "bench" / "results" / "a2e_generative.json"
+    if a2e_file.is_file():
+        a2e = json.loads(a2e_file.read_text())
+        for name, row in _a2e_rows(a2e).items():
+            clips.setdefault(name, {})["a2e"] = row
+        result["a2e_source"] = {"file": "bench/results/a2e_generative.json", "command": a2e["command"], "device": a2e["device"],
+                                "ood_within_1_frame": a2e["generative"]["ood_within_1_frame"]}  # fmt: skip
+    a2es = [c["a2e"] for c in clips.values() if "a2e" in c]
+    e2vs = [c["e2v"] for c in clips.values() if "psnr_prior" in c.get("e2v", {}) and "psnr_scratch" in c["e2v"]]
+    overall: dict = {}
+    if a2es:
+        overall["a2e"] = {k: _mean([r[k] for r in a2es]) for k in ("spread_ratio", "lmd_audio", "lmd_no_audio", "lmd_tracked", "mouth_r")}
+    if e2vs:
+        overall["e2v"] = {
+            "clips": len(e2vs),
+            **{f"psnr_{init}": {n: _mean([r[f"psnr_{init}"][n] for r in e2vs]) for n in ("250", "1000", "4000")} for init in ("prior", "scratch")},
+            "novel_view_reproj_px_30": {init: _mean([(r["novel_view_reproj_px"][init]["-30"] + r["novel_view_reproj_px"][init]["30"]) / 2 for r in e2vs])
+                                        for init in ("prior", "scratch")},  # fmt: skip
+        }
+    result["overall"] = overall
+    targets = {"identities_ge_60": result["identities"] >= 60, "speech_minutes_ge_30": result["speech_minutes"] >= 30}
+    if a2es:
+        a = overall["a2e"]
+        targets.update(spread_ratio_ge_0_8=a["spread_ratio"] >= 0.8, lmd_audio_le_0_75_no_audio=a["lmd_audio"] <= 0.75 * a["lmd_no_audio"],
+                       mouth_r_ge_0_8=a["mouth_r"] >= 0.8, ood_lag_within_1_frame=result["a2e_source"]["ood_within_1_frame"])  # fmt: skip
+    if e2vs:
+        e = overall["e2v"]
+        targets.update(prior_1000_ge_scratch_4000=e["psnr_prior"]["1000"] >= e["psnr_scratch"]["4000"],
+                       prior_reproj_below_scratch_at_30=e["novel_view_reproj_px_30"]["prior"] < e["novel_view_reproj_px_30"]["scratch"])  # fmt: skip
+    result["targets"] = targets
     result["protocol"] = __doc__.split("\n\n")[1].replace("\n", " ")
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    result["commands"] = sorted(set(result.get("commands", [])) | {"python -m bench.priors_at_scale report " + " ".join(map(str, args.returned))})
+    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result[k] for k in ("identities", "speech_minutes", "overall", "targets")}, indent=1))
 
 
 def main() -> None:
