@@ -26,6 +26,12 @@ A generative model's numbers are averaged over `--seeds` sampling seeds (the det
 has none). Work is kept in `--work` and reused on a re-run. `--ship PRIOR_DIR` then puts the
 generative prior's a2e part into an existing prior folder (priors/default): weights, its
 `parts.a2e` and `config.a2e` in meta.yaml, its curve plot as a2e_val_loss.png.
+
+`--prior FILE` judges an existing prior's A2E instead (no fit-prior, no baseline), once per
+`--variant NAME:key=value,...` of A2EConfig settings: the sampling ones (sample_steps,
+sample_temperature, guidance) are written into a copy of its state, the others go to the
+adaptation; work in `--work`/variant_NAME. With `--ship` (the prior's own folder) and
+`--ship-variant NAME` the prior keeps that variant's sampling settings (bench/results/a2e_sampling.json).
 """
 
 from __future__ import annotations
