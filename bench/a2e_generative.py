@@ -26,11 +26,18 @@ A generative model's numbers are averaged over `--seeds` sampling seeds (the det
 has none). Work is kept in `--work` and reused on a re-run. `--ship PRIOR_DIR` then puts the
 generative prior's a2e part into an existing prior folder (priors/default): weights, its
 `parts.a2e` and `config.a2e` in meta.yaml, its curve plot as a2e_val_loss.png.
+
+`--prior FILE` judges an existing prior's A2E instead (no fit-prior, no baseline), once per
+`--variant NAME:key=value,...` of A2EConfig settings: the sampling ones (sample_steps,
+sample_temperature, guidance) are written into a copy of its state, the others go to the
+adaptation; work in `--work`/variant_NAME. With `--ship` (the prior's own folder) and
+`--ship-variant NAME` the prior keeps that variant's sampling settings (bench/results/a2e_sampling.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -43,13 +50,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from ggtalker_cli import a2e, audio, metrics
+from ggtalker_cli.config import A2EConfig
+from ggtalker_cli.models.a2e import to_state
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH = REPO.parent / "shared" / "data" / "real" / "audio"
 OOD = ("de_german_9s.wav", "ja_japanese_9s.wav", "it_italian1_9s.wav", "zh_chinese_news_8s.wav")
 FPS = 25.0
+SAMPLING = ("sample_steps", "sample_temperature", "guidance")  # A2E settings a state carries; a variant's others are adaptation's
 
 # Runs inside one code tree (argv: work folder, seeds, judged clips, speech files, comma-separated):
 # only the API both A2E versions share, so the deterministic one can be measured by its own code.
@@ -71,6 +82,7 @@ from ggtalker_cli.stream import Expressions
 
 work, seeds = Path(sys.argv[1]), int(sys.argv[2])
 judge, speech = sys.argv[3].split(","), sys.argv[4].split(",")
+adapt_cfg = load_config("balanced", {"a2e": json.loads(sys.argv[5])} if len(sys.argv) > 5 else None).a2e
 seeded = "seed" in inspect.signature(lib.run).parameters
 seeds = range(seeds if seeded else 1)
 prior = load_file(str(work / "prior" / "a2e.safetensors"))
@@ -86,7 +98,7 @@ for f, x in samples.items():
 for clip in judge:
     name = Path(clip).name
     d = lib.load_clip(clip, 25.0)
-    state, logs[name] = adapt_a2e(prior, clip, load_config("balanced").a2e, device="cpu")
+    state, logs[name] = adapt_a2e(prior, clip, adapt_cfg, device="cpu")
     for kind, s in (("prior", prior), ("adapted", state)):
         for seed in seeds:
             model = from_state(s)
@@ -121,15 +133,18 @@ def tree(commit: str | None, work: Path) -> Path:
     return src
 
 
-def produce(src: Path, work: Path, train: list[Path], judge: list[Path], speech: list[Path], seeds: int, steps: int | None) -> float:
-    """fit-prior and the predictions in the tree `src` (skipped where `work` has them); seconds."""
+def produce(src: Path, work: Path, train: list[Path], judge: list[Path], speech: list[Path], seeds: int, steps: int | None, adapt: dict | None = None) -> float:
+    """fit-prior and the predictions in the tree `src` (skipped where `work` has them; `adapt`:
+    A2EConfig overrides of the adaptation); seconds."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}  # run in `src`: `-m`/`-c` put the working folder first on sys.path
     start = time.time()
     if not (work / "prior" / "a2e.safetensors").is_file():
         subprocess.run([sys.executable, "-m", "ggtalker_cli.cli", "-q", "fit-prior", *map(str, train), "-o", str(work / "prior"),
                         "--parts", "a2e", "--device", "cpu", "--force", *(["--steps", str(steps)] if steps else [])], env=env, cwd=src, check=True)  # fmt: skip
     if not (work / "predictions.npz").is_file():
-        subprocess.run([sys.executable, "-c", PREDICT, str(work), str(seeds), ",".join(map(str, judge)), ",".join(map(str, speech))], env=env, cwd=src, check=True)
+        extra = [json.dumps(adapt)] if adapt else []
+        subprocess.run([sys.executable, "-c", PREDICT, str(work), str(seeds), ",".join(map(str, judge)), ",".join(map(str, speech)), *extra],
+                       env=env, cwd=src, check=True)  # fmt: skip
     return time.time() - start
 
 
@@ -188,9 +203,55 @@ def ship(prior: Path, into: Path) -> None:
     (into / "meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
 
 
+def variant(text: str) -> tuple[str, dict]:
+    """`NAME:key=value,...` → (NAME, A2EConfig overrides, values read as YAML)."""
+    name, _, pairs = text.partition(":")
+    overrides = {k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in pairs.split(",") if pair)}
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(A2EConfig)})
+    if not name or unknown:
+        raise argparse.ArgumentTypeError(f"{text}: want NAME:key=value,... with A2EConfig keys (unknown: {unknown})")
+    return name, overrides
+
+
+def place_prior(prior: Path, work: Path, sampling: dict, judged: set[str]) -> list[str]:
+    """The prior's A2E into work/prior/ with `sampling` written into its state (weights as they
+    are); its training identities, which must not include a judged one."""
+    model = a2e.from_state(load_file(str(prior)), str(prior))
+    heard = sorted(judged & set(model.meta["identities"]))
+    if heard:
+        raise SystemExit(f"{prior}: trained on the judged {heard}; judge identities it never heard")
+    model.meta.update(sampling)
+    (work / "prior").mkdir(parents=True, exist_ok=True)
+    save_file(to_state(model), str(work / "prior" / "a2e.safetensors"))
+    return model.meta["identities"]
+
+
+def judge_variants(args: argparse.Namespace, doc: dict, speech: list[Path]) -> None:
+    """`--prior` mode: the given prior, adapted and sampled under each `--variant`'s settings."""
+    judged = {p.name for p in args.judge}
+    doc["variants"] = {}
+    for name, overrides in args.variant or [("as_shipped", {})]:
+        work = args.work / f"variant_{name}"
+        sampling = {k: v for k, v in overrides.items() if k in SAMPLING}
+        doc["train_clips"] = place_prior(args.prior, work, sampling, judged)
+        doc["identities"] = len(doc["train_clips"])
+        seconds = produce(REPO, work, [], args.judge, speech, args.seeds, None, {k: v for k, v in overrides.items() if k not in SAMPLING})
+        doc["variants"][name] = {"a2e": overrides, "seconds": round(seconds), **judge_model(work, args.judge, speech)}
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps({k: v["mean"] for k, v in doc["variants"].items()}, indent=1))
+    if args.ship:
+        into = args.ship.resolve()
+        meta = yaml.safe_load((into / "meta.yaml").read_text())
+        if into / "a2e.safetensors" != args.prior.resolve() or args.ship_variant not in doc["variants"]:
+            raise SystemExit("--ship with --prior: the prior's own folder and --ship-variant NAME, one of the variants")
+        meta["config"]["a2e"].update(doc["variants"][args.ship_variant]["a2e"])
+        shutil.copy(args.work / f"variant_{args.ship_variant}" / "prior" / "a2e.safetensors", into / "a2e.safetensors")
+        (into / "meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train", nargs="+", type=Path, required=True, help="clip folders or folders of clip folders")
+    ap.add_argument("--train", nargs="+", type=Path, default=[], help="clip folders or folders of clip folders")
     ap.add_argument("--judge", nargs="+", type=Path, required=True, help="judged clip folders (removed from --train)")
     ap.add_argument("--baseline", default=None, help="commit of the deterministic A2E to compare with")
     ap.add_argument("--seeds", type=int, default=3)
@@ -200,21 +261,26 @@ def main() -> None:
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--only", choices=("generative", "deterministic"), default=None, help="run one model's steps (to run both in parallel)")
     ap.add_argument("--ship", type=Path, default=None, help="prior folder whose a2e part becomes the generative prior")
+    ap.add_argument("--prior", type=Path, default=None, help="judge this a2e.safetensors (no fit-prior, no baseline) under each --variant")
+    ap.add_argument("--variant", type=variant, action="append", help="NAME:key=value,... A2EConfig settings (sampling ones into the state) [--prior]")
+    ap.add_argument("--ship-variant", default=None, help="with --prior and --ship: the variant whose sampling settings the prior keeps")
     args = ap.parse_args()
     args.judge, args.work = [p.resolve() for p in args.judge], args.work.resolve()  # the steps run in another folder
     judged = {p.name for p in args.judge}
-    train = [p.resolve() for p in clip_dirs(args.train) if p.resolve().name not in judged]
     speech = [args.speech / f for f in OOD]
-    minutes = sum(a2e.load_clip(p, FPS).n_train for p in train) / FPS / 60
     doc = {
         "command": "python bench/a2e_generative.py " + " ".join(sys.argv[1:]),
         "device": f"cpu ({platform.machine()}, 1 torch thread per process, torch {torch.__version__})",
-        "identities": len(train),
-        "speech_minutes": round(minutes, 1),
-        "train_clips": [p.resolve().name for p in train],
         "judged": sorted(judged),
         "protocol": __doc__.split("\n\n", 2)[2].strip(),
     }
+    if args.prior:
+        return judge_variants(args, doc, speech)
+    if not args.train:
+        ap.error("--train is needed unless --prior is given")
+    train = [p.resolve() for p in clip_dirs(args.train) if p.resolve().name not in judged]
+    minutes = sum(a2e.load_clip(p, FPS).n_train for p in train) / FPS / 60
+    doc.update(identities=len(train), speech_minutes=round(minutes, 1), train_clips=[p.resolve().name for p in train])
     for tag, commit in (("generative", None), ("deterministic", args.baseline)):
         if (tag == "deterministic" and commit is None) or args.only not in (None, tag):
             continue

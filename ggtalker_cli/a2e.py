@@ -7,9 +7,10 @@ end-aligned), like MultiDiffusion: at each step every window predicts the clean 
 current noisy sequence, the predictions are cross-faded with a triangular weight, and the whole
 sequence takes the step. So overlapping windows agree on one sample instead of averaging two
 independent ones (which would shrink the motion again). The starting noise of frame t is a pure
-function of (seed, t) (`frame_noise`), never of a window or a chunk, and each window's
-prediction depends only on its own inputs, so the result is fixed by (audio, seed): a stream fed
-in any chunking (stream.py) emits exactly the frames of a whole-file run.
+function of (seed, t) (`frame_noise`, scaled by `sample_temperature`), never of a window or a
+chunk, and each window's prediction depends only on its own inputs, so the result is fixed by
+(audio, seed): a stream fed in any chunking (stream.py) emits exactly the frames of a whole-file
+run.
 """
 
 from __future__ import annotations
@@ -191,15 +192,19 @@ class Sampler:
     `finish`, starts at or after the current length minus a window). Each level trails the one
     before by at most a half window, the first by a window: `latency` frames in all. `start`: the absolute frame index of the
     first row, for a caller that samples pieces of a longer sequence (the noise follows it).
+    `temperature` scales the starting noise (the state's `sample_temperature` when None): below 1
+    the sample keeps less of the motion the audio does not determine.
     """
 
-    def __init__(self, model: A2E, style: Tensor | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None, start: int = 0):
+    def __init__(self, model: A2E, style: Tensor | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None, start: int = 0,
+                 temperature: float | None = None):  # fmt: skip
         self.model = model
         self.device = model.bs_std.device
         self.w = int(model.meta["window"])
         self.hop = self.w // 2
         self.steps = int(steps or model.meta["sample_steps"])
         self.guidance = float(model.meta["guidance"] if guidance is None else guidance)
+        self.temperature = float(model.meta["sample_temperature"] if temperature is None else temperature)
         self.style = model.style_vector() if style is None else style
         self.seed, self.dim, self.n, self.start = seed, model.code_dim, 0, start
         self.feats = _Rows(model.meta["feature_dim"], self.device)
@@ -243,7 +248,7 @@ class Sampler:
         self.feats.append(features.to(self.device, torch.float32))
         self.n += len(features)
         noise = frame_noise(self.seed, self.start + self.x[0].end, self.start + self.n, self.dim)
-        self.x[0].append(torch.as_tensor(noise, device=self.device) * self.model.audio_driven)
+        self.x[0].append(torch.as_tensor(noise, device=self.device) * (self.temperature * self.model.audio_driven))
         for level in range(self.steps):
             while self.next[level] + self.w <= self.x[level].end:
                 self._window(level, self.next[level], self.w)
@@ -268,21 +273,22 @@ class Sampler:
 
 @torch.no_grad()
 def codes(model: A2E, features: Tensor, style: Tensor | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-          start: int = 0) -> Tensor:  # fmt: skip
+          start: int = 0, temperature: float | None = None) -> Tensor:  # fmt: skip
     """(T, D) features → (T, C) sampled standardised codes, the whole sequence at once (rows from
     absolute frame `start` on, for the noise)."""
-    sampler = Sampler(model, style, seed, steps, guidance, start)
+    sampler = Sampler(model, style, seed, steps, guidance, start, temperature)
     return torch.cat([sampler.push(features), sampler.finish()])
 
 
 @torch.no_grad()
-def run(model: A2E, features: np.ndarray, style: Tensor | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def run(model: A2E, features: np.ndarray, style: Tensor | None = None, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+        temperature: float | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Whole-sequence sample at the model rate: (T, 52) blendshapes in [0, 1] and (T, M, 3) mouth
     offsets (cm) from the model's `neutral`. `steps=1` is the conditional mean (the flow's first
     prediction from pure noise), what lag measurements use."""
     model.eval()
     x = torch.as_tensor(np.asarray(features, np.float32), device=model.bs_std.device)
-    bs, mouth = model.decode(codes(model, x, style, seed, steps, guidance))
+    bs, mouth = model.decode(codes(model, x, style, seed, steps, guidance, temperature=temperature))
     return bs.clamp(0, 1).cpu().numpy(), mouth.cpu().numpy()
 
 
@@ -339,7 +345,7 @@ def prior_lag(model: A2E, data: ClipData) -> float:
     out of the deterministic prior: -5.4 vs -5.6; bench/source_lag.py).
     """
     n = data.n_train
-    _, mouth = run(model, data.features[:n], steps=1, guidance=1.0)
+    _, mouth = run(model, data.features[:n], steps=1, guidance=1.0, temperature=1.0)  # as validated (bench/source_lag.py)
     predicted = mouth_gap(mouth + model.neutral.cpu().numpy())
     tracked = np.where(data.valid[:n], mouth_gap(data.mouth[:n] + data.neutral), np.nan)
     return float(metrics.mouth_sync(predicted, tracked, model.meta["fps"])[0])

@@ -15,6 +15,7 @@ comparable between steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from pathlib import Path
@@ -231,7 +232,9 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     A2E's own front end cost the deterministic model 0.13-0.15 of test mouth r, docs/a2e.md).
     Validation every 50 steps on the held-out end of the training frames; training stops after
     `adapt_patience` validations without improvement and the best weights are kept, so
-    adaptation can only improve on the prior there (the prior itself is step 0).
+    adaptation can only improve on the prior there (the prior itself is step 0). With
+    `adapt_ema` > 0 the weights validated and kept are an exponential moving average of the
+    steps' (the style vector's too).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = from_state(prior_state).to(device)
@@ -258,6 +261,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     model.style.requires_grad_(False)  # the training identities' rows; the new one is `style`
     tuned = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam([{"params": tuned, "lr": cfg.adapt_lr}, {"params": [style], "lr": cfg.adapt_style_lr}])
+    ema = training.EMA([*tuned, style], cfg.adapt_ema) if cfg.adapt_ema > 0 else None
     validate = _Validation([data], val_spans, cfg, model.code_dim, device)
     best = training.Best(patience=cfg.adapt_patience)
     best.offer(validate(model, style.detach()[None]), 0, model)
@@ -274,13 +278,16 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update()
         return {"loss": loss.detach()}
 
     def validation(done: int) -> str:
-        model.adapted_style.copy_(style.detach())  # part of the state Best keeps
-        val = validate(model, style.detach()[None])
+        with ema.applied() if ema is not None else contextlib.nullcontext():  # the average is what is scored and kept
+            model.adapted_style.copy_(style.detach())  # part of the state Best keeps
+            val = validate(model, style.detach()[None])
+            best.offer(val, done, model)
         log["curve"].append((done, round(val, 5)))
-        best.offer(val, done, model)
         if best.exhausted:
             log["stopped_early"] = True
             loop.stop()

@@ -105,10 +105,10 @@ class InpainterConfig:
 class A2EConfig:
     """Audio→expression prior (`fit-prior --parts a2e`), its per-identity adaptation and sampling.
 
-    The model is a flow-matching transformer (models/a2e.py); `sample_steps` and `guidance` are
-    stored in the state it trains and used by synth and eval. Regularisers stay on: with tens
-    of identities a free model learns which speaker and moment a whisper feature belongs to
-    instead of how it sounds (docs/a2e.md).
+    The model is a flow-matching transformer (models/a2e.py); `sample_steps`,
+    `sample_temperature` and `guidance` are stored in the state it trains and used by synth and
+    eval. Regularisers stay on: with tens of identities a free model learns which speaker and
+    moment a whisper feature belongs to instead of how it sounds (docs/a2e.md).
     """
 
     fps: float = 25.0  # the model's frame rate; clips and synthesis at other rates are resampled
@@ -130,7 +130,8 @@ class A2EConfig:
     lip_weight: float = 1.0  # lip-vertex L2 (mm²) against the code L2 (standardised)
     temporal_weight: float = 0.5  # Huber on frame-to-frame differences of the predicted clean code
     gap_weight: float = 2.0  # L2 (mm²) of the inner-lip opening vector: the mouth opening weighs above the other lip points
-    sample_steps: int = 6  # Euler steps from noise to code at synthesis
+    sample_steps: int = 3  # Euler steps from noise to code at synthesis (6 measured worse with temperature 0.5; docs/a2e.md)
+    sample_temperature: float = 0.5  # scale of the flow's starting noise (1: the training distribution; lower: less audio-independent motion)
     guidance: float = 2.0  # classifier-free guidance scale (1: the conditional model alone)
     val_every: int = 100
     val_windows: int = 256  # fixed validation windows (each scored at 5 flow times with fixed noise)
@@ -142,6 +143,7 @@ class A2EConfig:
     adapt_feature_noise: float = 0.1  # one voice: no need for the prior's heavy feature regularisers
     adapt_patience: int = 4  # validations (every 50 steps) without improvement before stopping
     adapt_val_fraction: float = 0.1  # last share of the training frames used for early stopping
+    adapt_ema: float = 0.995  # decay of the weight average adaptation validates and keeps (0: the step's own weights)
     adapt_realign: bool = True  # train on the clip's audio shifted by its own measured audio-mouth lag (≥ 8 s; docs/a2e.md)
     seed: int = 0  # training randomness; synthesis draws its noise from synth's own seed
 

@@ -20,15 +20,17 @@ runs across steps, so a run resumed at step k draws exactly what an uninterrupte
 from step k on: CPU resume is bit-exact (tests/test_reliability.py).
 
 `save`/`load` are the atomic torch checkpoint used by trainers whose state is one dict;
-`warmup_cosine` and `Best` are the schedule and best-weights bookkeeping the priors share.
+`warmup_cosine`, `Best` and `EMA` are the schedule, best-weights bookkeeping and weight average
+the priors share.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,35 @@ class Best:
 
     def load(self, saved: dict[str, Any]) -> None:
         self.value, self.step, self.state, self.bad = saved["value"], saved["step"], saved["state"], saved["bad"]
+
+
+class EMA:
+    """An exponential moving average of some tensors (weights), swapped in by `applied()` to
+    validate or keep them: the average of the last ~1 / (1 - decay) steps is a smoother estimate
+    than the weights of whichever step a validation lands on."""
+
+    def __init__(self, tensors: list[Tensor], decay: float) -> None:
+        self.tensors, self.decay = tensors, decay
+        self.shadow = [t.detach().clone() for t in tensors]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, t in zip(self.shadow, self.tensors):
+            s.lerp_(t.detach(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The tensors hold the average inside the block and their own values again after it."""
+        own = [t.detach().clone() for t in self.tensors]
+        with torch.no_grad():
+            for s, t in zip(self.shadow, self.tensors):
+                t.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for o, t in zip(own, self.tensors):
+                    t.copy_(o)
 
 
 def save(path: Path, payload: dict[str, Any]) -> None:

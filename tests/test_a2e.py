@@ -9,6 +9,7 @@ model that learns anything audio-driven must beat the mean-expression baseline o
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import cv2
 import numpy as np
@@ -148,8 +149,9 @@ def test_frame_noise_is_a_function_of_the_frame():
 @pytest.mark.parametrize("n", [5, 16, 17, 57, 140])
 def test_sampler_is_exact_for_any_chunking_and_seeded(n):
     """A stream's codes equal the whole-sequence sample bit for bit for every chunk size (short
-    audio, exactly one window, end-aligned windows); the seed decides the sample."""
-    model = _state(window=16, sample_steps=3, guidance=2.0)
+    audio, exactly one window, end-aligned windows); the seed decides the sample. At a sampling
+    temperature below 1 too: it scales the noise, which stays a function of the frame."""
+    model = _state(window=16, sample_steps=3, guidance=2.0, sample_temperature=0.5)
     features = torch.randn(n, D, generator=torch.Generator().manual_seed(n))
     reference = a2e.codes(model, features, seed=3)
     assert reference.shape == (n, model.code_dim) and torch.isfinite(reference).all()
@@ -165,7 +167,21 @@ def test_sampler_is_exact_for_any_chunking_and_seeded(n):
     piece = a2e.Sampler(model, seed=3, start=100)  # a piece of a longer sequence draws that piece's noise
     piece.push(features)
     kept = piece.x[0]  # the rows not yet trimmed, in the piece's own frame numbers
-    assert torch.equal(kept.data, torch.as_tensor(a2e.frame_noise(3, 100 + kept.base, 100 + kept.end, model.code_dim)) * model.audio_driven)
+    assert torch.equal(kept.data, torch.as_tensor(a2e.frame_noise(3, 100 + kept.base, 100 + kept.end, model.code_dim)) * (0.5 * model.audio_driven))
+
+
+def test_temperature_scales_the_starting_noise():
+    """Temperature 1 is the flow as trained; 0 starts every seed at the mean code, so the sample
+    no longer depends on the seed; the state's value is the default."""
+    model = _state(sample_temperature=1.0)
+    feats = torch.randn(40, D, generator=torch.Generator().manual_seed(0))
+    assert model.meta["sample_temperature"] == 1.0
+    assert torch.equal(a2e.codes(model, feats, seed=1), a2e.codes(model, feats, seed=1, temperature=1.0))
+    assert not torch.equal(a2e.codes(model, feats, seed=1, temperature=0.5), a2e.codes(model, feats, seed=1))
+    assert torch.equal(a2e.codes(model, feats, seed=1, temperature=0.0), a2e.codes(model, feats, seed=2, temperature=0.0))
+    cool = net.from_state(net.to_state(_state(sample_temperature=0.5)))
+    assert cool.meta["sample_temperature"] == 0.5
+    assert torch.equal(a2e.codes(cool, feats, seed=1), a2e.codes(cool, feats, seed=1, temperature=0.5))
 
 
 def test_guidance_and_steps():
@@ -193,6 +209,13 @@ def test_state_round_trip_and_old_states():
     with pytest.raises(GGError) as e:
         net.from_state({"weight": torch.zeros(3)})
     assert e.value.code == Exit.ARTIFACT
+    v3 = net.to_state(model)  # a flow A2E from before sample_temperature (the shipped prior's): samples as it did
+    meta = {k: v for k, v in model.meta.items() if k != "sample_temperature"}
+    v3["meta.json"] = torch.frombuffer(bytearray(json.dumps({**meta, "version": 3}).encode()), dtype=torch.uint8)
+    read = net.from_state(v3)
+    assert read.meta["version"] == net.STATE_VERSION == 4 and read.meta["sample_temperature"] == 1.0
+    assert json.loads(bytes(net.to_state(read)["meta.json"].numpy()))["version"] == 4
+    assert torch.equal(a2e.codes(read, f[0], seed=5), a2e.codes(model, f[0], seed=5, temperature=1.0))
     old = net.to_state(model)
     old["meta.json"] = torch.frombuffer(bytearray(b'{"version": 2}'), dtype=torch.uint8)  # the deterministic A2E's states
     with pytest.raises(GGError, match="A2E state version 2 .*re-run fit-prior for a prior, or adapt with a current prior") as e:
@@ -254,6 +277,18 @@ def test_adaptation_beats_prior_on_its_identity(prior, clips):
     prior_r, prior_err, mean_err, _ = _scores(a2e.run(net.from_state(state), data.features)[1], data)
     r, err, _, _ = _scores(a2e.run(model, data.features)[1], data)
     assert err <= prior_err * 1.05 and prior_err < mean_err and r >= prior_r - 0.05, (err, prior_err, mean_err, r, prior_r)
+
+
+def test_adaptation_with_a_weight_average(prior, clips):
+    """With adapt_ema the kept weights are an average, not a step's: other weights, and still
+    never worse than the prior on the validation tail."""
+    from safetensors.torch import load_file
+
+    state = load_file(prior[0] / "a2e.safetensors")
+    plain, _ = adapt_a2e(state, clips[3], small_cfg(adapt_steps=100, adapt_ema=0.0).a2e, device="cpu")
+    averaged, log = adapt_a2e(state, clips[3], small_cfg(adapt_steps=100, adapt_ema=0.9).a2e, device="cpu")
+    assert log["best_val_loss"] < log["prior_val_loss"] and log["best_step"] > 0, log
+    assert not torch.equal(plain["head.1.weight"], averaged["head.1.weight"])
 
 
 def test_resume_continues_from_checkpoint(clips, tmp_path):

@@ -138,3 +138,20 @@ def test_phase_one_hooks_start_after_the_first_step():
     calls = []
     training.Loop("toy", 10).every(4, calls.append, phase=1).run(lambda i: {"loss": 1.0})
     assert calls == [1, 5, 9, 10]
+
+
+def test_ema_averages_and_swaps_back():
+    """The average follows the weights at rate 1 - decay; inside `applied` the weights are the
+    average (what validation scores and Best keeps), after it their own values again."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    ema = training.EMA([w], decay=0.9)
+    for _ in range(10):
+        with torch.no_grad():
+            w.add_(1.0)
+        ema.update()
+    expected = sum(0.1 * 0.9**k * (10 - k) for k in range(10))  # Σ (1 - d) d^k w_(10-k), started at 0
+    assert torch.allclose(ema.shadow[0], torch.full((3,), expected))
+    with ema.applied():
+        assert torch.allclose(w, torch.full((3,), expected))
+        kept = w.detach().clone()
+    assert torch.equal(w.detach(), torch.full((3,), 10.0)) and not torch.equal(kept, w.detach())

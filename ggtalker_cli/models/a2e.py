@@ -58,7 +58,7 @@ N_LIPS = len(metrics.LIPS)  # the first N_LIPS rows of MOUTH are the lip points 
 UPPER_LIP, LOWER_LIP = MOUTH.index(13), MOUTH.index(14)  # inner-lip centres, as in metrics' mouth_open
 # mediapipe order: _neutral, 5 brow, then 14 eye blendshapes (9-22), held at the identity mean.
 UPPER_FACE = (0, 1, 2, 3, 4, 5, *range(9, 23))
-STATE_VERSION = 3  # 3: flow-matching A2E (2 was the deterministic regressor)
+STATE_VERSION = 4  # 4: + sample_temperature; 3: flow-matching A2E (read as temperature 1); 2: the deterministic regressor
 
 
 def _sinusoids(positions: Tensor, channels: int) -> Tensor:
@@ -200,6 +200,7 @@ def make_meta(cfg, feature_dim: int, whisper: dict, identities: list[str]) -> di
         "lip_components": cfg.lip_components,
         "dropout": cfg.dropout,
         "sample_steps": cfg.sample_steps,
+        "sample_temperature": cfg.sample_temperature,
         "guidance": cfg.guidance,
         "mouth_landmarks": list(MOUTH),
         "identities": list(identities),
@@ -216,13 +217,17 @@ def to_state(model: A2E) -> dict[str, Tensor]:
 
 def from_state(state: dict[str, Tensor], source: str = "A2E weights") -> A2E:
     """Rebuild the model from `to_state`'s dict; a clear error for anything else, and for the
-    deterministic A2E of earlier versions (its priors and avatars must be re-made)."""
+    deterministic A2E of earlier versions (its priors and avatars must be re-made). A version 3
+    state (before `sample_temperature`) samples as it did, from unscaled noise, and is written
+    back as version 4."""
     try:
         meta = json.loads(bytes(state["meta.json"].numpy()).decode())
+        if meta.get("version") == 3:
+            meta = {**meta, "version": STATE_VERSION, "sample_temperature": 1.0}
         if meta.get("version") != STATE_VERSION:
             raise GGError(
                 f"{source}: A2E state version {meta.get('version')} (the deterministic A2E of an earlier ggtalker), this ggtalker "
-                f"reads {STATE_VERSION} (flow matching); re-run fit-prior for a prior, or adapt with a current prior for an avatar",
+                f"reads 3-{STATE_VERSION} (flow matching); re-run fit-prior for a prior, or adapt with a current prior for an avatar",
                 Exit.ARTIFACT,
             )
         model = A2E(meta)
