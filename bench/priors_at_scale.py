@@ -265,9 +265,25 @@ def report(args: argparse.Namespace) -> None:
                        prior_reproj_below_scratch_at_30=e["novel_view_reproj_px_30"]["prior"] < e["novel_view_reproj_px_30"]["scratch"])  # fmt: skip
     result["targets"] = targets
     result["protocol"] = __doc__.split("\n\n")[1].replace("\n", " ")
-    result["commands"] = sorted(set(result.get("commands", [])) | {"python -m bench.priors_at_scale report " + " ".join(map(str, args.returned))})
+    result["commands"] = _commands(args.returned, result.get("commands", []))
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("identities", "speech_minutes", "overall", "targets")}, indent=1))
+
+
+def _behind_the_numbers(line: str) -> bool:
+    return line.startswith(("$ python3", "python3")) and ("fit-prior" in line or "prior_vs_scratch" in line)
+
+
+def _commands(returned: list[Path], earlier: list[str]) -> list[str]:
+    """The commands behind the numbers: the fit and the judgements each device call ran (its logs'
+    `$ ` lines and the prior's command.txt, paths relative to the checkout) and this report,
+    folded with earlier ones."""
+    ran = set(earlier) | {"python -m bench.priors_at_scale report " + " ".join(map(str, returned))}
+    for folder in returned:
+        for log in [*folder.glob("*.log"), *folder.glob("prior/command.txt")]:
+            lines = log.read_text().splitlines()
+            ran |= {line.removeprefix("$ ").replace(f"{REPO}/", "") for line in lines if _behind_the_numbers(line)}
+    return sorted(ran)
 
 
 def main() -> None:

@@ -175,6 +175,15 @@ def test_av_sync_does_not_measure_what_it_cannot_trust():
     assert math.isnan(metrics.av_sync(samples, 8000, 25.0, mouth)[0])
 
 
+def test_sync_is_not_measured_where_the_frame_rate_cannot_carry_the_syllable_band():
+    """A clip thinned to 5 fps (Nyquist 2.5 Hz, under the band's 7 Hz edge) used to crash in the
+    band-pass design; it is unmeasurable, like a short clip."""
+    samples, mouth = _speech(12.0, 0.0)
+    thinned = mouth[::5]
+    assert all(math.isnan(x) for x in metrics.av_sync(samples, 8000, 5.0, thinned))
+    assert all(math.isnan(x) for x in metrics.mouth_sync(thinned, thinned, 5.0))
+
+
 @pytest.mark.parametrize("delay", [0.0, 3.0, -2.0, 1.5])
 def test_mouth_sync_recovers_a_known_delay_on_short_tracks(delay):
     """Two mouth tracks of the same speech: 5 s is enough (av_sync would refuse under 8 s)."""
