@@ -1,6 +1,6 @@
 """Staging clips for the device tool's GPU machines, which carry 64 MiB per call and have OpenCV
 but no ffmpeg binary (encoding goes through PyAV, ggtalker_cli.media): the one helper that gpu_batch, adapt_gpu, fit_prior_gpu.sh and
-train_default_prior.sh share.
+priors_at_scale share.
 
     python -m bench.staging pack CLIP DEST          # here: frames as one near-lossless H.264 video (CRF 12), the rest copied
     python -m bench.staging unpack DEST CLIP        # there: the video decoded back into frames/%06d.jpg

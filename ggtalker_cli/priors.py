@@ -121,7 +121,7 @@ def choose_prior(prior: Path | None, no_prior: bool) -> Path | None:
         try:  # a default prior outdated by a newer head model must not stop adapt
             E2V.load(DEFAULT_PRIOR / WEIGHTS)
         except GGError as e:
-            console.warn(f"{e.message}; adapting from scratch (bench/train_default_prior.sh re-trains it)")
+            console.warn(f"{e.message}; adapting from scratch (`python -m bench.priors_at_scale gpu --fit-steps N` re-fits it)")
             return None
         console.info(f"adapt: starting from the default prior {DEFAULT_PRIOR} (--no-prior: from scratch)")
         return DEFAULT_PRIOR
