@@ -89,7 +89,7 @@ MAX_LAG = 10  # frames: 0.4 s at 25 fps covers lips leading speech and small mux
 SPEECH_BAND = (300.0, 3000.0)  # Hz: formant energy; drops low-frequency hum, breath and room rumble
 SYLLABLE_BAND = (2.0, 7.0)  # Hz: the syllable rhythm where lip and envelope movements are coupled
 SYNC_MAX_LAG = 8  # frames: 0.32 s at 25 fps, wider than the lip lead and offsets seen on real clips (to 0.22 s)
-SYNC_MIN_FPS = 2.5 * SYLLABLE_BAND[1]  # the band's upper edge needs margin below Nyquist: thinned or slideshow clips are not measured
+SYNC_NYQUIST_FPS = 2 * SYLLABLE_BAND[1]  # at or under this frame rate the band does not fit: thinned clips are not measured
 SYNC_MIN_SECONDS = 8.0  # below this a real clip's own lag is not reproducible within ±1 frame (bench/av_lag_gt.py)
 MOUTH_SYNC_MIN_SECONDS = 4.0  # mouth_sync: two mouth tracks agree on a sharp peak in 4 s (bench/source_lag.py)
 MOUTH_SYNC_MIN_R = 0.2  # mouth_sync: below this the band-passed tracks share no rhythm to align
@@ -335,13 +335,14 @@ def av_sync(samples: np.ndarray, sample_rate: int, fps: float, mouth: np.ndarray
     """(lag, r) of av_sync_lag / av_sync_r: audio-mouth lag in frames, k > 0 = mouth after sound.
 
     (NaN, NaN) when it cannot be trusted: under SYNC_MIN_SECONDS (on real clips the lag of
-    shorter windows is not reproducible), under SYNC_MIN_FPS (the syllable band does not fit),
-    more than SYNC_MAX_MISSING of the mouth track undetected, or no interior peak within ±SYNC_MAX_LAG. Sub-frame by a parabola through the
-    peak and its neighbours, so a consistent lip lead of a fraction of a frame stays visible.
+    shorter windows is not reproducible), at or under SYNC_NYQUIST_FPS, more than
+    SYNC_MAX_MISSING of the mouth track undetected, or no interior peak within ±SYNC_MAX_LAG.
+    Sub-frame by a parabola through the peak and its neighbours, so a consistent lip lead of a
+    fraction of a frame stays visible.
     """
     mouth = np.asarray(mouth, dtype=np.float64)
     n = len(mouth)
-    if fps < SYNC_MIN_FPS or n < SYNC_MIN_SECONDS * fps or np.isfinite(mouth).mean() < 1 - SYNC_MAX_MISSING:
+    if fps <= SYNC_NYQUIST_FPS or n < SYNC_MIN_SECONDS * fps or np.isfinite(mouth).mean() < 1 - SYNC_MAX_MISSING:
         return math.nan, math.nan
     env = _syllable_band(speech_envelope(samples, sample_rate, fps, n), fps)
     return _subframe_peak(_shift_corr(env, _syllable_band(mouth, fps), SYNC_MAX_LAG))
@@ -355,14 +356,14 @@ def mouth_sync(reference: np.ndarray, mouth: np.ndarray, fps: float, min_r: floa
     do, so the peak is sharp on short clips: on 4-s windows of the long real clips the estimate
     stays within 0.7 frame of its median (51 of 53 windows measured), where av_sync needs 8 s
     (bench/source_lag.py).
-    (NaN, NaN) under MOUTH_SYNC_MIN_SECONDS or SYNC_MIN_FPS, with > SYNC_MAX_MISSING missing, a peak at the
-    search edge, r below `min_r`, or when the raw tracks' peak (peak_shift) is more than a frame
+    (NaN, NaN) under MOUTH_SYNC_MIN_SECONDS, at or under SYNC_NYQUIST_FPS, with
+    > SYNC_MAX_MISSING missing, a peak at the search edge, r below `min_r`, or when the raw tracks' peak (peak_shift) is more than a frame
     away: band-passing can make a peak out of two tracks that do not follow each other (a
     reference that does not predict this mouth), and the raw levels then disagree.
     """
     n = min(len(reference), len(mouth))
     reference, mouth = np.asarray(reference[:n], dtype=np.float64), np.asarray(mouth[:n], dtype=np.float64)
-    if fps < SYNC_MIN_FPS or n < MOUTH_SYNC_MIN_SECONDS * fps or min(np.isfinite(x).mean() for x in (reference, mouth)) < 1 - SYNC_MAX_MISSING:
+    if fps <= SYNC_NYQUIST_FPS or n < MOUTH_SYNC_MIN_SECONDS * fps or min(np.isfinite(x).mean() for x in (reference, mouth)) < 1 - SYNC_MAX_MISSING:
         return math.nan, math.nan
     lag, r = _subframe_peak(_shift_corr(_syllable_band(reference, fps), _syllable_band(mouth, fps), SYNC_MAX_LAG))
     raw = peak_shift(_gaps_filled(reference), _gaps_filled(mouth), SYNC_MAX_LAG)[0]
