@@ -140,10 +140,11 @@ def test_behind_writes_in_order_and_surfaces_the_threads_failure():
 def test_behind_abandon_drops_what_is_queued():
     import threading
 
-    gate, written = threading.Event(), []
-    behind = media.Behind(lambda f: (gate.wait(5), written.append(f)), depth=8)
+    holding, gate, written = threading.Event(), threading.Event(), []
+    behind = media.Behind(lambda f: (holding.set(), gate.wait(5), written.append(f)), depth=8)
     for _ in range(5):
         behind.put(np.zeros(3))
+    assert holding.wait(5)  # the thread has the first frame in hand before abandon() begins
     threading.Timer(0.2, gate.set).start()  # the frame in hand finishes after abandon() began
     behind.abandon()
     assert len(written) == 1  # the other four were dropped, not written
