@@ -133,14 +133,15 @@ def tree(commit: str | None, work: Path) -> Path:
     return src
 
 
-def produce(src: Path, work: Path, train: list[Path], judge: list[Path], speech: list[Path], seeds: int, steps: int | None, adapt: dict | None = None) -> float:
-    """fit-prior and the predictions in the tree `src` (skipped where `work` has them; `adapt`:
-    A2EConfig overrides of the adaptation); seconds."""
+def produce(src: Path, work: Path, train: list[Path], judge: list[Path], speech: list[Path], seeds: int, steps: int | None, adapt: dict | None = None,
+            fit: tuple[str, ...] = ()) -> float:  # fmt: skip
+    """fit-prior (with the extra arguments `fit`) and the predictions in the tree `src` (skipped
+    where `work` has them; `adapt`: A2EConfig overrides of the adaptation); seconds."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}  # run in `src`: `-m`/`-c` put the working folder first on sys.path
     start = time.time()
     if not (work / "prior" / "a2e.safetensors").is_file():
         subprocess.run([sys.executable, "-m", "ggtalker_cli.cli", "-q", "fit-prior", *map(str, train), "-o", str(work / "prior"),
-                        "--parts", "a2e", "--device", "cpu", "--force", *(["--steps", str(steps)] if steps else [])], env=env, cwd=src, check=True)  # fmt: skip
+                        "--parts", "a2e", "--device", "cpu", "--force", *(["--steps", str(steps)] if steps else []), *fit], env=env, cwd=src, check=True)  # fmt: skip
     if not (work / "predictions.npz").is_file():
         extra = [json.dumps(adapt)] if adapt else []
         subprocess.run([sys.executable, "-c", PREDICT, str(work), str(seeds), ",".join(map(str, judge)), ",".join(map(str, speech)), *extra],
@@ -259,6 +260,8 @@ def main() -> None:
     ap.add_argument("--speech", type=Path, default=SPEECH)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--preset", type=Path, default=None, help="preset YAML for the generative fit-prior (e.g. a larger a2e)")
+    ap.add_argument("--holdout", default=None, help="people (or clips) the generative fit-prior validates on (default: its own choice)")
     ap.add_argument("--only", choices=("generative", "deterministic"), default=None, help="run one model's steps (to run both in parallel)")
     ap.add_argument("--ship", type=Path, default=None, help="prior folder whose a2e part becomes the generative prior")
     ap.add_argument("--prior", type=Path, default=None, help="judge this a2e.safetensors (no fit-prior, no baseline) under each --variant")
@@ -279,14 +282,17 @@ def main() -> None:
     if not args.train:
         ap.error("--train is needed unless --prior is given")
     train = [p.resolve() for p in clip_dirs(args.train) if p.resolve().name not in judged]
-    minutes = sum(a2e.load_clip(p, FPS).n_train for p in train) / FPS / 60
-    doc.update(identities=len(train), speech_minutes=round(minutes, 1), train_clips=[p.resolve().name for p in train])
+    data = [a2e.load_clip(p, FPS) for p in train]
+    minutes = sum(d.n_train for d in data) / FPS / 60
+    doc.update(identities=len({d.person for d in data}), speech_minutes=round(minutes, 1), train_clips=[p.resolve().name for p in train])
+    fit = (*(["--preset", str(args.preset.resolve())] if args.preset else []), *(["--holdout", args.holdout] if args.holdout else []))
     for tag, commit in (("generative", None), ("deterministic", args.baseline)):
         if (tag == "deterministic" and commit is None) or args.only not in (None, tag):
             continue
         work = args.work / tag
         work.mkdir(parents=True, exist_ok=True)
-        seconds = produce(tree(commit, args.work), work, train, args.judge, speech, args.seeds, args.steps if commit is None else None)
+        seconds = produce(tree(commit, args.work), work, train, args.judge, speech, args.seeds, args.steps if commit is None else None,
+                          fit=fit if commit is None else ())  # fmt: skip
         doc[tag] = {"code": commit or "this checkout", "seconds": round(seconds), **judge_model(work, args.judge, speech)}
         args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps({k: doc[k]["mean"] for k in ("generative", "deterministic") if k in doc}, indent=1))

@@ -11,8 +11,10 @@
 people: they live in a git-ignored folder (default `.devdata/corpus/`), never in the repository.
 A mirror is a git directory `<mirrors>/<owner>+<name>/repo` (or `repo/.git`: what the search tool's
 fetch brings); `extract` takes the blob at `commit:path` and refuses one whose sha256 differs.
-`preprocess` runs `ggtalker preprocess` per clip in its own process, so one bad video is reported
-and skipped and the batch goes on; finished clips are skipped on a re-run (resumable).
+`preprocess` runs `ggtalker preprocess --person PERSON` per clip in its own process, so one bad
+video is reported and skipped and the batch goes on; finished clips are skipped on a re-run
+(resumable), and a finished clip made before `--person` existed gets the manifest's person written
+into its meta.yaml (fit-prior treats one person's clips as one identity).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from ggtalker_cli.artifacts import write_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "priors" / "corpus.yaml"
@@ -114,7 +118,8 @@ def preprocess(clips: list[dict], data: Path = DATA, size: int = 256) -> list[di
         dest = out / c["id"]
         row = {"clip": c["id"], "frames": None, "tracked": None, "faces": None, "seconds": None, "failure": None}
         if not (dest / "meta.yaml").exists():
-            cmd = [sys.executable, "-m", "ggtalker_cli.cli", "preprocess", str(media_path(c, data)), "-o", str(dest), "--size", str(size)]
+            cmd = [sys.executable, "-m", "ggtalker_cli.cli", "preprocess", str(media_path(c, data)), "-o", str(dest), "--size", str(size),
+                   "--person", c["person"]]  # fmt: skip
             if dest.exists():
                 cmd.append("--resume")  # a folder left by an interrupted run of this batch
             print(f"[{i + 1}/{len(clips)}] {c['id']}", flush=True)
@@ -128,6 +133,9 @@ def preprocess(clips: list[dict], data: Path = DATA, size: int = 256) -> list[di
                 row["failure"] = (errors or lines or [f"exit status {run.returncode}"])[-1][:200]
         if (dest / "meta.yaml").exists():
             meta = yaml.safe_load((dest / "meta.yaml").read_text())
+            if meta.get("person") != c["person"]:  # made by this batch before preprocess took --person
+                meta["person"] = c["person"]
+                write_meta(dest, "clip", {k: v for k, v in meta.items() if k not in ("format", "version")})
             row["frames"] = int(meta["n_frames"])
             row["tracked"] = float(meta["tracking"]["tracked_fraction"])
             row["faces"] = meta["tracking"].get("faces_seen")

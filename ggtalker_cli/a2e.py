@@ -50,6 +50,7 @@ class ClipData:
     """One clip resampled to the model frame rate: inputs, targets, masks and its split."""
 
     name: str
+    person: str  # the identity (clip.person): clips of one person share a style row
     features: np.ndarray  # (T, D) float32 whisper features
     blendshapes: np.ndarray  # (T, 52) deviations from `bs_neutral`
     mouth: np.ndarray  # (T, M, 3) face-space offsets from `neutral` (cm)
@@ -94,6 +95,7 @@ def load_clip(path: str | Path, fps: float) -> ClipData:
     meta_audio = clip.meta.get("audio") or {}
     return ClipData(
         name=clip.path.resolve().name,
+        person=clip.person,
         features=resample(features.astype(np.float32), clip.fps, fps, n).astype(np.float32),
         blendshapes=resample(blend - bs_neutral, clip.fps, fps, n).astype(np.float32),
         mouth=resample(verts - neutral, clip.fps, fps, n).astype(np.float32),
@@ -123,12 +125,16 @@ def mouth_gap(mouth: np.ndarray) -> np.ndarray:
     return np.linalg.norm(mouth[:, UPPER_LIP] - mouth[:, LOWER_LIP], axis=-1)
 
 
-def fit_lip_basis(clips: list[ClipData], k: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_lip_basis(clips: list[ClipData], k: int, weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Universal PCA of mouth offsets over the valid training frames of all clips:
-    (k, M*3) orthonormal basis and (k,) per-component standard deviations."""
-    rows = np.concatenate([c.mouth[: c.n_train][c.valid[: c.n_train]].reshape(-1, len(MOUTH) * 3) for c in clips])
-    rows = rows - rows.mean(0)
-    _, s, vt = np.linalg.svd(rows.astype(np.float64), full_matrices=False)
+    (k, M*3) orthonormal basis and (k,) per-component standard deviations. `weights` (one per
+    clip, for each of its frames) keep one speaker's many clips from setting the basis alone."""
+    rows = [c.mouth[: c.n_train][c.valid[: c.n_train]].reshape(-1, len(MOUTH) * 3).astype(np.float64) for c in clips]
+    w = np.concatenate([np.full(len(r), 1.0 if weights is None else weights[i]) for i, r in enumerate(rows)])
+    rows = np.concatenate(rows)
+    w = w * len(w) / w.sum()  # mean weight 1: the standard deviations stay per frame
+    rows = (rows - (w[:, None] * rows).sum(0) / w.sum()) * np.sqrt(w)[:, None]
+    _, s, vt = np.linalg.svd(rows, full_matrices=False)
     k = min(k, len(s))
     return vt[:k].astype(np.float32), (s[:k] / math.sqrt(max(len(rows) - 1, 1))).astype(np.float32)
 

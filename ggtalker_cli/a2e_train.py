@@ -7,7 +7,10 @@ condition dropout (null style and null audio, the CFG branch) are drawn per wind
 
 Data discipline (DESIGN.md section 5): a clip's test frames (its last 10%) are never used, not
 for training, not for validation, not for early stopping. The prior validates on the training
-frames of identities it does not train on (one clip = one identity); adaptation stops early on
+frames of identities it does not train on (an identity is a person, `clip.person`: all of their
+clips); a person's style row is shared by their clips, and windows are drawn so that a person with
+L training frames gets a share ∝ L**`person_balance` (one speaker's 25 minutes do not drown 60
+people's seconds); adaptation stops early on
 the last `adapt_val_fraction` of the clip's training frames, which it does not fit. Validation
 is the same loss on fixed windows at fixed flow times and noise, so it is deterministic and
 comparable between steps.
@@ -57,9 +60,10 @@ def _windows(clips: list[ClipData], spans: list[Span], starts: list[tuple[int, i
     return {k: torch.as_tensor(np.stack(v), device=device) for k, v in (("features", feats), ("blendshapes", bs), ("mouth", mouth), ("valid", valid))}
 
 
-def _sample(spans: list[Span], rng: np.random.Generator, n: int, window: int) -> list[tuple[int, int]]:
-    """n random windows, spans chosen in proportion to their length (every frame equally likely)."""
-    lengths = np.array([e - b for _, b, e in spans], np.float64)
+def _sample(spans: list[Span], rng: np.random.Generator, n: int, window: int, weight: dict[int, float] | None = None) -> list[tuple[int, int]]:
+    """n random windows, spans chosen in proportion to their length times their clip's frame
+    `weight` (default 1: every frame equally likely)."""
+    lengths = np.array([(e - b) * (1.0 if weight is None else weight[i]) for i, b, e in spans], np.float64)
     picks = rng.choice(len(spans), size=n, p=lengths / lengths.sum())
     return [(spans[k][0], spans[k][1] + int(rng.integers(0, max(1, spans[k][2] - spans[k][1] - window + 1)))) for k in picks]
 
@@ -107,16 +111,32 @@ def _check_features(clips: list[ClipData]) -> dict:
     return {"model": models.pop(), "dim": dims.pop()}
 
 
-def _init_statistics(model: A2E, clips: list[ClipData]) -> None:
-    """The code's normalisation from the training identities: the universal lip PCA, the
-    blendshape deviations' spread and the identity means a prior stands on."""
-    basis, lip_std = fit_lip_basis(clips, model.meta["lip_components"])
-    rows = np.concatenate([c.blendshapes[: c.n_train][c.valid[: c.n_train]] for c in clips])
+def frame_weights(clips: list[ClipData], balance: float) -> list[float]:
+    """The weight of one training frame of each clip: a person (clip.person) with L training
+    frames in all draws a share ∝ L**balance (1: every frame alike; 0: every person alike)."""
+    total: dict[str, int] = {}
+    for c in clips:
+        total[c.person] = total.get(c.person, 0) + c.n_train
+    return [float(max(total[c.person], 1)) ** (balance - 1.0) for c in clips]
+
+
+def _init_statistics(model: A2E, clips: list[ClipData], weights: list[float]) -> None:
+    """The code's normalisation from the training identities, each weighing as it is sampled:
+    the universal lip PCA, the blendshape deviations' spread and the identity means a prior
+    stands on (the mean over people, not over clips)."""
+    basis, lip_std = fit_lip_basis(clips, model.meta["lip_components"], weights)
+    rows = [c.blendshapes[: c.n_train][c.valid[: c.n_train]].astype(np.float64) for c in clips]
+    w = np.concatenate([np.full(len(r), wc) for r, wc in zip(rows, weights)])
+    rows = np.concatenate(rows)
+    mean = (w[:, None] * rows).sum(0) / w.sum()
+    std = np.sqrt((w[:, None] * (rows - mean) ** 2).sum(0) / w.sum())
     model.lip_basis.copy_(torch.as_tensor(basis))
     model.lip_std.copy_(torch.as_tensor(lip_std))
-    model.bs_std.copy_(torch.as_tensor(np.maximum(rows.std(0), 0.02)))  # near-constant blendshapes stay tame
-    model.bs_neutral.copy_(torch.as_tensor(np.mean([c.bs_neutral for c in clips], 0)))
-    model.neutral.copy_(torch.as_tensor(np.mean([c.neutral for c in clips], 0)))
+    model.bs_std.copy_(torch.as_tensor(np.maximum(std, 0.02), dtype=torch.float32))  # near-constant blendshapes stay tame
+    people = sorted({c.person for c in clips})
+    for name, field in (("bs_neutral", "bs_neutral"), ("neutral", "neutral")):
+        means = [np.mean([getattr(c, field) for c in clips if c.person == who], 0) for who in people]
+        getattr(model, name).copy_(torch.as_tensor(np.mean(means, 0), dtype=torch.float32))
 
 
 def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EConfig, device: str, resume: bool, rank: int = 0, world: int = 1) -> dict:
@@ -141,12 +161,13 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
         val_spans = [(i, cut[i], clips[i].n_train) for i in train]
         train_spans = [(i, 0, cut[i]) for i in train]
     train_spans = [s for s in train_spans if s[2] - s[1] >= 2]
-    identities = [clips[i].name for i in train]
-    style_of = {i: k for k, i in enumerate(train)}
+    identities = list(dict.fromkeys(clips[i].person for i in train))  # people, in the order given
+    style_of = {i: identities.index(clips[i].person) for i in train}
+    weight = dict(zip(train, frame_weights([clips[i] for i in train], cfg.person_balance)))
 
     torch.manual_seed(cfg.seed)
     model = A2E(make_meta(cfg, whisper["dim"], whisper, identities))
-    _init_statistics(model, [clips[i] for i in train])
+    _init_statistics(model, [clips[i] for i in train], [weight[i] for i in train])
     model.to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
@@ -166,7 +187,7 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
     def step(i: int) -> dict[str, Tensor]:
         rng = training.generator(cfg.seed, rank, i)
         training.seed_torch(cfg.seed, rank, i)
-        starts = _sample(train_spans, rng, cfg.batch, cfg.window)
+        starts = _sample(train_spans, rng, cfg.batch, cfg.window, weight)
         b = _windows(clips, train_spans, starts, cfg.window, device)
         idx = torch.tensor([style_of[ci] for ci, _ in starts], device=device)
         drop = torch.as_tensor(rng.random(len(idx)) < cfg.style_dropout, device=device)

@@ -100,6 +100,7 @@ def preprocess(
     size: Optional[int] = typer.Option(None, "--size", help="Square crop side in pixels (default 512)."),
     preset: Optional[str] = PresetOpt,
     allow_no_audio: bool = typer.Option(False, "--allow-no-audio", help="Accept a video without audio (no audio features)."),
+    person: Optional[str] = typer.Option(None, "--person", help="Who speaks (default: the folder's name); fit-prior takes one person's clips as one identity."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run, skipping finished steps."),
     force: bool = ForceOpt,
 ) -> None:
@@ -108,7 +109,7 @@ def preprocess(
 
     overrides = {"preprocess": {k: v for k, v in {"fps": fps, "size": size}.items() if v is not None}}
     _run(
-        lambda: stage.run(video, out, load_config(preset, overrides), allow_no_audio=allow_no_audio, resume=resume, force=force), out
+        lambda: stage.run(video, out, load_config(preset, overrides), allow_no_audio=allow_no_audio, resume=resume, force=force, person=person), out
     )
 
 
@@ -152,11 +153,13 @@ def adapt(
 @app.command("fit-prior")
 def fit_prior(
     clips: list[Path] = typer.Argument(
-        ..., help="Clip folders made by `ggtalker preprocess` (one identity each), folders of them, or text files listing them one a line."
+        ..., help="Clip folders made by `ggtalker preprocess` (one identity a person), folders of them, or text files listing them one a line."
     ),
     out: Path = typer.Option(..., "-o", "--out", help="Prior folder to create."),
     parts: str = typer.Option("a2e", "--parts", help="Comma-separated parts to train: a2e, e2v."),
-    holdout: Optional[str] = typer.Option(None, "--holdout", help="Comma-separated clip names held out for validation (default: every k-th clip)."),
+    holdout: Optional[str] = typer.Option(
+        None, "--holdout", help="Comma-separated clips or people held out for validation, with all of that person's clips (default: every k-th person)."
+    ),
     steps: Optional[str] = typer.Option(None, "--steps", help="Training steps of every part (or set each: a2e=N,e2v=N; preset default otherwise)."),
     seed: Optional[int] = SeedOpt,
     preset: Optional[str] = PresetOpt,

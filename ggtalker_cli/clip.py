@@ -1,5 +1,6 @@
 """`Clip(path)`: the validated, lazily loaded view of a clip/ folder that every stage reads;
-`expand_clips`: clip folders given as folders, folders of them or list files (fit-prior's input).
+`expand_clips`: clip folders given as folders, folders of them or list files (fit-prior's input);
+`person`: whose clip it is (the identity a prior trains, validates and holds out by).
 
 Nothing heavy happens on open: meta.yaml is parsed and checked, the files it names are checked
 to exist inside the folder; frames and masks are read one at a time on request, tracking arrays
@@ -52,6 +53,11 @@ class Clip:
 
     def __len__(self) -> int:
         return self.n_frames
+
+    @property
+    def person(self) -> str:
+        """Whose clip this is: meta.yaml's `person` (`preprocess --person`), else the folder's name."""
+        return person(self.path, self.meta)
 
     def _frame_file(self, i: int) -> Path:
         return self._frames / f"{i:06d}.jpg"
@@ -108,6 +114,16 @@ class Clip:
             return np.load(self.features_path, allow_pickle=False)
         except NUMPY_ERRORS as e:
             raise GGError(f"{self.features_path}: unreadable ({e.__class__.__name__}); re-create the clip", Exit.ARTIFACT) from e
+
+
+def person(path: Path, meta: dict | None = None) -> str:
+    """The identity of the clip at `path`: its meta.yaml `person`, else the folder's name.
+
+    Several clips of one person (one speaker's many short recordings) are one identity to a
+    prior: one speaking style, validated and held out together, one share of the training windows.
+    """
+    meta = read_meta(Path(path), "clip") if meta is None else meta
+    return str(meta.get("person") or Path(path).resolve().name)
 
 
 def expand_clips(given: list[Path]) -> list[Path]:

@@ -137,6 +137,7 @@ class A2EConfig:
     val_windows: int = 256  # fixed validation windows (each scored at 5 flow times with fixed noise)
     checkpoint_every: int = 500
     holdout_fraction: float = 0.2  # identities held out for validation when none are named
+    person_balance: float = 0.5  # a person with L training frames gets ∝ L**this of the windows (1: every frame alike)
     adapt_steps: int = 800
     adapt_lr: float = 1e-4  # every A2E layer, low: the prior's audio mapping is kept
     adapt_style_lr: float = 1e-2  # the new identity's style vector starts from the null style

@@ -99,7 +99,7 @@ def disk_need(probe: media.Probe, pc: PreprocessConfig) -> int:
     return int(probe.duration * (pc.fps * (0.25 * pc.size**2 + 10_000) + 32_000))
 
 
-def build(video: Path, tmp: Path, probe: media.Probe, pc: PreprocessConfig, steps: Steps, sha: str) -> dict:
+def build(video: Path, tmp: Path, probe: media.Probe, pc: PreprocessConfig, steps: Steps, sha: str, person: str | None = None) -> dict:
     state = tmp / STEPS_DIR
     scale = min(1.0, pc.track_max_side / max(probe.width, probe.height))
     track_w, track_h = 2 * round(probe.width * scale / 2), 2 * round(probe.height * scale / 2)
@@ -156,6 +156,7 @@ def build(video: Path, tmp: Path, probe: media.Probe, pc: PreprocessConfig, step
     stats = {**track_info, **reproj, "reproj_px_at_size": pc.size}
     meta = {
         "source": {"path": str(video.resolve()), "sha256": sha, **{k: v for k, v in probe.to_dict().items() if k != "path"}},
+        "person": person,  # the identity priors group clips by (clip.person); None: the folder's name
         "fps": pc.fps,
         "size": pc.size,
         "n_frames": n,

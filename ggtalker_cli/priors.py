@@ -3,7 +3,8 @@
 fit-prior: each part (`a2e`, `e2v`) has one trainer in `TRAINERS` (`parse_parts` checks
 `--parts` against them); a trainer writes its weights into the partial prior folder and returns
 the summary stored under `parts.<name>` in meta.yaml. Validation holds out whole identities
-(`choose_holdout`: those named, else every k-th clip by name). `plot_curves` draws the parts'
+(`choose_holdout`: the people named, else every k-th person by name; a person, `clip.person`, is
+all of their clips). `plot_curves` draws the parts'
 validation curves (val_loss.png).
 
 adapt: `choose_prior` picks the prior `adapt` starts from (the one given, the repository's default, or
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from . import artifacts, console
 from .avatar import Avatar
-from .clip import Clip
+from .clip import Clip, person
 from .clip_view import Data
 from .config import Config
 from .errors import Exit, GGError
@@ -69,20 +70,27 @@ def parse_parts(text: str) -> list[str]:
 
 
 def choose_holdout(clips: list[Path], named: list[str], fraction: float) -> list[str]:
-    """Identities (clip folder names) held out for validation."""
+    """The clips (folder names) held out for validation: every clip of each held-out person.
+
+    `named` are clip or person names; without them every k-th person (by name) is held out. A
+    person is held out whole, so validation is on voices and faces the prior never trained on.
+    """
     names = [p.resolve().name for p in clips]
     if len(set(names)) != len(names):
-        raise GGError(f"clip folders must have distinct names (they name identities): {', '.join(names)}", Exit.USAGE)
+        raise GGError(f"clip folders must have distinct names (they name clips): {', '.join(names)}", Exit.USAGE)
+    people = [person(p) for p in clips]
     if named:
-        unknown = [n for n in named if n not in names]
+        unknown = [n for n in named if n not in names and n not in people]
         if unknown:
             raise GGError(f"--holdout {', '.join(unknown)}: not among the clips ({', '.join(names)})", Exit.USAGE)
-        return list(named)
-    if len(names) < 3:
-        return []
-    k = max(1, round(fraction * len(names)))
-    ordered = sorted(names)
-    return ordered[len(ordered) // (2 * k) :: max(1, len(ordered) // k)][:k]
+        held = {people[names.index(n)] if n in names else n for n in named}
+    else:
+        distinct = sorted(set(people))
+        if len(distinct) < 3:
+            return []
+        k = max(1, round(fraction * len(distinct)))
+        held = set(distinct[len(distinct) // (2 * k) :: max(1, len(distinct) // k)][:k])
+    return sorted(n for n, who in zip(names, people) if who in held)
 
 
 def plot_curves(path: Path, parts: dict[str, dict]) -> None:

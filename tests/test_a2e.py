@@ -90,6 +90,35 @@ def prior(clips, tmp_path_factory):
     return out, summary
 
 
+def test_one_person_is_one_identity(clips, tmp_path):
+    """Two clips of one speaker share one style row, and the sampling weight of a frame makes a
+    person's share of the windows ∝ (their training frames) ** person_balance."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from ggtalker_cli.a2e_train import frame_weights
+
+    copies = [tmp_path / n for n in ("spk_a", "spk_b", "other")]
+    for src, dst in zip(clips[:3], copies):
+        shutil.copytree(src, dst)
+    for c in copies[:2]:
+        meta = yaml.safe_load((c / "meta.yaml").read_text())
+        (c / "meta.yaml").write_text(yaml.safe_dump({**meta, "person": "speaker"}))
+    data = [a2e.load_clip(c, 25.0) for c in copies]
+    assert [d.person for d in data] == ["speaker", "speaker", "other"]
+    w = frame_weights(data, 0.5)
+    share = {p: sum(wi * d.n_train for wi, d in zip(w, data) if d.person == p) for p in ("speaker", "other")}
+    frames = {p: sum(d.n_train for d in data if d.person == p) for p in ("speaker", "other")}
+    assert share["speaker"] / share["other"] == pytest.approx((frames["speaker"] / frames["other"]) ** 0.5)
+    assert frame_weights(data, 1.0) == [1.0, 1.0, 1.0]
+    summary = fit_prior.run(copies, tmp_path / "prior", small_cfg(steps=20, val_every=10), parts="a2e", holdout=["other"], device="cpu")
+    meta = artifacts.read_meta(tmp_path / "prior", "prior")
+    assert summary["held_out"] == ["other"] and meta["parts"]["a2e"]["identities"] == ["speaker"]
+    state = load_file(str(tmp_path / "prior" / "a2e.safetensors"))
+    assert state["style.weight"].shape[0] == 2  # the speaker's row and the null row
+
+
 def test_resample_matches_rates():
     x = np.arange(30, dtype=np.float64)[:, None]  # 1 s at 30 fps, value = frame index
     y = a2e.resample(x, 30.0, 25.0, 25)

@@ -126,3 +126,19 @@ def test_cli_reports_the_steps_of_each_part(clip_128, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
     assert summary["steps"] == {"a2e": 3} and artifacts.read_meta(out, "prior")["parts"]["a2e"]["steps"] == 3
+
+
+def test_a_person_is_held_out_whole(tmp_path):
+    """Clips of one person (meta.yaml `person`, from `preprocess --person`) are one identity: held
+    out together, whether the clip or the person is named; unnamed clips are their own person."""
+    clips = [tmp_path / n for n in ("s1_a", "s1_b", "bob", "carol")]
+    for c in clips:
+        c.mkdir()
+        artifacts.write_meta(c, "clip", {"person": "speaker1" if c.name.startswith("s1_") else None})
+    assert priors.choose_holdout(clips, ["s1_b"], 0.2) == ["s1_a", "s1_b"]
+    assert priors.choose_holdout(clips, ["speaker1", "bob"], 0.2) == ["bob", "s1_a", "s1_b"]
+    auto = priors.choose_holdout(clips, [], 0.34)  # 3 people, k = 1
+    assert len(auto) in (1, 2) and (set(auto) == {"s1_a", "s1_b"} or len(auto) == 1)
+    with pytest.raises(GGError, match="--holdout dave: not among the clips") as e:
+        priors.choose_holdout(clips, ["dave"], 0.2)
+    assert e.value.code == Exit.USAGE

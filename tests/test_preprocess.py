@@ -23,6 +23,7 @@ def test_clip_contents(clip_128):
     clip = Clip(path)
     n = len(clip)
     assert n == pytest.approx(75, abs=1) and clip.size == 128 and clip.fps == 25
+    assert clip.person == "aoc_128"  # no --person: the folder names who speaks
     assert summary["tracked_fraction"] >= 0.95
     # the rigid per-person shape through pose + K: within a few px (here at 128², ×4 for 512²)
     assert summary["rigid_reproj_px_median"] * 4 < 4.0
@@ -91,9 +92,10 @@ def test_resume_skips_finished_steps(tmp_path, aoc_cut, monkeypatch):
         preprocess.run(aoc_cut, out, cfg)
     assert not out.exists() and (tmp_path / ".clip.partial" / "frames").is_dir()
     monkeypatch.setattr(preprocessing, "_masks", real_masks)
-    summary = preprocess.run(aoc_cut, out, cfg, resume=True)
+    summary = preprocess.run(aoc_cut, out, cfg, resume=True, person="aoc")  # who speaks: not a step, so it may change on resume
     assert summary["resumed_steps"] == ["track", "audio", "crop", "frames"]
     assert Clip(out).mask(0).shape == (64, 64) and not (tmp_path / ".clip.partial").exists()
+    assert Clip(out).person == "aoc"
 
 
 def test_resume_refuses_other_settings(tmp_path, aoc_cut, monkeypatch):

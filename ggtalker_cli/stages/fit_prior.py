@@ -1,7 +1,7 @@
 """`ggtalker fit-prior CLIP_DIR... -o PRIOR_DIR`: train the cross-identity priors.
 
-The verb: expand the clips (`clip.expand_clips`: clip folders, folders of them, list files; one
-clip is one identity), check them, choose the identities held out (`priors.choose_holdout`), run
+The verb: expand the clips (`clip.expand_clips`: clip folders, folders of them, list files; a
+person's clips are one identity, `clip.person`), check them, choose the identities held out (`priors.choose_holdout`), run
 each asked part's trainer (`priors.TRAINERS`) in a fixed hidden sibling (`.NAME.partial`) so
 `--resume` continues from the trainers' checkpoints, and rename it into place with its meta.yaml
 only when every asked part has finished. Under `torchrun` (WORLD_SIZE > 1) every rank trains
@@ -47,7 +47,7 @@ def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: 
     summaries = {}
     try:
         for name in names:
-            console.info(f"fit-prior: training {name} on {len(clips) - len(held)} identities, validating on {len(held) or 'their own late frames'}")
+            console.info(f"fit-prior: training {name} on {len(clips) - len(held)} clips, validating on {len(held) or 'their own late frames'}")
             with out_of_memory(f"training the {name} prior (batch {getattr(cfg, name).batch} per GPU)",
                                f"lower {name}.batch in a preset YAML (--preset FILE), then re-run with --resume"):
                 summaries[name] = priors.TRAINERS[name](clips, held, work, cfg, device, resume, rank, world)

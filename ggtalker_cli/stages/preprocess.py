@@ -21,7 +21,8 @@ from ..errors import Exit, GGError
 from ..preprocessing import STEPS_DIR
 
 
-def run(video: Path, out: Path, cfg: Config, *, allow_no_audio: bool = False, resume: bool = False, force: bool = False) -> dict:
+def run(video: Path, out: Path, cfg: Config, *, allow_no_audio: bool = False, resume: bool = False, force: bool = False,
+        person: str | None = None) -> dict:
     started = time.perf_counter()
     video, out = Path(video), Path(out)
     pc = cfg.preprocess
@@ -42,7 +43,7 @@ def run(video: Path, out: Path, cfg: Config, *, allow_no_audio: bool = False, re
         with atomic_dir(out, force=force, work=work) as tmp:
             steps = preprocessing.Steps(tmp)
             params_file.write_text(json.dumps(params))
-            summary = preprocessing.build(video, tmp, probe, pc, steps, params["sha256"])
+            summary = preprocessing.build(video, tmp, probe, pc, steps, params["sha256"], person)
             shutil.rmtree(tmp / STEPS_DIR)
     except GGError:
         shutil.rmtree(work, ignore_errors=True)  # an input/output problem: nothing worth resuming
