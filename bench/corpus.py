@@ -103,11 +103,44 @@ def _summary(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def preprocess(clips: list[dict], data: Path = DATA, size: int = 256) -> list[dict]:
+def _subprocess(video: Path, dest: Path, size: int, person: str, log: Path) -> str | None:
+    """`ggtalker preprocess` in its own process (one bad video cannot end the batch); the
+    failure's line from its log, or None."""
+    cmd = [sys.executable, "-m", "ggtalker_cli.cli", "preprocess", str(video), "-o", str(dest), "--size", str(size), "--person", person]
+    if dest.exists():
+        cmd.append("--resume")  # a folder left by an interrupted run of this batch
+    with log.open("w") as out:
+        run = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+    if run.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.lower().startswith("error")]
+    return (errors or lines or [f"exit status {run.returncode}"])[-1][:200]
+
+
+def _in_process(video: Path, dest: Path, size: int, person: str, log: Path) -> str | None:
+    """`ggtalker preprocess` in this process (models stay loaded: ~3 s a clip less than a fresh
+    process, most of a 3-s GRID clip's cost); the failure's line, or None."""
+    from ggtalker_cli import console
+    from ggtalker_cli.config import load_config
+    from ggtalker_cli.errors import GGError
+    from ggtalker_cli.stages import preprocess as stage
+
+    console.configure(quiet=True, json_mode=False)
+    try:
+        stage.run(video, dest, load_config(None, {"preprocess": {"size": size}}), resume=dest.exists(), person=person)
+    except GGError as e:
+        log.write_text(f"error: {e}\n")
+        return f"error: {e}"[:200]
+    return None
+
+
+def preprocess(clips: list[dict], data: Path = DATA, size: int = 256, in_process: bool = False) -> list[dict]:
     """Preprocess every clip not done yet; one row per clip (frames, tracked share, faces, seconds, failure).
 
     The summary table (`preprocess_summary.md`) is rewritten after every clip, so an interrupted
-    batch still says how far it got.
+    batch still says how far it got. `in_process`: one process for the batch (faster for many
+    short clips; a GGError still skips just that clip, a crash ends the batch, which resumes).
     """
     out = data / "clips"
     logs = data / "logs"
@@ -118,19 +151,11 @@ def preprocess(clips: list[dict], data: Path = DATA, size: int = 256) -> list[di
         dest = out / c["id"]
         row = {"clip": c["id"], "frames": None, "tracked": None, "faces": None, "seconds": None, "failure": None}
         if not (dest / "meta.yaml").exists():
-            cmd = [sys.executable, "-m", "ggtalker_cli.cli", "preprocess", str(media_path(c, data)), "-o", str(dest), "--size", str(size),
-                   "--person", c["person"]]  # fmt: skip
-            if dest.exists():
-                cmd.append("--resume")  # a folder left by an interrupted run of this batch
             print(f"[{i + 1}/{len(clips)}] {c['id']}", flush=True)
             t0 = time.monotonic()
-            with (logs / f"{c['id']}.log").open("w") as log:
-                run = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+            run = _in_process if in_process else _subprocess
+            row["failure"] = run(media_path(c, data), dest, size, c["person"], logs / f"{c['id']}.log")
             row["seconds"] = round(time.monotonic() - t0, 1)
-            if run.returncode != 0:
-                lines = [ln.strip() for ln in (logs / f"{c['id']}.log").read_text(errors="replace").splitlines() if ln.strip()]
-                errors = [ln for ln in lines if ln.lower().startswith("error")]
-                row["failure"] = (errors or lines or [f"exit status {run.returncode}"])[-1][:200]
         if (dest / "meta.yaml").exists():
             meta = yaml.safe_load((dest / "meta.yaml").read_text())
             if meta.get("person") != c["person"]:  # made by this batch before preprocess took --person
@@ -175,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DATA, help="folder holding media/ and clips/ (git-ignored)")
     ap.add_argument("--mirrors", type=Path, default=Path("/work/.mirror"), help="folder of <owner>+<name>/repo bare git dirs")
     ap.add_argument("--size", type=int, default=256, help="preprocess crop side")
+    ap.add_argument("--in-process", action="store_true", help="preprocess in this process (faster for many short clips)")
     a = ap.parse_args(argv)
     clips = load(a.manifest)
     if a.ids:
@@ -191,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(clips) - len(bad)}/{len(clips)} files match {a.manifest.name}")
         return 1 if bad else 0
     if a.verb == "preprocess":
-        rows = preprocess(clips, a.data, a.size)
+        rows = preprocess(clips, a.data, a.size, a.in_process)
         failed = [r for r in rows if r["failure"]]
         print(f"{len(rows) - len(failed)}/{len(rows)} clips preprocessed; summary: {a.data / 'preprocess_summary.md'}")
         for r in failed:
