@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CALL = REPO / ".devdata" / "gpu"
@@ -188,7 +189,7 @@ def _live(args: argparse.Namespace, call: Path, out: Path) -> None:
                 "--size", str(size), "--latency", "0.5", "--seconds", "15", "--out", str(out / "live_stream.json"))  # fmt: skip
 
 
-A2E_RESULT = REPO / "bench" / "results" / "a2e_corpus.json"  # bench/a2e_generative.py's run that shipped priors/default's a2e part
+A2E_RESULT = REPO / "bench" / "results" / "a2e_sampling.json"  # the bench/a2e_generative.py run of priors/default's a2e part as shipped
 
 
 def _a2e_run(doc: dict) -> tuple[dict, str]:
@@ -229,6 +230,13 @@ def report(args: argparse.Namespace) -> None:
     result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     totals = corpus.totals(corpus.load())
     result.update(identities=totals["identities"], speech_minutes=totals["speech_minutes"], corpus=totals)
+    shipped = yaml.safe_load((REPO / "priors" / "default" / "meta.yaml").read_text())["parts"]
+    person = {c["id"]: c["person"] for c in corpus.load()}
+    e2v_people = {person.get(n, n) for n in (n.removesuffix(" (mirrored)") for n in shipped["e2v"]["identities"])}
+    result["judged_priors_trained_on"] = {  # the corpus grows ahead of the priors fitted on it
+        "e2v": {"identities": len(e2v_people), "held_out": shipped["e2v"].get("held_out")},
+        "a2e": {"identities": len(shipped["a2e"]["identities"]), "held_out": len(shipped["a2e"]["held_out"])},
+    }
     clips = result.setdefault("clips", {})
     for folder in args.returned:
         for path in sorted(folder.glob("pvs_*.json")):
@@ -313,7 +321,7 @@ def main() -> None:
     c = sub.add_parser("compact", help="here: float16 tracking in a packed folder (before carrying it)")
     c.add_argument("packed", type=Path)
     r = sub.add_parser("report", help="here: score the returned views, write bench/results/priors_at_scale.json")
-    r.add_argument("returned", type=Path, nargs="+")
+    r.add_argument("returned", type=Path, nargs="*")
     args = parser.parse_args()
     {"gpu": lambda: gpu(args), "compact": lambda: compact(args.packed), "report": lambda: report(args)}[args.verb]()
 
