@@ -437,7 +437,7 @@ def _same_name(voices: list[Path], root: Path) -> tuple[list[Path], Path]:
         pytest.param(_other_version_clip, Exit.ARTIFACT, ["clip format version 0 but this ggtalker reads version 1"], id="other-version"),
         pytest.param(_features_short, Exit.ARTIFACT, ["110 rows for 120 frames; re-create the clip"], id="feature-count-mismatch"),
         pytest.param(_no_features, Exit.INPUT_INVALID, ["no audio_features.npy; re-run `ggtalker preprocess` with whisper weights"], id="no-features"),
-        pytest.param(_same_name, Exit.USAGE, ["clip folders must have distinct names (they name identities)"], id="duplicate-identity"),
+        pytest.param(_same_name, Exit.USAGE, ["clip folders must have distinct names (they name clips)"], id="duplicate-clip-name"),
     ],
 )
 def test_fit_prior_refuses_bad_clips(voices, tmp_path, clips, code, words):
