@@ -17,6 +17,9 @@ Scores are computed here, with this checkout's data loader, on each judged clip'
 
 - spread_ratio: std of the driven inner-lip gap / std of the tracked one (valid test frames);
 - mouth_r: Pearson r of the two;
+- adapted_in_source_timing: the adapted model's scores with its mouth moved by the clip's
+  measured lag (`realigned_frames`, which adaptation removed) onto the test frames' own timing;
+  the plain adapted scores count a source's audio-video offset as the model's error;
 - lip_mm: mean Euclidean error (mm) of the 40 lip landmarks in face space, offsets from the
   identity's mean training shape; lip_mm_no_audio: the same for that mean shape itself;
 - ood: metrics.av_sync (lag in frames at 25 fps, + = mouth after sound, and r) of the predicted
@@ -159,6 +162,17 @@ def scores(mouth: np.ndarray, d: a2e.ClipData) -> dict[str, float]:
     return {"spread_ratio": float(driven.std() / tracked.std()), "mouth_r": float(metrics.pearson(driven, tracked)), "lip_mm": float(error)}
 
 
+def in_sync(mouth: np.ndarray, d: a2e.ClipData, shift: int) -> tuple[np.ndarray, a2e.ClipData]:
+    """An adapted model's mouth moved onto the source's own timing: adaptation trained it on
+    features shifted by the clip's measured audio-mouth lag (`a2e.realign`), so it speaks in sync
+    with the sound, while the clip's test frames keep the source's offset (frame t shows the sound
+    of t - shift). Frames whose shifted partner falls outside the clip are not scored."""
+    n = len(mouth)
+    src = np.arange(n) - shift
+    inside = (src >= 0) & (src < n)
+    return mouth[np.clip(src, 0, n - 1)], dataclasses.replace(d, valid=d.valid & inside)
+
+
 def judge_model(work: Path, judge: list[Path], speech: list[Path]) -> dict:
     """Per judged clip and overall: scores of the prior and the adapted model, OOD lags."""
     pred = np.load(work / "predictions.npz")
@@ -182,12 +196,16 @@ def judge_model(work: Path, judge: list[Path], speech: list[Path]) -> dict:
             row[kind] = {m: round(float(np.mean([r[m] for r in runs])), 4) for m in runs[0]}
             row[kind]["lip_vs_no_audio"] = round(row[kind]["lip_mm"] / no_audio, 4)
             row[kind]["seeds"] = len(runs)
+        shift = int(logs[clip.name].get("realigned_frames") or 0)
+        runs = [scores(*in_sync(pred[k], d, shift)) for k in pred.files if k.startswith(f"{clip.name}/adapted/")]
+        row["adapted_in_source_timing"] = {m: round(float(np.mean([r[m] for r in runs])), 4) for m in runs[0]}
+        row["adapted_in_source_timing"].update(lip_vs_no_audio=round(row["adapted_in_source_timing"]["lip_mm"] / no_audio, 4), shift=shift)
         row["adapted"]["ood"] = ood(clip.name)
         row["adapt_log"] = {k: v for k, v in logs[clip.name].items() if k != "curve"}
         clips[clip.name] = row
     out["clips"] = clips
     out["mean"] = {kind: {m: round(float(np.mean([c[kind][m] for c in clips.values()])), 4) for m in ("spread_ratio", "mouth_r", "lip_mm", "lip_vs_no_audio")}
-                   for kind in ("prior", "adapted")}  # fmt: skip
+                   for kind in ("prior", "adapted", "adapted_in_source_timing")}  # fmt: skip
     out["mean"]["lip_mm_no_audio"] = round(float(np.mean([c["lip_mm_no_audio"] for c in clips.values()])), 4)
     lags = [v["lag"] for v in out["prior_ood"].values()] + [v["lag"] for c in clips.values() for v in c["adapted"]["ood"].values()]
     out["ood_within_1_frame"] = f"{sum(lag is not None and abs(lag) <= 1 for lag in lags)}/{len(lags)}"
