@@ -189,7 +189,7 @@ def _live(args: argparse.Namespace, call: Path, out: Path) -> None:
                 "--size", str(size), "--latency", "0.5", "--seconds", "15", "--out", str(out / "live_stream.json"))  # fmt: skip
 
 
-A2E_RESULT = REPO / "bench" / "results" / "a2e_corpus_shipped.json"  # the bench/a2e_generative.py run of priors/default's a2e part as shipped
+A2E_RESULT = REPO / "bench" / "results" / "a2e_corpus_xl.json"  # the bench/a2e_generative.py run of priors/default's a2e part as shipped
 
 
 def _a2e_run(doc: dict) -> tuple[dict, str]:
