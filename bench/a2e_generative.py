@@ -166,7 +166,8 @@ def in_sync(mouth: np.ndarray, d: a2e.ClipData, shift: int) -> tuple[np.ndarray,
     """An adapted model's mouth moved onto the source's own timing: adaptation trained it on
     features shifted by the clip's measured audio-mouth lag (`a2e.realign`), so it speaks in sync
     with the sound, while the clip's test frames keep the source's offset (frame t shows the sound
-    of t - shift). Frames whose shifted partner falls outside the clip are not scored."""
+    of t - shift). Frames whose shifted partner falls outside the clip are not scored; shift 0
+    leaves both as they are."""
     n = len(mouth)
     src = np.arange(n) - shift
     inside = (src >= 0) & (src < n)
@@ -191,15 +192,13 @@ def judge_model(work: Path, judge: list[Path], speech: list[Path]) -> dict:
         d = a2e.load_clip(clip, FPS)
         no_audio = scores(np.zeros_like(d.mouth), d)["lip_mm"]
         row = {"test_frames": int(d.valid[d.n_train :].sum()), "lip_mm_no_audio": round(no_audio, 4)}
-        for kind in ("prior", "adapted"):
-            runs = [scores(pred[k], d) for k in pred.files if k.startswith(f"{clip.name}/{kind}/")]
+        shift = int(logs[clip.name].get("realigned_frames") or 0)
+        for kind, model, lag in (("prior", "prior", 0), ("adapted", "adapted", 0), ("adapted_in_source_timing", "adapted", shift)):
+            runs = [scores(*in_sync(pred[k], d, lag)) for k in pred.files if k.startswith(f"{clip.name}/{model}/")]
             row[kind] = {m: round(float(np.mean([r[m] for r in runs])), 4) for m in runs[0]}
             row[kind]["lip_vs_no_audio"] = round(row[kind]["lip_mm"] / no_audio, 4)
             row[kind]["seeds"] = len(runs)
-        shift = int(logs[clip.name].get("realigned_frames") or 0)
-        runs = [scores(*in_sync(pred[k], d, shift)) for k in pred.files if k.startswith(f"{clip.name}/adapted/")]
-        row["adapted_in_source_timing"] = {m: round(float(np.mean([r[m] for r in runs])), 4) for m in runs[0]}
-        row["adapted_in_source_timing"].update(lip_vs_no_audio=round(row["adapted_in_source_timing"]["lip_mm"] / no_audio, 4), shift=shift)
+        row["adapted_in_source_timing"]["shift"] = shift
         row["adapted"]["ood"] = ood(clip.name)
         row["adapt_log"] = {k: v for k, v in logs[clip.name].items() if k != "curve"}
         clips[clip.name] = row

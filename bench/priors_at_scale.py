@@ -193,11 +193,11 @@ A2E_RESULT = REPO / "bench" / "results" / "a2e_corpus_xl.json"  # the bench/a2e_
 
 
 def _a2e_run(doc: dict) -> tuple[dict, str]:
-    """The judged run of an A2E bench result and its name: a fit's generative model, or a
-    `--prior` run's variant with the default sampling settings."""
+    """The judged run of an A2E bench result and its name: a fit's generative model, or the
+    first variant of a `--prior` run (a run of the shipped prior judges its own settings)."""
     if "generative" in doc:
         return doc["generative"], "generative"
-    (name, run), *_ = doc["variants"].items()  # a run of the shipped prior judges one variant: its settings
+    (name, run), *_ = doc["variants"].items()
     return run, name
 
 
@@ -231,10 +231,11 @@ def report(args: argparse.Namespace) -> None:
     from bench.prior_vs_scratch import consistency, load_views
 
     result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
-    totals = corpus.totals(corpus.load())
+    manifest = corpus.load()
+    totals = corpus.totals(manifest)
     result.update(identities=totals["identities"], speech_minutes=totals["speech_minutes"], corpus=totals)
     shipped = yaml.safe_load((REPO / "priors" / "default" / "meta.yaml").read_text())["parts"]
-    person = {c["id"]: c["person"] for c in corpus.load()}
+    person = {c["id"]: c["person"] for c in manifest}
     e2v_people = {person.get(n, n) for n in (n.removesuffix(" (mirrored)") for n in shipped["e2v"]["identities"])}
     result["judged_priors_trained_on"] = {  # the corpus grows ahead of the priors fitted on it
         "e2v": {"identities": len(e2v_people), "held_out": shipped["e2v"].get("held_out")},

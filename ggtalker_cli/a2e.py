@@ -125,14 +125,20 @@ def mouth_gap(mouth: np.ndarray) -> np.ndarray:
     return np.linalg.norm(mouth[:, UPPER_LIP] - mouth[:, LOWER_LIP], axis=-1)
 
 
+def training_rows(clips: list[ClipData], field: str, weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`field` of every clip's valid training frames, one float64 row a frame, and each row's
+    weight: its clip's entry of `weights` (default 1), scaled to a mean of 1."""
+    rows = [getattr(c, field)[: c.n_train][c.valid[: c.n_train]].reshape(-1, *getattr(c, field).shape[1:]).astype(np.float64) for c in clips]
+    w = np.concatenate([np.full(len(r), 1.0 if weights is None else weights[i]) for i, r in enumerate(rows)])
+    return np.concatenate(rows), w * len(w) / w.sum()
+
+
 def fit_lip_basis(clips: list[ClipData], k: int, weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Universal PCA of mouth offsets over the valid training frames of all clips:
     (k, M*3) orthonormal basis and (k,) per-component standard deviations. `weights` (one per
     clip, for each of its frames) keep one speaker's many clips from setting the basis alone."""
-    rows = [c.mouth[: c.n_train][c.valid[: c.n_train]].reshape(-1, len(MOUTH) * 3).astype(np.float64) for c in clips]
-    w = np.concatenate([np.full(len(r), 1.0 if weights is None else weights[i]) for i, r in enumerate(rows)])
-    rows = np.concatenate(rows)
-    w = w * len(w) / w.sum()  # mean weight 1: the standard deviations stay per frame
+    rows, w = training_rows(clips, "mouth", weights)
+    rows = rows.reshape(len(rows), len(MOUTH) * 3)
     rows = (rows - (w[:, None] * rows).sum(0) / w.sum()) * np.sqrt(w)[:, None]
     _, s, vt = np.linalg.svd(rows, full_matrices=False)
     k = min(k, len(s))

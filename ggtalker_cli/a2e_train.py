@@ -37,6 +37,7 @@ from .a2e import (
     realign,
     run,
     source_lag,
+    training_rows,
 )
 from .config import A2EConfig
 from .errors import Exit, GGError
@@ -125,18 +126,16 @@ def _init_statistics(model: A2E, clips: list[ClipData], weights: list[float]) ->
     the universal lip PCA, the blendshape deviations' spread and the identity means a prior
     stands on (the mean over people, not over clips)."""
     basis, lip_std = fit_lip_basis(clips, model.meta["lip_components"], weights)
-    rows = [c.blendshapes[: c.n_train][c.valid[: c.n_train]].astype(np.float64) for c in clips]
-    w = np.concatenate([np.full(len(r), wc) for r, wc in zip(rows, weights)])
-    rows = np.concatenate(rows)
+    rows, w = training_rows(clips, "blendshapes", weights)
     mean = (w[:, None] * rows).sum(0) / w.sum()
     std = np.sqrt((w[:, None] * (rows - mean) ** 2).sum(0) / w.sum())
     model.lip_basis.copy_(torch.as_tensor(basis))
     model.lip_std.copy_(torch.as_tensor(lip_std))
     model.bs_std.copy_(torch.as_tensor(np.maximum(std, 0.02), dtype=torch.float32))  # near-constant blendshapes stay tame
     people = sorted({c.person for c in clips})
-    for name, field in (("bs_neutral", "bs_neutral"), ("neutral", "neutral")):
+    for field in ("bs_neutral", "neutral"):
         means = [np.mean([getattr(c, field) for c in clips if c.person == who], 0) for who in people]
-        getattr(model, name).copy_(torch.as_tensor(np.mean(means, 0), dtype=torch.float32))
+        getattr(model, field).copy_(torch.as_tensor(np.mean(means, 0), dtype=torch.float32))
 
 
 def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EConfig, device: str, resume: bool, rank: int = 0, world: int = 1) -> dict:
@@ -162,7 +161,8 @@ def train_prior(clip_dirs: list[Path], holdout: list[str], work: Path, cfg: A2EC
         train_spans = [(i, 0, cut[i]) for i in train]
     train_spans = [s for s in train_spans if s[2] - s[1] >= 2]
     identities = list(dict.fromkeys(clips[i].person for i in train))  # people, in the order given
-    style_of = {i: identities.index(clips[i].person) for i in train}
+    row_of = {who: k for k, who in enumerate(identities)}
+    style_of = {i: row_of[clips[i].person] for i in train}
     weight = dict(zip(train, frame_weights([clips[i] for i in train], cfg.person_balance)))
 
     torch.manual_seed(cfg.seed)
