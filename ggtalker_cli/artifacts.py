@@ -8,6 +8,7 @@ safetensors, and every path named inside an artifact must stay inside it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -109,6 +110,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256(*paths: Path) -> str:
+    """Hex SHA-256 of the files' bytes in order, read in blocks (videos of gigabytes stay out of RAM).
+    What artifacts record to say which input or prior they were made from."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(folder: Path, kind: str) -> str:
+    """What identifies a clip or prior's content: the SHA-256 of its meta.yaml and the files its
+    users read (a clip's tracking, a prior's weights). An avatar records those of the clip and
+    prior it was adapted from, so a step that would reuse it can tell when either changed."""
+    folder = Path(folder)
+    meta = read_meta(folder, kind)
+    files = [inside(folder, meta["files"]["tracking"])] if kind == "clip" else sorted(folder.glob("*.safetensors"))
+    return sha256(folder / META, *files)
 
 
 def write_meta(folder: Path, kind: str, data: dict[str, Any]) -> None:

@@ -14,7 +14,6 @@ stream through both passes, so memory does not grow with the clip length.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -30,14 +29,6 @@ from .config import PreprocessConfig
 from .errors import Exit, GGError
 
 STEPS_DIR = ".steps"  # inside the partial folder; removed before the final rename
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Steps:

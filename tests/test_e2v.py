@@ -120,6 +120,7 @@ def test_adapt_from_prior_starts_better_than_scratch(prior, macron_128, tmp_path
     scratch = adapt.run(macron_128, tmp_path / "scratch", cfg, device="cpu")
     start = {k: yaml.safe_load((tmp_path / k / "meta.yaml").read_text()) for k in ("prior", "scratch")}
     assert start["prior"]["prior"] == str(prior[0].resolve()) and start["scratch"]["prior"] is None
+    assert start["prior"]["prior_sha256"] == artifacts.fingerprint(prior[0], "prior") and start["scratch"]["prior_sha256"] is None
     assert start["prior"]["uv_res"] == start["scratch"]["uv_res"] == 64
     p0, s0 = start["prior"]["initial_metrics"]["psnr_head"], start["scratch"]["initial_metrics"]["psnr_head"]
     assert p0 > s0 + 0.5, (p0, s0)  # 23.9 vs 22.7 dB here (the scratch start is painted from 8 frames too)

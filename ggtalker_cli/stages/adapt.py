@@ -8,7 +8,6 @@ into place with its meta.yaml at the end.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -79,13 +78,6 @@ def _disk_need(cfg: AdaptConfig) -> int:
     coexist while one replaces the other, then the exported avatar."""
     texels = (cfg.uv_res * (2 if cfg.upsample_at > 0 else 1)) ** 2
     return (sum(GROUPS.values()) + cfg.feature_dim) * texels * 4 * (2 * 3 + 1)
-
-
-def _file_hash(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- evaluation and export
@@ -161,8 +153,9 @@ def run(
         (folder / CHECKPOINT).unlink(missing_ok=True)
         started = json.loads((folder / _START).read_text())
         meta = {
-            "clip": {"path": str(Path(clip_dir).resolve()), "sha256": _file_hash(clip.path / "meta.yaml", clip.tracking_path)},
+            "clip": {"path": str(Path(clip_dir).resolve()), "sha256": artifacts.fingerprint(clip.path, "clip")},
             "prior": str(Path(prior).resolve()) if prior is not None else None,
+            "prior_sha256": artifacts.fingerprint(prior, "prior") if prior is not None else None,
             "device": device_name(dev),
             "train_seconds": round(seconds, 1),
             "timings_s": {k: round(v, 1) for k, v in timings.items()},

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .. import console, preprocessing
-from ..artifacts import atomic_dir, check_disk_space, check_output_dir, work_dir_for
+from ..artifacts import atomic_dir, check_disk_space, check_output_dir, sha256, work_dir_for
 from ..config import Config
 from ..errors import Exit, GGError
 from ..preprocessing import STEPS_DIR
@@ -30,7 +30,7 @@ def run(video: Path, out: Path, cfg: Config, *, allow_no_audio: bool = False, re
     check_output_dir(out, force)
     check_disk_space(out, preprocessing.disk_need(probe, pc))
     work = work_dir_for(out)
-    params = {"sha256": preprocessing.sha256(video), "config": dataclasses.asdict(pc), "allow_no_audio": allow_no_audio}
+    params = {"sha256": sha256(video), "config": dataclasses.asdict(pc), "allow_no_audio": allow_no_audio}
     params_file = work / STEPS_DIR / "params.json"
     if work.exists():
         if resume and params_file.is_file() and json.loads(params_file.read_text()) == params:
