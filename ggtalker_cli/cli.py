@@ -31,7 +31,7 @@ app = typer.Typer(
     rich_markup_mode=None,  # plain click help: flags read `--resume`, not typer's rich `--resume <bool>`
 )
 
-PresetOpt = typer.Option(None, "--preset", help="Preset name (fast, balanced, quality) or a YAML file.")
+PresetOpt = typer.Option(None, "--preset", help="Preset name (fast, balanced, sharp, quality) or a YAML file.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output folder.")
 SeedOpt = typer.Option(None, "--seed", help="Random seed (same seed, same result).")
 DeviceOpt = typer.Option("auto", "--device", help="cpu, cuda, or auto (cuda when available).")

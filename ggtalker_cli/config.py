@@ -52,7 +52,11 @@ class AdaptConfig:
     feature_dim: int = 16  # per-Gaussian feature fed to the colour MLP
     hidden: int = 64  # colour MLP width
     basis_ridge: float = 1.0  # ridge of the per-identity expression basis fit (in frames)
-    # learning rates (Adam), decayed exponentially to lr_final × themselves at the last step
+    # learning rates (Adam), decayed exponentially to lr_final × themselves at the last step. Adam
+    # moves a parameter by about its rate per step, so a run travels ~steps × rate; with
+    # lr_budget_power > 0 a run of N steps scales the head's rates by (lr_steps / N) ** lr_budget_power,
+    # at most lr_budget_max (the sharp preset). Higher rates fit the training views closer and
+    # the novel views worse (H200, 512²: bench/results/lr_budget.json, docs/e2v.md)
     lr_position: float = 2e-3  # offsets, in units of triangle size
     lr_rotation: float = 1e-3
     lr_scale: float = 5e-3
@@ -60,8 +64,11 @@ class AdaptConfig:
     lr_color: float = 1e-2
     lr_feature: float = 5e-3
     lr_mlp: float = 1e-3
-    lr_refine: float = 5e-4  # per-frame pose/expression corrections
+    lr_refine: float = 5e-4  # per-frame pose/expression corrections (never scaled by the budget)
     lr_final: float = 0.1
+    lr_steps: int = 4000
+    lr_budget_power: float = 0.0
+    lr_budget_max: float = 2.0
     # loss weights
     ssim_weight: float = 0.2
     alpha_weight: float = 0.1  # rendered alpha vs the head mask (silhouette)

@@ -131,6 +131,11 @@ def paint(avatar: Avatar, data: Data, frames: np.ndarray) -> None:
     gmap.groups["color"].data.view(3, -1)[:, texel] = torch.log(rgb / (1 - rgb)).T
 
 
+def budget_scale(cfg: AdaptConfig) -> float:
+    """The factor on the head's learning rates for a run of cfg.steps (config: lr_steps and after)."""
+    return min((cfg.lr_steps / max(cfg.steps, 1)) ** cfg.lr_budget_power, cfg.lr_budget_max)
+
+
 class Trainer:
     """The avatar, the per-frame corrections, the optimiser, and one training step."""
 
@@ -145,10 +150,11 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Adam:
         c, groups = self.cfg, self.avatar.gmap.groups
+        budget = budget_scale(c)
         lrs = {"offset": c.lr_position, "quat": c.lr_rotation, "log_scale": c.lr_scale, "opacity": c.lr_opacity,
-               "color": c.lr_color, "feature": c.lr_feature}
-        params = [{"params": [groups[k]], "lr": lr, "base_lr": lr, "name": k} for k, lr in lrs.items()]
-        params.append({"params": list(self.avatar.color.parameters()), "lr": c.lr_mlp, "base_lr": c.lr_mlp, "name": "mlp"})
+               "color": c.lr_color, "feature": c.lr_feature, "mlp": c.lr_mlp}
+        params = [{"params": [groups[k]] if k != "mlp" else list(self.avatar.color.parameters()), "lr": lr * budget, "base_lr": lr * budget, "name": k}
+                  for k, lr in lrs.items()]
         params.append({"params": [self.pose_delta, self.expr_delta], "lr": c.lr_refine, "base_lr": c.lr_refine, "name": "refine"})
         return torch.optim.Adam(params, eps=1e-15)
 

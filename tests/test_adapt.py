@@ -165,3 +165,20 @@ def test_steps_scale_every_part_or_set_each():
         with pytest.raises(GGError, match=r"--steps .*: expected a step count ≥ 1 or head=N,inpainter=N,a2e=N") as e:
             set_steps(load_config("balanced"), "adapt", bad)
         assert e.value.code == Exit.USAGE
+
+
+def test_learning_rates_follow_the_budget_only_where_a_preset_asks(adapted):
+    """balanced keeps its rates at any budget; sharp's are x4 at its 4000 steps and grow as
+    (4000 / steps) ** 0.5 below, at most x2 more; the optimiser starts from exactly those."""
+    for steps in (250, 4000, 16000):
+        cfg = load_config("balanced", {"adapt": {"steps": steps}}).adapt
+        assert head_fit.budget_scale(cfg) == 1.0
+    sharp = {steps: load_config("sharp", {"adapt": {"steps": steps}}).adapt for steps in (250, 1000, 4000, 16000)}
+    assert [head_fit.budget_scale(c) for c in sharp.values()] == [2.0, 2.0, 1.0, 0.5]
+    assert sharp[4000].lr_position == 4 * load_config("balanced").adapt.lr_position
+    clip, out, _ = adapted
+    data = Data(Clip(clip), CI["size"], torch.device("cpu"))
+    trainer = head_fit.Trainer(data, sharp[1000], Avatar.load(out))
+    rates = {g["name"]: g["base_lr"] for g in trainer.optimizer.param_groups}
+    assert rates["offset"] == 2 * sharp[1000].lr_position and rates["mlp"] == 2 * sharp[1000].lr_mlp
+    assert rates["refine"] == sharp[1000].lr_refine  # the per-frame corrections keep theirs
