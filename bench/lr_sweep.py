@@ -59,8 +59,8 @@ def gpu(args: argparse.Namespace) -> None:
 
 def table(args: argparse.Namespace) -> None:
     """Merge returned arms: per clip, init, budget and preset the held-out metrics and seconds;
-    judge calls of bench.priors_at_scale (pvs_*.json + views_*.npz, run with --preset sharp's
-    settings as the defaults) fold in as preset "sharp" with their novel-view scores, and the
+    judge calls of bench.priors_at_scale (pvs_*.json + views_*.npz, `gpu --judge ... --preset
+    sharp`) fold in as preset "sharp" with their novel-view scores, and the
     balanced preset's judged numbers come from bench/results/priors_at_scale.json."""
     from bench.prior_vs_scratch import consistency, load_views
 
@@ -82,7 +82,7 @@ def table(args: argparse.Namespace) -> None:
             doc = json.loads(path.read_text())
             run = doc["results"][init][steps]
             put(clip, init, steps, preset, {**{k: run[k] for k in ("psnr_head", "ssim_head", "psnr_full", "seconds")},
-                                            "device": doc["device"], "size": doc["size"], "command": doc["command"]})
+                                            "device": doc["device"], "size": doc["size"] or 512, "command": doc["command"]})
         for path in sorted(Path(folder).glob("pvs_*.json")):
             doc = json.loads(path.read_text())
             clip = Path(doc["clip"]).name

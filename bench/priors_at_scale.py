@@ -160,7 +160,7 @@ def gpu(args: argparse.Namespace) -> None:
         arms = args.inits.replace(",", "_")
         _python("-m", "bench.prior_vs_scratch", str(clip), *(["--prior", str(prior)] if "prior" in args.inits else []), "-o", str(folder),
                 "--budgets", args.budgets, "--inits", args.inits, "--no-consistency", "--views", str(out / f"views_{name}_{arms}.npz"),
-                *(["--size", str(args.size)] if args.size else []))  # fmt: skip
+                *(["--size", str(args.size)] if args.size else []), "--preset", args.preset)  # fmt: skip
         shutil.copy2(folder / "results.json", out / f"pvs_{name}_{arms}.json")
         top = max(int(b) for b in args.budgets.split(","))
         with tarfile.open(out / f"avatars_{name}_{arms}.tgz", "w:gz") as tar:
@@ -327,6 +327,7 @@ def main() -> None:
     g.add_argument("--live-clip", default="macron_50s_512_30fps", help="packed eval clip the live avatar is adapted on")
     g.add_argument("--live-steps", type=int, default=500)
     g.add_argument("--size", type=int, default=None)
+    g.add_argument("--preset", default="balanced", help="the adapt preset both arms use (bench/results/lr_budget.json judged sharp)")
     c = sub.add_parser("compact", help="here: float16 tracking in a packed folder (before carrying it)")
     c.add_argument("packed", type=Path)
     r = sub.add_parser("report", help="here: score the returned views, write bench/results/priors_at_scale.json")
