@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -69,7 +70,9 @@ def _unpack(packed: Path) -> list[Path]:
     todo, clips = [], []
     for d in sorted(p for p in packed.iterdir() if (p / "meta.yaml").is_file()):
         dest = REPO / "out" / "gpu_clips" / d.name
-        if not (dest / "meta.yaml").is_file():
+        done = dest / "meta.yaml"
+        if not done.is_file() or done.read_bytes() != (d / "meta.yaml").read_bytes():  # absent, or another part of the clip
+            shutil.rmtree(dest, ignore_errors=True)
             todo.append((d, dest))
         clips.append(dest)
     tic = time.perf_counter()
@@ -129,6 +132,23 @@ def _return_gsplat_build(out: Path) -> None:
         shutil.copy2(built[0], out / "gsplat_cuda.so")
 
 
+def _run_for(command: list[str], seconds: float) -> bool:
+    """Run `python3 COMMAND`; after `seconds` (0: never) send it SIGTERM, on which ggtalker's
+    training loop finishes its step, checkpoints and exits 130. -> whether it ran to the end."""
+    print("$ python3 " + " ".join(command), flush=True)
+    proc = subprocess.Popen([sys.executable, *command], cwd=REPO)
+    try:
+        code = proc.wait(timeout=seconds or None)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait()
+        if code == 130:
+            return False
+    if code != 0:
+        raise subprocess.CalledProcessError(code, command)
+    return True
+
+
 def gpu(args: argparse.Namespace) -> None:
     out = Path(os.environ.get("OUT", WORK / "returned"))
     out.mkdir(parents=True, exist_ok=True)
@@ -145,10 +165,19 @@ def gpu(args: argparse.Namespace) -> None:
         holdout = args.holdout or clips[0].name
         command = ["-m", "ggtalker_cli.cli", "fit-prior", *map(str, clips), "-o", str(PRIOR), "--parts", "e2v",
                    "--holdout", holdout, "--steps", str(args.fit_steps), "--force"]  # fmt: skip
-        if (REPO / "out" / "priors_at_scale" / ".prior.partial").exists():
+        work = WORK / ".prior.partial"  # fit-prior's resumable work folder (artifacts.work_dir_for)
+        carried = call / "fit_state" / "e2v.ckpt"
+        if carried.is_file() and not (work / "e2v.ckpt").is_file():  # the previous call's state
+            work.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(carried, work / "e2v.ckpt")
+        if work.exists():
             command.append("--resume")
         tic = time.perf_counter()
-        _python(*command)
+        if not _run_for(command, args.fit_seconds):  # stopped cleanly: the state goes back for the next call
+            (out / "fit_state").mkdir(exist_ok=True)
+            shutil.copy2(work / "e2v.ckpt", out / "fit_state" / "e2v.ckpt")
+            print(f"fit stopped after {args.fit_seconds} s: carry {out / 'fit_state'} as {call / 'fit_state'} into the next call", flush=True)
+            return
         (out / "prior").mkdir(exist_ok=True)
         for name in ("e2v.safetensors", "meta.yaml", "val_loss.png"):
             shutil.copy2(PRIOR / name, out / "prior" / name)
@@ -319,6 +348,8 @@ def main() -> None:
     g = sub.add_parser("gpu", help="on the device: fit the E2V prior and/or judge clips")
     g.add_argument("--call", type=Path, default=CALL, help="the carried folder (corpus/, eval/, optionally prior/)")
     g.add_argument("--fit-steps", type=int, default=0)
+    g.add_argument("--fit-seconds", type=float, default=0, help="stop the fit cleanly after this long and return its state "
+                   "($OUT/fit_state/, carried back as CALL/fit_state/ with the next part of the corpus: `staging shrink --part`)")
     g.add_argument("--holdout", default=None, help="corpus identity held out for validation (default: the first)")
     g.add_argument("--judge", nargs="*", default=[], help="packed eval clip names to run prior vs scratch on")
     g.add_argument("--budgets", default="250,1000,4000")

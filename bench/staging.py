@@ -4,13 +4,14 @@ priors_at_scale share.
 
     python -m bench.staging pack CLIP DEST          # here: frames as one near-lossless H.264 video (CRF 12), the rest copied
     python -m bench.staging unpack DEST CLIP        # there: the video decoded back into frames/%06d.jpg
-    python -m bench.staging shrink out/clips/* -o out/carry/prior --size 256 --max-frames 240 [--drop-audio]
+    python -m bench.staging shrink out/clips/* -o out/carry/prior --size 256 --max-frames 240 [--drop-audio] [--part P/N]
 
 Train and test frames go through the same re-encode, so quality numbers measured there compare
 like with like. `shrink` writes the packed layout at `--size` (frames, masks, plate, K and
 landmarks scaled) and, where a clip is longer than `--max-frames`, keeps every k-th frame
 (k = ceil(n / max)): the expression→visual prior wants many poses and expressions per identity
-more than neighbouring frames. Thinning divides the frame rate by k and keeps the audio whole (or
+more than neighbouring frames; `--part P/N` keeps the P-th of N disjoint sets of such frames
+(each ≤ `--max-frames`), for a corpus that reaches the GPU in N calls. Thinning divides the frame rate by k and keeps the audio whole (or
 drops it: `--drop-audio`), so the folder is still a valid clip; a frame that was a test frame
 (the last 10%) stays one. The tracking is stored compressed. `face_landmarker.task` is copied
 beside the shrunk clips: the GPU image has no mediapipe model, and the head model reads its
@@ -76,11 +77,20 @@ def unpack(packed: Path, clip: Path) -> None:
     print(f"{clip}: {index} frames")
 
 
-def shrink(clip: Path, dest: Path, size: int, max_frames: int, crf: int, drop_audio: bool) -> int:
+def kept_frames(n: int, max_frames: int, part: int = 0, parts: int = 1) -> tuple[np.ndarray, int]:
+    """Frames of an n-frame clip that part `part` of `parts` keeps -> (indices, their stride).
+
+    The clip is thinned to about max_frames × parts frames (every k-th) and part p takes every
+    parts-th of those from the p-th: each part stays under the carry's share, the parts are
+    disjoint, and together they hold parts times the frames one carry could."""
+    step = max(1, math.ceil(n / (max_frames * parts))) if max_frames > 0 else 1
+    return np.arange(0, n, step)[part::parts], step * parts
+
+
+def shrink(clip: Path, dest: Path, size: int, max_frames: int, crf: int, drop_audio: bool, part: tuple[int, int] = (0, 1)) -> int:
     meta = yaml.safe_load((clip / "meta.yaml").read_text())
     n, old = int(meta["n_frames"]), int(meta["size"])
-    step = max(1, math.ceil(n / max_frames)) if max_frames > 0 else 1
-    keep = np.arange(0, n, step)
+    keep, step = kept_frames(n, max_frames, *part)
     scale = size / old
     dest.mkdir(parents=True, exist_ok=True)
     files = meta["files"]
@@ -115,7 +125,8 @@ def shrink(clip: Path, dest: Path, size: int, max_frames: int, crf: int, drop_au
     K[:2] *= scale
     meta.update(size=size, n_frames=len(keep), fps=float(meta["fps"]) / step, K=K.round(6).tolist(), split={"train": [0, t], "test": [t, len(keep)]})
     meta["files"] = {**files, "contact_sheet": None}
-    meta["packed"] = {"from": str(clip.resolve()), "size": old, "n_frames": n, "every": step, "by": "bench/staging.py shrink"}
+    meta["packed"] = {"from": str(clip.resolve()), "size": old, "n_frames": n, "every": step, "first": int(keep[0]),
+                      "part": f"{part[0]}/{part[1]}", "by": "bench/staging.py shrink"}
     (dest / "meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
     return len(keep)
 
@@ -134,6 +145,7 @@ def main() -> None:
     sh.add_argument("--max-frames", type=int, default=240, help="thin longer clips to about this many frames (0: keep all)")
     sh.add_argument("--crf", type=int, default=14)
     sh.add_argument("--drop-audio", action="store_true", help="leave audio and its features out (the e2v prior does not read them)")
+    sh.add_argument("--part", default="0/1", help="P/N: the P-th of N disjoint frame sets of each clip (a corpus carried in N device calls)")
     args = parser.parse_args()
     if args.cmd != "shrink":
         (pack if args.cmd == "pack" else unpack)(args.src, args.dst)
@@ -141,7 +153,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(assets.resolve("face_landmarker"), args.out / "face_landmarker.task")
     for clip in args.clips:
-        n = shrink(clip, args.out / clip.name, args.size, args.max_frames, args.crf, args.drop_audio)
+        part = tuple(int(x) for x in args.part.split("/"))
+        n = shrink(clip, args.out / clip.name, args.size, args.max_frames, args.crf, args.drop_audio, part)
         mb = sum(f.stat().st_size for f in (args.out / clip.name).rglob("*") if f.is_file()) / 2**20
         print(f"{clip.name}: {n} frames at {args.size}², {mb:.1f} MiB")
 

@@ -3,11 +3,15 @@ the GPU machines or here) and unpacked back into the same number of near-identic
 
 from __future__ import annotations
 
+import subprocess
+
 import av
 import cv2
 import numpy as np
+import pytest
 
 from bench import staging
+from bench.priors_at_scale import _run_for
 
 
 def frames(folder, n=6, side=64):
@@ -48,3 +52,25 @@ def test_pack_then_unpack_gives_back_every_frame(tmp_path):
     assert len(back) == len(colours) and (tmp_path / "back" / "meta.yaml").exists()
     for f, want in zip(back, colours, strict=True):  # two JPEG generations and a YUV round trip
         assert np.abs(cv2.imread(str(f)).astype(int) - want).mean() < 4
+
+
+def test_parts_split_a_thinned_clip_into_disjoint_carries():
+    """`shrink --part P/N`: N disjoint frame sets, each within --max-frames, together the clip
+    thinned to N × max-frames; one part is the plain thinning."""
+    whole, step = staging.kept_frames(1261, 200)
+    assert step == 7 and np.array_equal(whole, np.arange(0, 1261, 7))
+    parts = [staging.kept_frames(1261, 200, p, 3) for p in range(3)]
+    frames_of = [set(k.tolist()) for k, _ in parts]
+    assert all(len(k) <= 200 for k, _ in parts) and all(s == 9 for _, s in parts)
+    assert sum(map(len, frames_of)) == len(set.union(*frames_of)) == len(range(0, 1261, 3))
+    assert np.array_equal(staging.kept_frames(50, 0)[0], np.arange(50))  # 0: every frame
+
+
+def test_a_timed_fit_stops_cleanly_and_says_so():
+    """bench.priors_at_scale's multi-call fit: past its time the run gets SIGTERM, which
+    ggtalker's training loop answers by checkpointing and exiting 130 (resumable, not a failure)."""
+    checkpoints_on_term = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(130)); time.sleep(60)"
+    assert _run_for(["-c", checkpoints_on_term], seconds=1) is False
+    assert _run_for(["-c", "pass"], seconds=30) is True
+    with pytest.raises(subprocess.CalledProcessError):
+        _run_for(["-c", "raise SystemExit(3)"], seconds=0)
