@@ -32,9 +32,7 @@ def run(clips: list[Path], out: Path, cfg: Config, parts: str = "a2e", holdout: 
         if getattr(cfg, name).steps < 1:
             raise GGError(f"{name}.steps {getattr(cfg, name).steps}: a prior needs at least 1 training step; "
                           f"raise --steps or the preset's {name}.steps", Exit.USAGE)
-    for c in clips:
-        artifacts.read_meta(c, "clip")  # fail on a wrong folder before any training
-    held = priors.choose_holdout(clips, holdout or [], cfg.a2e.holdout_fraction)
+    held = priors.choose_holdout(clips, holdout or [], cfg.a2e.holdout_fraction)  # reads every meta.yaml: a wrong folder fails here, before training
     rank, world, device = distributed(device)
     work = artifacts.work_dir_for(out)
     if rank == 0:
