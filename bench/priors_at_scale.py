@@ -218,7 +218,7 @@ def _live(args: argparse.Namespace, call: Path, out: Path) -> None:
                 "--size", str(size), "--latency", "0.5", "--seconds", "15", "--out", str(out / "live_stream.json"))  # fmt: skip
 
 
-A2E_RESULT = REPO / "bench" / "results" / "a2e_corpus_xl.json"  # the bench/a2e_generative.py run of priors/default's a2e part as shipped
+A2E_RESULT = REPO / "bench" / "results" / "a2e_adapt_lr.json"  # bench/a2e_generative.py on priors/default's a2e part, default adaptation first
 
 
 def _a2e_run(doc: dict) -> tuple[dict, str]:
@@ -262,7 +262,10 @@ def report(args: argparse.Namespace) -> None:
     result = json.loads(RESULT.read_text()) if RESULT.is_file() else {}
     manifest = corpus.load()
     totals = corpus.totals(manifest)
-    result.update(identities=totals["identities"], speech_minutes=totals["speech_minutes"], corpus=totals)
+    if totals["clips"] or "corpus" not in result:  # without the preprocessed corpus here, the last counted totals stand
+        result.update(identities=totals["identities"], speech_minutes=totals["speech_minutes"], corpus=totals)
+    else:
+        print(f"no preprocessed corpus under {corpus.DATA / 'clips'}: keeping the recorded totals ({result['corpus']})", flush=True)
     shipped = yaml.safe_load((REPO / "priors" / "default" / "meta.yaml").read_text())["parts"]
     person = {c["id"]: c["person"] for c in manifest}
     e2v_people = {person.get(n, n) for n in (n.removesuffix(" (mirrored)") for n in shipped["e2v"]["identities"])}

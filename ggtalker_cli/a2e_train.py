@@ -249,7 +249,7 @@ def adapt_a2e(prior_state: dict[str, Tensor], clip: str | Path, cfg: A2EConfig, 
     """Fine-tune the prior's A2E to one identity's clip; return (adapted state, log).
 
     A new style vector (started from the null style) trains at `adapt_style_lr`, every other
-    A2E layer at the low `adapt_lr` (whisper stays frozen: its features are precomputed; freezing
+    A2E layer at `adapt_lr` (whisper stays frozen: its features are precomputed; freezing
     A2E's own front end cost the deterministic model 0.13-0.15 of test mouth r, docs/a2e.md).
     Validation every 50 steps on the held-out end of the training frames; training stops after
     `adapt_patience` validations without improvement and the best weights are kept, so

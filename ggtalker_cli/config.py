@@ -146,7 +146,7 @@ class A2EConfig:
     holdout_fraction: float = 0.2  # identities held out for validation when none are named
     person_balance: float = 0.5  # a person with L training frames gets ∝ L**this of the windows (1: every frame alike)
     adapt_steps: int = 800
-    adapt_lr: float = 1e-4  # every A2E layer, low: the prior's audio mapping is kept
+    adapt_lr: float = 1e-3  # every A2E layer; early stopping on held-out frames keeps the prior's mapping (1e-4 … 3e-3: bench/results/a2e_adapt_lr.json)
     adapt_style_lr: float = 1e-2  # the new identity's style vector starts from the null style
     adapt_feature_noise: float = 0.1  # one voice: no need for the prior's heavy feature regularisers
     adapt_patience: int = 4  # validations (every 50 steps) without improvement before stopping
