@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,26 +29,19 @@ PRESETS = REPO / "bench" / "presets"
 
 
 def gpu(args: argparse.Namespace) -> None:
-    from bench.priors_at_scale import _gsplat_prebuilt, _return_gsplat_build, _unpack
+    from bench.priors_at_scale import _python, _return_gsplat_build, _unpack, device_setup
 
-    out = Path(os.environ.get("OUT", REPO / "out" / "lr_sweep" / "returned"))
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    task = args.call / "eval" / "face_landmarker.task"
-    if task.is_file():
-        os.environ.setdefault("GGTALKER_FACE_LANDMARKER", str(task.resolve()))
-    prebuilt = _gsplat_prebuilt(args.call, out)
+    out, prebuilt = device_setup(args.call)
     (clip,) = [c for c in _unpack(args.call / "eval") if c.name == args.clip]
     for arm in args.arms.split(","):
         init, steps, preset = arm.split(":")
         folder = REPO / "out" / "lr_sweep" / f"{args.clip}_{preset}"
-        command = [sys.executable, "-m", "bench.prior_vs_scratch", str(clip), "-o", str(folder), "--budgets", steps, "--inits", init,
+        command = ["-m", "bench.prior_vs_scratch", str(clip), "-o", str(folder), "--budgets", steps, "--inits", init,
                    "--preset", str(PRESETS / f"lr_{preset}.yaml"), "--no-consistency",
                    *(["--prior", str(REPO / "priors" / "default")] if init == "prior" else [])]  # fmt: skip
-        print("$ " + " ".join(command[1:]), flush=True)
-        subprocess.run(command, cwd=REPO, check=True)
+        _python(*command)
         result = json.loads((folder / "results.json").read_text())
-        result["command"] = "python3 " + " ".join(command[1:]).replace(str(REPO) + "/", "")
+        result["command"] = "python3 " + " ".join(command).replace(str(REPO) + "/", "")
         (out / f"lr_{args.clip}_{init}_{steps}_{preset}.json").write_text(json.dumps(result, indent=1))
     if prebuilt is None:
         _return_gsplat_build(out)
@@ -69,6 +59,9 @@ def table(args: argparse.Namespace) -> None:
     def put(clip: str, init: str, steps: str, preset: str, entry: dict) -> None:
         rows.setdefault(clip, {}).setdefault(init, {}).setdefault(steps, {})[preset] = entry
 
+    def measured(run: dict, doc: dict) -> dict:  # one returned adapt run (prior_vs_scratch's results.json)
+        return {**{k: run[k] for k in ("psnr_head", "ssim_head", "psnr_full", "seconds")}, "device": doc["device"], "size": doc["size"] or 512}
+
     judged = json.loads((REPO / "bench" / "results" / "priors_at_scale.json").read_text())
     for clip, row in judged["clips"].items():
         for init in ("prior", "scratch"):
@@ -81,8 +74,7 @@ def table(args: argparse.Namespace) -> None:
             clip, init, steps, preset = path.stem[3:].rsplit("_", 3)
             doc = json.loads(path.read_text())
             run = doc["results"][init][steps]
-            put(clip, init, steps, preset, {**{k: run[k] for k in ("psnr_head", "ssim_head", "psnr_full", "seconds")},
-                                            "device": doc["device"], "size": doc["size"] or 512, "command": doc["command"]})
+            put(clip, init, steps, preset, {**measured(run, doc), "command": doc["command"]})
         for path in sorted(Path(folder).glob("pvs_*.json")):
             doc = json.loads(path.read_text())
             clip = Path(doc["clip"]).name
@@ -90,8 +82,7 @@ def table(args: argparse.Namespace) -> None:
             for init, budgets in doc["results"].items():
                 for steps, run in budgets.items():
                     if steps != "0":
-                        put(clip, init, steps, "sharp", {**{k: run[k] for k in ("psnr_head", "ssim_head", "psnr_full", "seconds")},
-                                                         "device": doc["device"], "size": doc["size"] or 512,
+                        put(clip, init, steps, "sharp", {**measured(run, doc),
                                                          **({"novel_view_reproj_px": {y: r["reprojection_px"] for y, r in views[init].items()}}
                                                             if steps == str(max(doc["budgets"])) else {})})
     args.out.write_text(json.dumps({"about": __doc__.split("\n\n")[0], "commands": args.commands, "clips": rows}, indent=1) + "\n")

@@ -52,9 +52,22 @@ RESULT = REPO / "bench" / "results" / "priors_at_scale.json"
 AVATAR_FILES = ("meta.yaml", "weights.safetensors", "inpainter.safetensors", "a2e.safetensors", "synthesis/track.npz")
 
 
-def _python(*args: str) -> None:
+def _python(*args: str, seconds: float = 0) -> bool:
+    """Run `python3 ARGS` from the checkout, its command shown; after `seconds` (0: never) send
+    it SIGTERM, on which ggtalker's training loop finishes its step, checkpoints and exits 130.
+    -> whether it ran to the end (a failure raises CalledProcessError)."""
     print("$ python3 " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], cwd=REPO, check=True)
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO)
+    try:
+        code = proc.wait(timeout=seconds or None)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait()
+        if code == 130:
+            return False
+    if code != 0:
+        raise subprocess.CalledProcessError(code, list(args))
+    return True
 
 
 def _unpack(packed: Path) -> list[Path]:
@@ -132,34 +145,25 @@ def _return_gsplat_build(out: Path) -> None:
         shutil.copy2(built[0], out / "gsplat_cuda.so")
 
 
-def _run_for(command: list[str], seconds: float) -> bool:
-    """Run `python3 COMMAND`; after `seconds` (0: never) send it SIGTERM, on which ggtalker's
-    training loop finishes its step, checkpoints and exits 130. -> whether it ran to the end."""
-    print("$ python3 " + " ".join(command), flush=True)
-    proc = subprocess.Popen([sys.executable, *command], cwd=REPO)
-    try:
-        code = proc.wait(timeout=seconds or None)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait()
-        if code == 130:
-            return False
-    if code != 0:
-        raise subprocess.CalledProcessError(code, command)
-    return True
+def device_setup(call: Path) -> tuple[Path, Path | None]:
+    """What every device call here starts with -> ($OUT, the carried gsplat build or None).
 
-
-def gpu(args: argparse.Namespace) -> None:
+    gsplat builds for the H200 (sm 90) only; the head model reads mediapipe's canonical mesh
+    from the face_landmarker.task carried beside the clips (the GPU image has none)."""
     out = Path(os.environ.get("OUT", WORK / "returned"))
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     os.environ.setdefault("MAX_JOBS", "16")
-    call = args.call
-    prebuilt = _gsplat_prebuilt(call, out)
     for folder in (call / "corpus", call / "eval"):
         task = folder / "face_landmarker.task"
-        if task.is_file():  # the head model reads mediapipe's canonical mesh from it; the GPU image has none
+        if task.is_file():
             os.environ.setdefault("GGTALKER_FACE_LANDMARKER", str(task.resolve()))
+    return out, _gsplat_prebuilt(call, out)
+
+
+def gpu(args: argparse.Namespace) -> None:
+    call = args.call
+    out, prebuilt = device_setup(call)
     if args.fit_steps:
         clips = _unpack(call / "corpus")
         holdout = args.holdout or clips[0].name
@@ -173,7 +177,7 @@ def gpu(args: argparse.Namespace) -> None:
         if work.exists():
             command.append("--resume")
         tic = time.perf_counter()
-        if not _run_for(command, args.fit_seconds):  # stopped cleanly: the state goes back for the next call
+        if not _python(*command, seconds=args.fit_seconds):  # stopped cleanly: the state goes back for the next call
             (out / "fit_state").mkdir(exist_ok=True)
             shutil.copy2(work / "e2v.ckpt", out / "fit_state" / "e2v.ckpt")
             print(f"fit stopped after {args.fit_seconds} s: carry {out / 'fit_state'} as {call / 'fit_state'} into the next call", flush=True)

@@ -152,8 +152,8 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(assets.resolve("face_landmarker"), args.out / "face_landmarker.task")
+    part = tuple(int(x) for x in args.part.split("/"))
     for clip in args.clips:
-        part = tuple(int(x) for x in args.part.split("/"))
         n = shrink(clip, args.out / clip.name, args.size, args.max_frames, args.crf, args.drop_audio, part)
         mb = sum(f.stat().st_size for f in (args.out / clip.name).rglob("*") if f.is_file()) / 2**20
         print(f"{clip.name}: {n} frames at {args.size}², {mb:.1f} MiB")

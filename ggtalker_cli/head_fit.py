@@ -151,10 +151,11 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Adam:
         c, groups = self.cfg, self.avatar.gmap.groups
         budget = budget_scale(c)
-        lrs = {"offset": c.lr_position, "quat": c.lr_rotation, "log_scale": c.lr_scale, "opacity": c.lr_opacity,
-               "color": c.lr_color, "feature": c.lr_feature, "mlp": c.lr_mlp}
-        params = [{"params": [groups[k]] if k != "mlp" else list(self.avatar.color.parameters()), "lr": lr * budget, "base_lr": lr * budget, "name": k}
-                  for k, lr in lrs.items()]
+        head = {"offset": ([groups["offset"]], c.lr_position), "quat": ([groups["quat"]], c.lr_rotation),
+                "log_scale": ([groups["log_scale"]], c.lr_scale), "opacity": ([groups["opacity"]], c.lr_opacity),
+                "color": ([groups["color"]], c.lr_color), "feature": ([groups["feature"]], c.lr_feature),
+                "mlp": (list(self.avatar.color.parameters()), c.lr_mlp)}
+        params = [{"params": tensors, "lr": lr * budget, "base_lr": lr * budget, "name": k} for k, (tensors, lr) in head.items()]
         params.append({"params": [self.pose_delta, self.expr_delta], "lr": c.lr_refine, "base_lr": c.lr_refine, "name": "refine"})
         return torch.optim.Adam(params, eps=1e-15)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench import staging
-from bench.priors_at_scale import _run_for
+from bench.priors_at_scale import _python
 
 
 def frames(folder, n=6, side=64):
@@ -70,7 +70,7 @@ def test_a_timed_fit_stops_cleanly_and_says_so():
     """bench.priors_at_scale's multi-call fit: past its time the run gets SIGTERM, which
     ggtalker's training loop answers by checkpointing and exiting 130 (resumable, not a failure)."""
     checkpoints_on_term = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(130)); time.sleep(60)"
-    assert _run_for(["-c", checkpoints_on_term], seconds=1) is False
-    assert _run_for(["-c", "pass"], seconds=30) is True
+    assert _python("-c", checkpoints_on_term, seconds=1) is False
+    assert _python("-c", "pass", seconds=30) is True
     with pytest.raises(subprocess.CalledProcessError):
-        _run_for(["-c", "raise SystemExit(3)"], seconds=0)
+        _python("-c", "raise SystemExit(3)")
